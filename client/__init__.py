@@ -1,0 +1,1 @@
+"""pygame viewer/driver and headless clients. Imports `protocol` only, never torch."""

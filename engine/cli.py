@@ -1,0 +1,110 @@
+"""`sana-wm`: the command line. Each subcommand is a thin driver; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import __version__
+from engine.errors import InputError
+
+# Subcommands whose issue has not landed yet: they say so instead of pretending.
+PLANNED = {
+    "engine": "the GPU engine server (ZeroMQ), issue 5",
+    "play": "the pygame window that drives an engine, issue 6",
+    "replay": "headless replay of a session, a DSL string or a c2w file, issue 5",
+    "resume": "resume or branch a recorded session, issue 5",
+    "export": "export a session to mp4 (optionally refined), issue 5",
+    "bench": "release-size speed benchmark on a GPU, issue 7",
+    "keys": "generate CURVE keys for a non-loopback engine bind, issue 5",
+}
+
+
+def _add_rollout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--action", default="w-16,wd-8,jw-16,ik-8,s-8",
+                   help="action DSL string, e.g. 'w-80,jw-40' (segments <keys>-<frames>)")
+    p.add_argument("--keymap", default="v2", choices=["v1", "v2"], help="key map (default v2)")
+    p.add_argument("--translation-speed", type=float, default=None, help="per-frame translation")
+    p.add_argument("--rotation-speed-deg", type=float, default=None, help="per-frame rotation in degrees")
+    p.add_argument("--pitch-limit-deg", type=float, default=None, help="pitch limit in degrees")
+    p.add_argument("--no-smooth", action="store_true", help="v2: velocity = target every frame")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sana-wm",
+        description="Real-time keyboard control of the SANA-WM world model.",
+    )
+    parser.add_argument("--version", action="version", version=f"sana-wm-live {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the tiny-preset demo (today: the camera rollout of a DSL string)")
+    _add_rollout_args(p)
+    p.add_argument("--headless", action="store_true", help="no window (the only mode until issue 6)")
+
+    p = sub.add_parser("poses", help="print the camera poses an action string produces")
+    _add_rollout_args(p)
+    p.add_argument("--out", default=None, help="write the [N+1,4,4] poses to this .npy file")
+
+    for name, what in PLANNED.items():
+        sp = sub.add_parser(name, help=f"{what} (not yet available)")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _rollout(args) -> "object":
+    from engine.controls import action_to_c2w
+
+    return action_to_c2w(
+        args.action,
+        args.keymap,
+        translation_speed=args.translation_speed,
+        rotation_speed_deg=args.rotation_speed_deg,
+        pitch_limit_deg=args.pitch_limit_deg,
+        smooth=False if args.no_smooth else None,
+    )
+
+
+def _print_poses(c2w, stride: int) -> None:
+    import numpy as np
+
+    print(f"{'frame':>5}  {'x':>8} {'y':>8} {'z':>8}  {'yaw°':>7} {'pitch°':>7}")
+    for i in range(0, len(c2w), stride):
+        r, t = c2w[i, :3, :3], c2w[i, :3, 3]
+        yaw = np.degrees(np.arctan2(r[0, 2], r[2, 2]))
+        pitch = np.degrees(np.arcsin(np.clip(-r[1, 2], -1.0, 1.0)))
+        print(f"{i:>5}  {t[0]:>8.4f} {t[1]:>8.4f} {t[2]:>8.4f}  {yaw:>7.2f} {pitch:>7.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command in PLANNED:
+            print(f"sana-wm {args.command}: not yet available ({PLANNED[args.command]})", file=sys.stderr)
+            return 2
+        if args.command in ("demo", "poses"):
+            c2w = _rollout(args)
+            if args.command == "demo":
+                print(f"sana-wm demo: the live loop is not built yet; camera rollout of {args.action!r} "
+                      f"({args.keymap} key map), {len(c2w)} poses:")
+                _print_poses(c2w, stride=8)
+            else:
+                _print_poses(c2w, stride=1)
+                if args.out:
+                    import numpy as np
+
+                    np.save(args.out, c2w)
+            return 0
+    except InputError as e:
+        print(f"sana-wm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
