@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rollout(args) -> "object":
+def _rollout(args) -> object:
     from engine.controls import action_to_c2w
 
     return action_to_c2w(
