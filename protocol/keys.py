@@ -5,9 +5,10 @@ the same letters different meanings (v1: a/d strafe, j/l yaw; v2: a/d yaw, j/l s
 message, a frame header and a record in `actions.log` all carry a set of these tokens, so a session
 replays the same motion whatever key map or physical bindings produced it.
 
-    forward  back  strafe_left  strafe_right  yaw_left  yaw_right  pitch_up  pitch_down
+    forward  back  yaw_left  yaw_right  strafe_left  strafe_right  pitch_up  pitch_down
 
-Opposing controls may be held together; they cancel in the integrator (engine/controls.py).
+Opposing controls may be held together; they cancel in the integrator (engine/controls.py uses
+the same names in the same order; tests/test_protocol.py checks that the tables agree).
 `DSL_KEYMAPS` turns action-DSL letters (w a s d i j k l) into controls for either key map;
 `LIVE_BINDINGS` is the physical-key table of the live window (spec/camera.md §4-5).
 """
@@ -21,10 +22,10 @@ from protocol.errors import ProtocolError
 CONTROLS: tuple[str, ...] = (
     "forward",
     "back",
-    "strafe_left",
-    "strafe_right",
     "yaw_left",
     "yaw_right",
+    "strafe_left",
+    "strafe_right",
     "pitch_up",
     "pitch_down",
 )

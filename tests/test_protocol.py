@@ -431,6 +431,12 @@ def test_dsl_letters_map_to_controls_per_keymap():
     assert set(P.LIVE_BINDINGS.values()) == set(P.CONTROLS)
 
 
+def test_tables_agree_with_the_engine_integrator():
+    controls = pytest.importorskip("engine.controls")
+    assert P.CONTROLS == controls.CONTROLS
+    assert P.DSL_KEYMAPS == controls.KEYMAPS
+
+
 def test_bad_letters_and_keymaps_are_named():
     with pytest.raises(P.ProtocolError) as info:
         P.letters_to_controls("wx", "v2")
