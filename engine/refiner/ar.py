@@ -1,0 +1,367 @@
+"""Chunk-causal AR refinement with the LTX-2 refiner (`rf_shifted_sink`, refiner_vae.md §4).
+
+The stage-1 latents are refined block by block (3 latent frames). Each block's queries attend to
+`[sink ; history ; block]` self-attention K/V:
+- sink: latent frame 0 of stage-1, captured once per video at sigma = 0 **before RoPE** and re-rotated every block
+  to the frame right before the history window (frame `start − history − sink_size`);
+- history: the post-RoPE K/V of the last `kv_max_frames − sink_size` refined frames, each captured by one sigma = 0
+  pass over the refined block under the window it saw (so a window can only be rebuilt by replaying those capture
+  passes in order, from the sink or from a snapshot; never from its own frames alone).
+A block starts from `x = (1 − σ₀)·z + σ₀·ε` (SDEdit), takes one Euler step per sigma with the velocity implied by
+the x0 prediction, and lands on x0 at sigma 0.
+
+`RefinerKVWindow` holds the K/V in one preallocated buffer per session (constant memory); `ARRefiner` is the
+block-level API the rollout calls. Knows nothing of sockets, recording or the VAE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.errors import InputError
+from engine.refiner.config import ARConfig
+from engine.refiner.model import RefinerText, RefinerTransformer
+from engine.refiner.rope import Rope, apply_rope
+
+
+class RefinerKVWindow:
+    """Per-layer self-attention K/V of the AR refiner, laid out `[sink | history | active]` along tokens.
+
+    Fresh buffers are filled with NaN so a read of a slot never written fails loudly. History frames are kept in
+    time order (oldest first), so the keys are exactly those of the reference's concatenation.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        sink_frames: int,
+        history_frames: int,
+        block_frames: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.tokens_per_frame = tokens_per_frame
+        self.sink_frames, self.max_history, self.max_block = sink_frames, history_frames, block_frames
+        s_sink = sink_frames * tokens_per_frame
+        cap = (sink_frames + history_frames + block_frames) * tokens_per_frame
+        nan = float("nan")
+        # [L, B, H, sink tokens, D]: the sink's keys after norm_k, before RoPE (re-rotated every block)
+        self.sink_k_pre = torch.full((num_layers, batch, heads, s_sink, head_dim), nan, device=device, dtype=dtype)
+        # [L, B, H, (sink + history + block) tokens, D]: post-RoPE keys; sink | history (oldest first) | active block
+        self.k = torch.full((num_layers, batch, heads, cap, head_dim), nan, device=device, dtype=dtype)
+        # [L, B, H, (sink + history + block) tokens, D]: values, same layout
+        self.v = torch.full((num_layers, batch, heads, cap, head_dim), nan, device=device, dtype=dtype)
+        self.history_len = 0  # frames of history held (<= max_history)
+        self.active_len = 0  # frames of the block now being refined (0 = none open)
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+    def _tok(self, frames: int) -> int:
+        return frames * self.tokens_per_frame
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sink_k_pre, self.k, self.v))
+
+    def buffers(self) -> tuple[Tensor, ...]:
+        return self.sink_k_pre, self.k, self.v
+
+    def matches(self, batch: int, tokens_per_frame: int, device: torch.device, dtype: torch.dtype) -> bool:
+        return (
+            self.k.shape[1] == batch
+            and self.tokens_per_frame == tokens_per_frame
+            and self.k.device == device
+            and self.k.dtype == dtype
+        )
+
+    # -- operations -----------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget the sink and the history (buffers are kept)."""
+        for t in self.buffers():
+            t.fill_(float("nan"))
+        self.history_len = self.active_len = 0
+
+    def sink_capture(self) -> _SinkCapture:
+        """The `SelfAttentionKV` of the sink pass: records pre-RoPE K and V, attends within the sink only."""
+        return _SinkCapture(self)
+
+    def place_sink(self, rope: Rope) -> None:
+        """Rotate the sink's pre-RoPE keys to the positions of `rope` (all layers)."""
+        self.k[:, :, :, : self._tok(self.sink_frames)] = apply_rope(self.sink_k_pre, rope)
+
+    def open_block(self, frames: int) -> None:
+        """The next forwards write a block of `frames` latent frames after the history."""
+        if not 1 <= frames <= self.max_block:
+            raise InputError(f"block of {frames} latent frames; the window takes 1..{self.max_block}")
+        self.active_len = frames
+
+    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """`SelfAttentionKV`: write the active block's post-RoPE K/V `[B, H, N, D]` after the history and return
+        the window `[B, H, sink + history + N, D]` (views, no copy)."""
+        start = self._tok(self.sink_frames + self.history_len)
+        end = start + k.shape[2]
+        if k.shape[2] != self._tok(self.active_len):
+            raise RuntimeError(f"{k.shape[2]} active tokens for an open block of {self.active_len} frames")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def append_active(self) -> None:
+        """The open block (its K/V last written by a capture pass) joins the history; the history keeps its newest
+        `max_history` frames."""
+        total = self.history_len + self.active_len
+        drop = max(0, total - self.max_history)
+        if drop:
+            base, keep = self._tok(self.sink_frames), self._tok(total - drop)
+            step = self._tok(drop)
+            # Shift left in chunks of `drop` frames, front to back: no chunk overlaps the source it reads.
+            for dst in range(0, keep, step):
+                n = min(step, keep - dst)
+                src = dst + step
+                self.k[:, :, :, base + dst : base + dst + n] = self.k[:, :, :, base + src : base + src + n]
+                self.v[:, :, :, base + dst : base + dst + n] = self.v[:, :, :, base + src : base + src + n]
+            self.k[:, :, :, base + keep :] = float("nan")
+            self.v[:, :, :, base + keep :] = float("nan")
+        self.history_len, self.active_len = total - drop, 0
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """The window's state as a dict of tensors (copies): sink K (pre-RoPE) / V and the history K/V."""
+        s, h = self._tok(self.sink_frames), self._tok(self.history_len)
+        return {
+            "sink_k_pre": self.sink_k_pre.clone(),  # [L, B, H, sink tokens, D]
+            "sink_v": self.v[:, :, :, :s].clone(),  # [L, B, H, sink tokens, D]
+            "history_k": self.k[:, :, :, s : s + h].clone(),  # [L, B, H, history tokens, D] post-RoPE
+            "history_v": self.v[:, :, :, s : s + h].clone(),  # [L, B, H, history tokens, D]
+        }
+
+    def restore(self, state: dict[str, Tensor]) -> None:
+        s = self._tok(self.sink_frames)
+        hist = state["history_k"].shape[3]
+        if hist % self.tokens_per_frame or hist > self._tok(self.max_history):
+            raise InputError(
+                f"snapshot history of {hist} tokens does not fit {self.max_history} frames of "
+                f"{self.tokens_per_frame} tokens"
+            )
+        if tuple(state["sink_k_pre"].shape) != tuple(self.sink_k_pre.shape):
+            raise InputError(
+                f"snapshot sink K shape {tuple(state['sink_k_pre'].shape)}; "
+                f"this window holds {tuple(self.sink_k_pre.shape)}"
+            )
+        self.clear()
+        self.sink_k_pre.copy_(state["sink_k_pre"])
+        self.v[:, :, :, :s].copy_(state["sink_v"])
+        self.k[:, :, :, s : s + hist].copy_(state["history_k"])
+        self.v[:, :, :, s : s + hist].copy_(state["history_v"])
+        self.history_len = hist // self.tokens_per_frame
+
+
+class _SinkCapture:
+    def __init__(self, window: RefinerKVWindow) -> None:
+        self.window = window
+
+    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        w = self.window
+        if k_pre.shape[2] != w.sink_k_pre.shape[3]:
+            raise RuntimeError(
+                f"sink pass with {k_pre.shape[2]} tokens; the window's sink holds {w.sink_k_pre.shape[3]}"
+            )
+        w.sink_k_pre[layer] = k_pre
+        w.v[layer, :, :, : k_pre.shape[2]] = v
+        return k, v
+
+
+class ARRefiner:
+    """Block-by-block refinement of stage-1 latents with a sink + history K/V window.
+
+    Use: `start(sink_latent, prompt_embeds, mask)` once per video, then `refine_block(block, noise)` for frames
+    `[sink_size, sink_size + n)`, and so on (the last block may be shorter). `snapshot()` / `restore()` save and
+    load the whole state; `replay_capture(refined_block)` advances the state over an already-refined block with
+    only its sigma = 0 capture pass (rebuilding the window from stored latents).
+    """
+
+    def __init__(self, model: RefinerTransformer, cfg: ARConfig | None = None) -> None:
+        self.model = model
+        self.cfg = cfg or ARConfig()
+        s32 = torch.tensor(self.cfg.sigmas, dtype=torch.float32)
+        # The schedule is held in fp32 (as the reference scheduler does); Euler steps use fp32 differences.
+        self.sigmas = [float(s) for s in s32]
+        self.dts = [float(d) for d in s32[1:] - s32[:-1]]
+        self.window: RefinerKVWindow | None = None
+        self.text: RefinerText | None = None
+        self.prompt: tuple[Tensor, Tensor] | None = None
+        self.next_frame = 0  # absolute latent index of the next block's first frame
+        self.latent_hw: tuple[int, int] | None = None
+
+    # -- session state --------------------------------------------------------------------------------------------
+    def set_prompt(self, prompt_embeds: Tensor, mask: Tensor | None = None) -> None:
+        """Connector output `prompt_embeds [B, L, caption_channels]`, `mask [B, L]` (1 = token)."""
+        if mask is None:
+            mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.int64, device=prompt_embeds.device)
+        self.prompt = (prompt_embeds, mask)
+        with torch.no_grad():
+            self.text = self.model.prepare_text(prompt_embeds, mask)
+
+    def _ensure_window(self, batch: int, height: int, width: int) -> RefinerKVWindow:
+        p = self.model.proj_in.weight
+        tpf = height * width
+        if self.window is None or not self.window.matches(batch, tpf, p.device, p.dtype):
+            c = self.model.cfg
+            self.window = RefinerKVWindow(
+                num_layers=self.model.num_layers,
+                batch=batch,
+                heads=c.num_attention_heads,
+                head_dim=c.attention_head_dim,
+                tokens_per_frame=tpf,
+                sink_frames=self.cfg.sink_size,
+                history_frames=self.cfg.history_frames,
+                block_frames=self.cfg.block_size,
+                device=p.device,
+                dtype=p.dtype,
+            )
+        else:
+            self.window.clear()
+        self.latent_hw = (height, width)
+        return self.window
+
+    @torch.no_grad()
+    def start(self, sink_latent: Tensor, prompt_embeds: Tensor, mask: Tensor | None = None) -> None:
+        """Begin a video: `sink_latent [B, C, sink_size, h, w]` (stage-1 frame 0) is captured at sigma = 0."""
+        b, _, n, h, w = sink_latent.shape
+        if n != self.cfg.sink_size:
+            raise InputError(f"sink latent has {n} frames; sink_size is {self.cfg.sink_size}")
+        self.set_prompt(prompt_embeds, mask)
+        window = self._ensure_window(b, h, w)
+        dev = window.k.device
+        self.model(
+            sink_latent.to(dev),
+            0.0,
+            self.text,
+            fps=self.cfg.fps,
+            frame_positions=torch.arange(n, device=dev),
+            kv=window.sink_capture(),
+        )
+        self.next_frame = n
+
+    def _check_block(self, block: Tensor) -> int:
+        if self.window is None or self.text is None:
+            raise RuntimeError("ARRefiner.start() (or restore()) must come before blocks")
+        n = block.shape[2]
+        if block.shape[0] != self.window.k.shape[1] or tuple(block.shape[3:]) != self.latent_hw:
+            raise InputError(
+                f"block shape {tuple(block.shape)}; this video has batch {self.window.k.shape[1]} and latent "
+                f"size {self.latent_hw}"
+            )
+        if not 1 <= n <= self.cfg.block_size:
+            raise InputError(f"block of {n} latent frames; accepted 1..{self.cfg.block_size}")
+        return n
+
+    def _open(self, n: int) -> Tensor:
+        """Place the sink before the history and open the block; returns the block's frame positions `[n]`."""
+        window = self.window
+        dev = window.k.device
+        h, w = self.latent_hw
+        off = self.next_frame - window.history_len - self.cfg.sink_size
+        window.place_sink(
+            self.model.video_rope(torch.arange(off, off + self.cfg.sink_size, device=dev), h, w, self.cfg.fps)
+        )
+        window.open_block(n)
+        return torch.arange(self.next_frame, self.next_frame + n, device=dev)
+
+    def _capture(self, refined: Tensor, positions: Tensor) -> None:
+        """The sigma = 0 pass over a refined block; its K/V join the history."""
+        self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window)
+        self.window.append_active()
+        self.next_frame += refined.shape[2]
+
+    @torch.no_grad()
+    def refine_block(self, stage1_block: Tensor, noise: Tensor) -> Tensor:
+        """Refine `stage1_block [B, C, n, h, w]` (n <= block_size; frames `next_frame ...`) starting from `noise`
+        (same shape) and append it to the window. Returns the refined block `[B, C, n, h, w]`."""
+        n = self._check_block(stage1_block)
+        if noise.shape != stage1_block.shape:
+            raise InputError(f"noise shape {tuple(noise.shape)}; expected {tuple(stage1_block.shape)}")
+        dtype, dev = self.window.k.dtype, self.window.k.device
+        positions = self._open(n)
+        s0 = self.sigmas[0]
+        x = ((1.0 - s0) * stage1_block.to(dev).float() + s0 * noise.to(dev).float()).to(dtype)
+        for sigma, dt in zip(self.sigmas[:-1], self.dts, strict=True):
+            v = self.model(x, sigma, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window)
+            x0 = (x.float() - sigma * v.float()).to(dtype)
+            x = (x.float() + dt * ((x.float() - x0.float()) / sigma)).to(dtype)
+        self._capture(x, positions)
+        return x
+
+    @torch.no_grad()
+    def replay_capture(self, refined_block: Tensor) -> None:
+        """Advance over an already-refined block `[B, C, n, h, w]` with its capture pass only."""
+        n = self._check_block(refined_block)
+        positions = self._open(n)
+        self._capture(refined_block.to(self.window.k.device, self.window.k.dtype), positions)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Everything needed to continue exactly: window K/V, positions and the prompt (tensors, copies)."""
+        if self.window is None or self.prompt is None:
+            raise RuntimeError("nothing to snapshot before start()")
+        state = self.window.snapshot()
+        state["next_frame"] = torch.tensor(self.next_frame)
+        state["latent_hw"] = torch.tensor(self.latent_hw)
+        state["prompt_embeds"] = self.prompt[0].clone()
+        state["prompt_mask"] = self.prompt[1].clone()
+        return state
+
+    def restore(self, state: dict[str, Tensor]) -> None:
+        c = self.model.cfg
+        sk = state["sink_k_pre"]
+        expected = (self.model.num_layers, c.num_attention_heads, c.attention_head_dim)
+        if (sk.shape[0], sk.shape[2], sk.shape[4]) != expected:
+            raise InputError(
+                f"snapshot K/V of shape {tuple(sk.shape)} does not fit this refiner: "
+                f"(layers, heads, head dim) = {expected}"
+            )
+        h, w = (int(x) for x in state["latent_hw"])
+        self.set_prompt(state["prompt_embeds"], state["prompt_mask"])
+        self._ensure_window(sk.shape[1], h, w).restore(state)
+        self.next_frame = int(state["next_frame"])
+
+    # -- whole video ----------------------------------------------------------------------------------------------
+    def blocks(self, num_frames: int) -> list[tuple[int, int]]:
+        """`[start, end)` latent frame ranges of the blocks of a `num_frames` video."""
+        s, b = self.cfg.sink_size, self.cfg.block_size
+        return [(i, min(i + b, num_frames)) for i in range(s, num_frames, b)]
+
+    @torch.no_grad()
+    def refine_video(
+        self,
+        latents: Tensor,
+        prompt_embeds: Tensor,
+        mask: Tensor | None = None,
+        noises: list[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Refine stage-1 `latents [B, C, T, h, w]`; frames `[0, sink_size)` are returned unchanged. Noise per block
+        comes from `noises` or, in block order, from `generator` (default: seeded with `cfg.seed` on the model's
+        device)."""
+        t = latents.shape[2]
+        if t <= self.cfg.sink_size:
+            raise InputError(f"{t} latent frames; need more than sink_size={self.cfg.sink_size}")
+        ranges = self.blocks(t)
+        if noises is not None and len(noises) != len(ranges):
+            raise InputError(f"{len(noises)} noise tensors for {len(ranges)} blocks")
+        self.start(latents[:, :, : self.cfg.sink_size], prompt_embeds, mask)
+        dtype, dev = self.window.k.dtype, self.window.k.device
+        if noises is None and generator is None:
+            generator = torch.Generator(dev).manual_seed(self.cfg.seed)
+        out = latents.to(dev, dtype).clone()
+        for i, (a, b) in enumerate(ranges):
+            blk = latents[:, :, a:b]
+            if noises is not None:
+                eps = noises[i]
+            else:
+                eps = torch.randn(blk.shape, generator=generator, device=generator.device, dtype=dtype)
+            out[:, :, a:b] = self.refine_block(blk, eps)
+        return out
