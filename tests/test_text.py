@@ -271,6 +271,36 @@ def test_refiner_matches_the_diffusers_refiner_text_path(gemma3):
         assert torch.equal(got.mask, ref_mask)
 
 
+def test_refiner_feeds_the_engine_connectors(refiner, gemma3):
+    """Integration point with engine/refiner/connectors.py: our packed output is its input (its own
+    normalisation of already-normalised input is idempotent), and the result is what the refiner consumes."""
+    connectors_mod = pytest.importorskip("engine.refiner.connectors")
+    from engine.refiner.config import ConnectorsConfig
+
+    k = gemma3.config.num_hidden_layers + 1
+    torch.manual_seed(5)
+    connectors = connectors_mod.TextConnectors(
+        ConnectorsConfig(
+            caption_channels=32,
+            text_proj_in_factor=k,
+            video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=16,
+            video_connector_num_layers=1,
+            video_connector_num_learnable_registers=8,
+            rope_type="split",
+        )
+    ).eval()
+    refiner.connectors = connectors
+    for prompt in (SHORT, LONG):
+        got = refiner.encode(prompt)
+        assert got.embeds.shape == (1, L, 32) and got.mask.tolist() == [[1] * L]
+        ids, mask = refiner.tokenize(prompt)
+        with torch.no_grad():
+            hs = gemma3(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            raw, _ = connectors(torch.stack(hs, dim=-1), mask)  # un-normalised stack: the connectors normalise
+        torch.testing.assert_close(got.embeds, raw, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Caching
 # ---------------------------------------------------------------------------------------------------------------
