@@ -1,0 +1,355 @@
+"""The stage-1 SANA-WM DiT (`SanaWMTransformer3DModel`), spec stage1.md §2-§3 and §7.
+
+Read top-down: embedders, FFN, block, final layer, then `Stage1Transformer` with its three forwards:
+
+- `forward(...)`: the bidirectional offline model, called like the reference;
+- `forward_chunk_causal(...)`: the whole sequence at once, chunk-causal (full attention inside a chunk,
+  causal across chunks, softmax window = sink chunk + previous chunk); the definition the streaming mode
+  must reproduce;
+- `forward_cached(...)`: one chunk of a stream, reading (and on a cache-write pass writing) a
+  `Stage1Cache`.
+
+State-dict keys equal the release checkpoint's 1:1 (`stage1_full_state_dict.tsv`; no `pos_embed`).
+The model knows nothing of schedulers, prompts or files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import InputError
+from engine.stage1.attention import CrossAttention, RMSNorm, SelfAttention
+from engine.stage1.cache import Stage1Cache
+from engine.stage1.config import Stage1Config
+from engine.stage1.geometry import (
+    camera_rope_angles,
+    invert_se3,
+    rope_angles,
+    rope_table,
+    ucpe_ray_matrices,
+)
+from engine.stage1.temporal import (
+    AttentionMode,
+    FrameContext,
+    ScanOps,
+    bidirectional_mode,
+    check_segments,
+    streaming_mode,
+    temporal_conv,
+)
+
+TIMESTEP_CHANNELS = 256
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def timestep_sinusoid(t: torch.Tensor) -> torch.Tensor:
+    """t `[...]` fp32 -> `[..., 256]` = [cos(t w_i), sin(t w_i)], w_i = exp(-ln(1e4) i / 128)."""
+    half = TIMESTEP_CHANNELS // 2
+    w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    arg = t.float()[..., None] * w
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+class PatchEmbed(nn.Module):
+    """`proj`: a 1x1x1 Conv3d, i.e. a per-voxel Linear; `[B, Cin, T, h, w]` -> tokens `[B, N, C]`."""
+
+    def __init__(self, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight.flatten(1)  # [C, Cin]
+        return F.linear(x.flatten(2).transpose(1, 2).to(w.dtype), w, self.proj.bias)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_CHANNELS, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+
+class CaptionMlp(nn.Module):
+    def __init__(self, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, config: Stage1Config) -> None:
+        super().__init__()
+        # training-time null caption (CFG dropout); unused at inference, kept for the checkpoint
+        self.register_buffer("y_embedding", torch.zeros(config.model_max_length, config.caption_channels))
+        self.y_proj = CaptionMlp(config.caption_channels, config.hidden_size)
+
+
+class ConvLayer(nn.Module):
+    """Wrapper giving the checkpoint's `*.conv.weight` names."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, groups: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=bias)
+
+
+class GLUMBConvTemp(nn.Module):
+    """`blocks.i.mlp` (spec §3.12): per-frame gated inverted bottleneck, then the residual temporal conv."""
+
+    def __init__(self, config: Stage1Config) -> None:
+        super().__init__()
+        C, Hd = config.hidden_size, config.ffn_hidden
+        self.inverted_conv = ConvLayer(C, 2 * Hd, 1)
+        self.depth_conv = ConvLayer(2 * Hd, 2 * Hd, 3, groups=2 * Hd)
+        self.point_conv = ConvLayer(Hd, C, 1, bias=False)
+        self.t_conv = nn.Conv2d(C, C, kernel_size=(config.t_kernel_size, 1), padding=(1, 0), bias=False)
+
+    def forward(self, m: torch.Tensor, ctx: FrameContext, cache=None) -> torch.Tensor:
+        """m `[B, N, C]` -> `[B, N, C]`."""
+        B, N, C = m.shape
+        T, h, w = ctx.frames, ctx.height, ctx.width
+        u = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
+        u = F.silu(self.inverted_conv.conv(u))
+        u = self.depth_conv.conv(u)
+        val, gate = u.chunk(2, dim=1)
+        s = self.point_conv.conv(val * F.silu(gate))  # [B*T, C, h, w]
+        s = s.permute(0, 2, 3, 1).reshape(B, T, h * w, C)
+        r = temporal_conv(s, self.t_conv.weight, ctx.segments, None if cache is None else cache.ffn_tail)
+        if cache is not None and ctx.write_cache:
+            cache.write_ffn_tail(s)
+        return r.reshape(B, N, C)
+
+
+class Stage1Block(nn.Module):
+    """`blocks.i` (spec §3.6)."""
+
+    def __init__(self, config: Stage1Config, index: int) -> None:
+        super().__init__()
+        C = config.hidden_size
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, C))
+        if config.has_plucker_proj(index):
+            self.plucker_proj = nn.Linear(C, C)
+        self.attn = SelfAttention(config, softmax=config.is_softmax_block(index))
+        self.cross_attn = CrossAttention(config)
+        self.mlp = GLUMBConvTemp(config)
+
+    def forward(self, x, mod, p_emb, text_kv, text_bias, ctx: FrameContext, cache=None) -> torch.Tensor:
+        """x `[B, N, C]`, mod `[B, T, 6, C]` (t_block output per frame), p_emb `[B, N, C]`."""
+        B, N, C = x.shape
+        T = ctx.frames
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            (self.scale_shift_table + mod).unsqueeze(3).unbind(2)  # each [B, T, 1, C]
+        )
+        per_frame = lambda t: t.reshape(B, T, N // T, C)
+        a = (per_frame(layer_norm(x)) * (1 + scale_msa) + shift_msa).reshape(B, N, C)
+        x = x + (gate_msa * per_frame(self.attn(a, ctx, cache))).reshape(B, N, C)
+        if hasattr(self, "plucker_proj"):
+            x = x + self.plucker_proj(p_emb)
+        x = x + self.cross_attn(x, text_kv, text_bias)
+        m = (per_frame(layer_norm(x)) * (1 + scale_mlp) + shift_mlp).reshape(B, N, C)
+        return x + (gate_mlp * per_frame(self.mlp(m, ctx, cache))).reshape(B, N, C)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: Stage1Config) -> None:
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, config.hidden_size))
+        self.linear = nn.Linear(config.hidden_size, config.in_channels)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """x `[B, N, C]`, t_emb `[B, T, C]` -> `[B, N, out]`."""
+        B, N, C = x.shape
+        T = t_emb.shape[1]
+        shift = self.scale_shift_table[0] + t_emb[:, :, None]
+        scale = self.scale_shift_table[1] + t_emb[:, :, None]
+        x = (layer_norm(x).reshape(B, T, N // T, C) * (1 + scale) + shift).reshape(B, N, C)
+        return self.linear(x)
+
+
+@dataclass
+class TextContext:
+    """Prompt-only tensors, computed once per prompt: per-block cross-attention K/V and the padding bias."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block: k, v [B, H_x, L, C/H_x]
+    bias: torch.Tensor  # [B, 1, 1, L] additive: 0 for tokens, -10000 for padding
+
+
+class Stage1Transformer(nn.Module):
+    def __init__(self, config: Stage1Config) -> None:
+        super().__init__()
+        self.config = config
+        C = config.hidden_size
+        self.t_embedder = TimestepEmbedder(C)
+        self.attention_y_norm = RMSNorm(C, 1e-5)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.x_embedder = PatchEmbed(config.in_channels, C)
+        self.y_embedder = CaptionEmbedder(config)
+        self.plucker_embedder = PatchEmbed(config.chunk_plucker_channels, C)
+        self.raymap_embedder = PatchEmbed(3, C)  # unused with the Plücker path; checkpoint compatibility
+        self.blocks = nn.ModuleList(Stage1Block(config, i) for i in range(config.num_layers))
+        self.final_layer = FinalLayer(config)
+        self.scan_ops = ScanOps()  # swap for fast scans
+
+    # conditioning -----------------------------------------------------------------------------------
+    def encode_text(self, encoder_hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> TextContext:
+        """encoder_hidden_states `[B, 1, L, Cc]` or `[B, L, Cc]`, mask `[B, L]` (1 = token; None = all)."""
+        y = encoder_hidden_states
+        if y.ndim == 4:
+            y = y[:, 0]
+        if y.ndim != 3 or y.shape[-1] != self.config.caption_channels:
+            raise InputError(f"encoder_hidden_states shape {tuple(encoder_hidden_states.shape)}; expected "
+                             f"[B, 1, L, {self.config.caption_channels}] or [B, L, {self.config.caption_channels}]")
+        dtype = self.dtype
+        y = self.attention_y_norm(self.y_embedder.y_proj(y.to(dtype)))
+        if mask is None:
+            mask = torch.ones(y.shape[:2], device=y.device)
+        mask = mask.reshape(mask.shape[0], -1)
+        if mask.shape[0] != y.shape[0]:
+            mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
+        bias = (-10000.0 * (1.0 - mask.to(dtype)))[:, None, None, :]
+        return TextContext(kv=[blk.cross_attn.text_kv(y) for blk in self.blocks], bias=bias)
+
+    def embed_timestep(self, timestep: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep `[B, 1, T]`, `[B, T]`, `[B]` or scalar -> t_emb `[B, T, C]`, mod `[B, T, 6, C]`.
+        Timesteps are truncated toward zero first (reference quirk, spec §3.1)."""
+        t = torch.as_tensor(timestep)
+        if t.ndim == 3 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.ndim <= 1:
+            t = t.reshape(-1, 1).expand(batch, frames)
+        if t.shape != (batch, frames):
+            raise InputError(f"timestep shape {tuple(timestep.shape)}; expected [B, 1, T], [B, T] or [B] "
+                             f"with B={batch}, T={frames}")
+        t = t.long().to(torch.float32)
+        e = timestep_sinusoid(t).to(self.dtype)
+        mlp = self.t_embedder.mlp
+        t_emb = mlp[2](F.silu(mlp[0](e)))
+        mod = self.t_block(t_emb).reshape(batch, frames, 6, -1)
+        return t_emb, mod
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.linear.weight.dtype
+
+    def _context(self, camera_conditions, frame_offset, T, h, w, segments, mode, write) -> FrameContext:
+        D = self.config.linear_head_dim
+        device = camera_conditions.device
+        angles = rope_angles(D, torch.arange(frame_offset, frame_offset + T), h, w)
+        P = ucpe_ray_matrices(camera_conditions.cpu(), h, w).to(device)
+        return FrameContext(
+            frames=T, height=h, width=w, segments=tuple(segments),
+            rope=rope_table(angles).to(device), cam_rope=rope_table(camera_rope_angles(angles, D)).to(device),
+            P=P, P_inv=invert_se3(P), mode=mode, write_cache=write, scans=self.scan_ops,
+        )
+
+    def _check_inputs(self, hidden_states, camera_conditions, chunk_plucker) -> tuple[int, int, int, int]:
+        cfg = self.config
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != cfg.in_channels:
+            raise InputError(f"hidden_states shape {tuple(hidden_states.shape)}; expected "
+                             f"[B, {cfg.in_channels}, T, H, W]")
+        B, _, T, h, w = hidden_states.shape
+        if camera_conditions is None or tuple(camera_conditions.shape) != (B, T, 20):
+            got = None if camera_conditions is None else tuple(camera_conditions.shape)
+            raise InputError(f"camera_conditions shape {got}; expected {(B, T, 20)}")
+        want = (B, cfg.chunk_plucker_channels, T, h, w)
+        if chunk_plucker is None or tuple(chunk_plucker.shape) != want:
+            got = None if chunk_plucker is None else tuple(chunk_plucker.shape)
+            raise InputError(f"chunk_plucker shape {got}; expected {want}")
+        return B, T, h, w
+
+    # forwards ----------------------------------------------------------------------------------------
+    def run(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextContext,
+        camera_conditions: torch.Tensor,
+        chunk_plucker: torch.Tensor,
+        *,
+        segments: tuple[tuple[int, int], ...] | None = None,
+        mode: AttentionMode,
+        cache: Stage1Cache | None = None,
+        frame_offset: int = 0,
+        write_cache: bool = False,
+    ) -> torch.Tensor:
+        """The one forward all modes share; returns the velocity `[B, C, T, H, W]`."""
+        B, T, h, w = self._check_inputs(hidden_states, camera_conditions, chunk_plucker)
+        segments = ((0, T),) if segments is None else tuple(segments)
+        check_segments(segments, T)
+        ctx = self._context(camera_conditions, frame_offset, T, h, w, segments, mode, write_cache)
+        x = self.x_embedder(hidden_states.to(self.dtype))
+        p_emb = self.plucker_embedder(chunk_plucker.to(self.dtype))
+        t_emb, mod = self.embed_timestep(timestep, B, T)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mod, p_emb, text.kv[i], text.bias, ctx, None if cache is None else cache.blocks[i])
+        out = self.final_layer(x, t_emb)  # [B, N, Cout]
+        return out.transpose(1, 2).reshape(B, -1, T, h, w)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        camera_conditions: torch.Tensor | None = None,
+        chunk_plucker: torch.Tensor | None = None,
+        *,
+        encoder_attention_mask: torch.Tensor | None = None,
+        mode: AttentionMode | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional forward, called like the reference. hidden_states `[B, C, T, H, W]`, timestep
+        `[B, 1, T]`, encoder_hidden_states `[B, 1, L, Cc]`, mask `[B, L]`, camera_conditions `[B, T, 20]`,
+        chunk_plucker `[B, 48, T, H, W]` -> velocity `[B, C, T, H, W]`. `mode` overrides the softmax
+        scales / camera renorm (default: the reference's bidirectional choice)."""
+        text = self.encode_text(encoder_hidden_states, mask if mask is not None else encoder_attention_mask)
+        mode = mode or bidirectional_mode(self.config.linear_head_dim, self.config.camera_renorm)
+        return self.run(hidden_states, timestep, text, camera_conditions, chunk_plucker, mode=mode)
+
+    def forward_chunk_causal(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextContext,
+        camera_conditions: torch.Tensor,
+        chunk_plucker: torch.Tensor,
+        chunk_frames: list[int],
+        *,
+        mode: AttentionMode | None = None,
+    ) -> torch.Tensor:
+        """The whole sequence in one pass, chunk-causal; chunk_frames e.g. [4, 3, 3, ...] sums to T."""
+        bounds = torch.tensor([0] + list(chunk_frames)).cumsum(0).tolist()
+        segments = tuple(zip(bounds[:-1], bounds[1:], strict=True))
+        mode = mode or streaming_mode(self.config.linear_head_dim)
+        return self.run(hidden_states, timestep, text, camera_conditions, chunk_plucker,
+                        segments=segments, mode=mode)
+
+    def forward_cached(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text: TextContext,
+        camera_conditions: torch.Tensor,
+        chunk_plucker: torch.Tensor,
+        cache: Stage1Cache,
+        *,
+        write_cache: bool = False,
+        mode: AttentionMode | None = None,
+    ) -> torch.Tensor:
+        """One streaming chunk whose first frame is video frame `cache.frames_written`; reads the cache,
+        and on a cache-write pass stores this chunk's state and advances `cache.frames_written`."""
+        T = hidden_states.shape[2]
+        mode = mode or streaming_mode(self.config.linear_head_dim)
+        out = self.run(hidden_states, timestep, text, camera_conditions, chunk_plucker, mode=mode,
+                       cache=cache, frame_offset=cache.frames_written, write_cache=write_cache)
+        if write_cache:
+            cache.frames_written += T
+        return out
