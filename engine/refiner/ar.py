@@ -132,11 +132,12 @@ class RefinerKVWindow:
     def snapshot(self) -> dict[str, Tensor]:
         """The window's state as a dict of tensors (copies): sink K (pre-RoPE) / V and the history K/V."""
         s, h = self._tok(self.sink_frames), self._tok(self.history_len)
+        copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # contiguous: safetensors-ready
         return {
-            "sink_k_pre": self.sink_k_pre.clone(),  # [L, B, H, sink tokens, D]
-            "sink_v": self.v[:, :, :, :s].clone(),  # [L, B, H, sink tokens, D]
-            "history_k": self.k[:, :, :, s : s + h].clone(),  # [L, B, H, history tokens, D] post-RoPE
-            "history_v": self.v[:, :, :, s : s + h].clone(),  # [L, B, H, history tokens, D]
+            "sink_k_pre": copy(self.sink_k_pre),  # [L, B, H, sink tokens, D]
+            "sink_v": copy(self.v[:, :, :, :s]),  # [L, B, H, sink tokens, D]
+            "history_k": copy(self.k[:, :, :, s : s + h]),  # [L, B, H, history tokens, D] post-RoPE
+            "history_v": copy(self.v[:, :, :, s : s + h]),  # [L, B, H, history tokens, D]
         }
 
     def restore(self, state: dict[str, Tensor]) -> None:
@@ -202,7 +203,10 @@ class ARRefiner:
         """Connector output `prompt_embeds [B, L, caption_channels]`, `mask [B, L]` (1 = token)."""
         if mask is None:
             mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.int64, device=prompt_embeds.device)
-        self.prompt = (prompt_embeds, mask)
+        # Own copies: the prompt may be a view into a loaded file, and CPU kernels may round differently on
+        # differently aligned inputs, which would break "restore == uninterrupted" bit for bit.
+        self.prompt = (prompt_embeds.clone(memory_format=torch.contiguous_format), mask.clone())
+        prompt_embeds, mask = self.prompt
         with torch.no_grad():
             self.text = self.model.prepare_text(prompt_embeds, mask)
 
@@ -310,8 +314,8 @@ class ARRefiner:
         state = self.window.snapshot()
         state["next_frame"] = torch.tensor(self.next_frame)
         state["latent_hw"] = torch.tensor(self.latent_hw)
-        state["prompt_embeds"] = self.prompt[0].clone()
-        state["prompt_mask"] = self.prompt[1].clone()
+        state["prompt_embeds"] = self.prompt[0].clone(memory_format=torch.contiguous_format)
+        state["prompt_mask"] = self.prompt[1].clone(memory_format=torch.contiguous_format)
         return state
 
     def restore(self, state: dict[str, Tensor]) -> None:

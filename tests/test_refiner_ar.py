@@ -1,0 +1,243 @@
+"""The chunk-causal AR refinement recipe: fixture parity, caches vs explicit recomputation, snapshot/restore,
+replay of capture passes, constant memory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fixture_params
+from safetensors.torch import load_file, save_file
+
+from engine.errors import InputError
+from engine.refiner.ar import ARRefiner
+from engine.refiner.config import ARConfig, RefinerConfig
+from engine.refiner.model import ExplicitKV, RefinerTransformer, is_audio_key, load_refiner_weights
+from engine.refiner.rope import apply_rope
+
+FIXTURES = fixture_params("refiner_ar_tiny.safetensors")
+PARITY_REL_TOL = 1e-5  # fixtures/README.md: max abs relative to the output scale
+
+
+def load_fixture(path: Path):
+    data = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = RefinerTransformer(RefinerConfig.from_dict(meta["transformer_config"])).eval()
+    weights = {k.removeprefix("weights."): v for k, v in data.items() if k.startswith("weights.")}
+    skipped = load_refiner_weights(model, weights)
+    ar_cfg = ARConfig(
+        block_size=meta["block_size"],
+        kv_max_frames=meta["kv_max_frames"],
+        sink_size=meta["sink_size"],
+        sigmas=meta["sigmas"],
+        fps=meta["fps"],
+        seed=meta["seed"],
+    )
+    return data, model, ar_cfg, skipped
+
+
+def block_noises(data, refiner, num_frames):
+    return [data[f"noise.block{i}"] for i in range(len(refiner.blocks(num_frames)))]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+def test_fixture_parity(path):
+    data, model, ar_cfg, skipped = load_fixture(path)
+    assert skipped and all(is_audio_key(k) for k in skipped)
+    assert torch.equal(data["inputs.sigmas"], torch.tensor(ar_cfg.sigmas, dtype=data["inputs.sigmas"].dtype))
+    z, ref = data["inputs.stage1_latents"], data["output.latents"]
+    refiner = ARRefiner(model, ar_cfg)
+    noises = block_noises(data, refiner, z.shape[2])
+    out = refiner.refine_video(z, data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"], noises=noises)
+    assert torch.equal(out[:, :, : ar_cfg.sink_size], z[:, :, : ar_cfg.sink_size])
+    assert rel(out, ref) <= PARITY_REL_TOL
+    # The default noise source (a generator seeded with cfg.seed, one draw per block) is the fixture's noise.
+    drawn = refiner.refine_video(z, data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    assert torch.equal(drawn, out)
+
+
+def recipe_without_cache(model, cfg: ARConfig, z, text, noises):
+    """The recipe of refiner_vae.md §4 written plainly: Python lists of K/V, concatenation, slicing."""
+    b, _, t, h, w = z.shape
+    tpf = h * w
+    s = [float(x) for x in torch.tensor(cfg.sigmas, dtype=torch.float32)]
+    sink = ExplicitKV(record=True)
+    model(z[:, :, : cfg.sink_size], 0.0, text, fps=cfg.fps, frame_positions=torch.arange(cfg.sink_size), kv=sink)
+    hist_k = [None] * model.num_layers
+    hist_v = [None] * model.num_layers
+    hist = 0
+    out = z.clone()
+    for i, start in enumerate(range(cfg.sink_size, t, cfg.block_size)):
+        end = min(start + cfg.block_size, t)
+        pos = torch.arange(start, end)
+        off = start - hist - cfg.sink_size
+        sink_rope = model.video_rope(torch.arange(off, off + cfg.sink_size), h, w, cfg.fps)
+        prefix = []
+        for layer in range(model.num_layers):
+            k = [apply_rope(sink.k_pre[layer], sink_rope)] + ([hist_k[layer]] if hist else [])
+            v = [sink.v[layer]] + ([hist_v[layer]] if hist else [])
+            prefix.append((torch.cat(k, dim=2), torch.cat(v, dim=2)))
+        x = (1 - s[0]) * z[:, :, start:end] + s[0] * noises[i]
+        for j in range(len(s) - 1):
+            vel = model(x, s[j], text, fps=cfg.fps, frame_positions=pos, kv=ExplicitKV(prefix))
+            x0 = x - s[j] * vel
+            x = x + (s[j + 1] - s[j]) * (x - x0) / s[j]
+        cap = ExplicitKV(prefix, record=True)
+        model(x, 0.0, text, fps=cfg.fps, frame_positions=pos, kv=cap)
+        for layer in range(model.num_layers):
+            new_k, new_v = cap.k[layer], cap.v[layer]
+            hist_k[layer] = new_k if not hist else torch.cat([hist_k[layer], new_k], dim=2)
+            hist_v[layer] = new_v if not hist else torch.cat([hist_v[layer], new_v], dim=2)
+        hist += end - start
+        if hist > cfg.history_frames:
+            for layer in range(model.num_layers):
+                hist_k[layer] = hist_k[layer][:, :, -cfg.history_frames * tpf :]
+                hist_v[layer] = hist_v[layer][:, :, -cfg.history_frames * tpf :]
+            hist = cfg.history_frames
+        out[:, :, start:end] = x
+    return out, hist_k, hist_v
+
+
+def long_video(data, cfg: ARConfig, blocks: int, seed: int = 0):
+    """A longer video than the fixture's (the window fills and slides), with the fixture's channels and size."""
+    z = data["inputs.stage1_latents"]
+    g = torch.Generator().manual_seed(seed)
+    t = cfg.sink_size + blocks * cfg.block_size - 1  # last block partial
+    lat = torch.randn(z.shape[0], z.shape[1], t, *z.shape[3:], generator=g)
+    refiner_blocks = [(a, min(a + cfg.block_size, t)) for a in range(cfg.sink_size, t, cfg.block_size)]
+    noises = [torch.randn(lat[:, :, a:b].shape, generator=g) for a, b in refiner_blocks]
+    return lat, noises
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_cached_recipe_equals_explicit_recomputation(path):
+    data, model, ar_cfg, _ = load_fixture(path)
+    blocks = max(6, ar_cfg.history_frames // ar_cfg.block_size + 3)  # the history fills, then slides
+    lat, noises = long_video(data, ar_cfg, blocks)
+    refiner = ARRefiner(model, ar_cfg)
+    got = refiner.refine_video(lat, data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"], noises=noises)
+    text = model.prepare_text(data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    expected, hist_k, hist_v = recipe_without_cache(model, ar_cfg, lat, text, noises)
+    assert refiner.window.history_len == ar_cfg.history_frames
+    assert rel(got, expected) <= 1e-5
+    snap = refiner.window.snapshot()
+    assert rel(snap["history_k"], torch.stack(hist_k)) <= 1e-5
+    assert rel(snap["history_v"], torch.stack(hist_v)) <= 1e-5
+
+
+def run_blocks(refiner, lat, noises, which):
+    ranges = refiner.blocks(lat.shape[2])
+    return [refiner.refine_block(lat[:, :, a:b], noises[i]) for i, (a, b) in enumerate(ranges) if i in which]
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+def test_snapshot_restore_continues_identically(path, tmp_path):
+    data, model, ar_cfg, _ = load_fixture(path)
+    z, prompt, mask = data["inputs.stage1_latents"], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"]
+    live = ARRefiner(model, ar_cfg)
+    noises = block_noises(data, live, z.shape[2])
+    n_blocks = len(noises)
+    live.start(z[:, :, : ar_cfg.sink_size], prompt, mask)
+    run_blocks(live, z, noises, range(3))
+    snap = live.snapshot()
+    save_file(snap, str(tmp_path / "refiner_state.safetensors"))  # a snapshot is plain tensors
+    rest_live = run_blocks(live, z, noises, range(3, n_blocks))
+
+    fresh = ARRefiner(model, ar_cfg)
+    fresh.restore(load_file(str(tmp_path / "refiner_state.safetensors")))
+    rest_fresh = run_blocks(fresh, z, noises, range(3, n_blocks))
+    assert len(rest_live) == n_blocks - 3 >= 1
+    for a, b in zip(rest_live, rest_fresh, strict=True):
+        assert torch.equal(a, b)
+    assert (
+        rel(torch.cat(rest_live, dim=2), data["output.latents"][:, :, ar_cfg.sink_size + 3 * ar_cfg.block_size :])
+        <= PARITY_REL_TOL
+    )
+
+
+def assert_same_window(a: ARRefiner, b: ARRefiner):
+    sa, sb = a.snapshot(), b.snapshot()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].shape == sb[k].shape, k
+        assert torch.equal(sa[k], sb[k]), k  # the same passes over the same latents: bit for bit
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+def test_replay_capture_rebuilds_the_window(path):
+    data, model, ar_cfg, _ = load_fixture(path)
+    z, prompt, mask = data["inputs.stage1_latents"], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"]
+    live = ARRefiner(model, ar_cfg)
+    noises = block_noises(data, live, z.shape[2])
+    live.start(z[:, :, : ar_cfg.sink_size], prompt, mask)
+    refined = run_blocks(live, z, noises, range(len(noises)))
+    mid_snapshot = None
+
+    # From the sink: one capture pass per stored refined block.
+    replay = ARRefiner(model, ar_cfg)
+    replay.start(z[:, :, : ar_cfg.sink_size], prompt, mask)
+    for i, blk in enumerate(refined):
+        replay.replay_capture(blk)
+        if i == 1:
+            mid_snapshot = replay.snapshot()
+    assert_same_window(live, replay)
+
+    # From a snapshot onward.
+    resumed = ARRefiner(model, ar_cfg)
+    resumed.restore(mid_snapshot)
+    for blk in refined[2:]:
+        resumed.replay_capture(blk)
+    assert_same_window(live, resumed)
+
+    # Replaying only the blocks still in the window (without the earlier ones) gives another window: the K/V of
+    # a block depends on the window it saw.
+    partial = ARRefiner(model, ar_cfg)
+    partial.start(z[:, :, : ar_cfg.sink_size], prompt, mask)
+    partial.next_frame = ar_cfg.sink_size + ar_cfg.block_size
+    for blk in refined[1:]:
+        partial.replay_capture(blk)
+    assert partial.window.history_len == live.window.history_len
+    assert (partial.snapshot()["history_k"] - live.snapshot()["history_k"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_window_memory_is_constant(path):
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=3 * (ar_cfg.history_frames // ar_cfg.block_size + 2), seed=1)
+    refiner = ARRefiner(model, ar_cfg)
+    refiner.start(lat[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    window = refiner.window
+    ptrs = [t.data_ptr() for t in window.buffers()]
+    nbytes = window.nbytes
+    for i, (a, b) in enumerate(refiner.blocks(lat.shape[2])):
+        out = refiner.refine_block(lat[:, :, a:b], noises[i])
+        assert torch.isfinite(out).all()  # never reads a NaN-poisoned (unwritten) slot
+        assert refiner.window is window and window.nbytes == nbytes
+        assert [t.data_ptr() for t in window.buffers()] == ptrs
+        assert window.history_len == min(b - ar_cfg.sink_size, ar_cfg.history_frames)
+    # Restarting a video of the same size reuses the buffers.
+    refiner.start(lat[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    assert refiner.window is window and window.history_len == 0
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+def test_bad_blocks_are_refused(path):
+    data, model, ar_cfg, _ = load_fixture(path)
+    z = data["inputs.stage1_latents"]
+    refiner = ARRefiner(model, ar_cfg)
+    with pytest.raises(RuntimeError, match="start"):
+        refiner.refine_block(z[:, :, 1:2], z[:, :, 1:2])
+    refiner.start(z[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    too_long = z[:, :, 1 : 2 + ar_cfg.block_size]
+    with pytest.raises(InputError, match="latent frames"):
+        refiner.refine_block(too_long, too_long)
+    with pytest.raises(InputError, match="noise shape"):
+        refiner.refine_block(z[:, :, 1:2], z[:, :, 1:3])
+    with pytest.raises(InputError, match="sink latent"):
+        refiner.start(z[:, :, : ar_cfg.sink_size + 1], data["inputs.prompt_embeds"])
