@@ -501,6 +501,31 @@ def copy_video_prefix(src: str | Path, writer: VideoWriter, frames: int, batch: 
     return n
 
 
+def resume_video(path: str | Path, width: int, height: int, fps: float, keep_frames: int) -> VideoWriter:
+    """A VideoWriter on `path` that already holds the first `keep_frames` frames of the video there.
+
+    mp4 cannot be appended to in place, so the old file is renamed to `<name>.prev.mp4`, its first
+    `keep_frames` frames are re-encoded into a new `path`, and the old file is deleted. A crash during
+    the copy leaves `.prev.mp4`, which the next call uses again. Compare `frames_written` with
+    `keep_frames`: a video cut short by a crash may hold fewer (the driver re-emits what is missing).
+    """
+    path = Path(path)
+    prev = path.with_name(path.stem + ".prev" + path.suffix)
+    if not prev.exists() and path.exists():
+        os.replace(path, prev)
+        _fsync_dir(path.parent)
+    writer = VideoWriter(path, width, height, fps)
+    if prev.exists():
+        try:
+            copy_video_prefix(prev, writer, keep_frames)
+        except av.error.FFmpegError:  # nothing decodable (killed before the first fragment)
+            pass
+        writer.flush()
+        prev.unlink()
+        _fsync_dir(path.parent)
+    return writer
+
+
 # ---- the session directory --------------------------------------------------------------------
 
 

@@ -378,6 +378,28 @@ def test_video_survives_kill_9(tmp_path):
     assert err < 4.0
 
 
+def test_resume_video_keeps_a_prefix_and_continues(tmp_path):
+    path = tmp_path / "video.mp4"
+    with R.VideoWriter(path, 64, 48, 16) as w:
+        w.append(gradient_frames(48))
+    with R.resume_video(path, 64, 48, 16, keep_frames=30) as w:
+        assert w.frames_written == 30
+        w.append(gradient_frames(10, offset=100))
+    back = np.stack(list(R.iter_video(path))).astype(np.int16)
+    want = np.concatenate([gradient_frames(30), gradient_frames(10, offset=100)]).astype(np.int16)
+    assert back.shape == want.shape
+    assert np.abs(back - want).mean() < 5.0  # re-encoded once more: still the same pictures in order
+    assert not (tmp_path / "video.prev.mp4").exists()
+    # a crash during an earlier resume left .prev.mp4 and a partial video.mp4: .prev is the truth
+    (tmp_path / "video.prev.mp4").write_bytes(path.read_bytes())
+    path.write_bytes(b"partial junk")
+    with R.resume_video(path, 64, 48, 16, keep_frames=100) as w:
+        assert w.frames_written == 40
+    # nothing to resume from: an empty new video
+    with R.resume_video(tmp_path / "new.mp4", 64, 48, 16, keep_frames=5) as w:
+        assert w.frames_written == 0
+
+
 # ---- branch -----------------------------------------------------------------------------------
 
 
