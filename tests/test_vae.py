@@ -4,6 +4,8 @@ diffusers is the reference (test-only). Every tensor of the reference, including
 is re-drawn at random so that no branch hides behind a zero or identity init.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,10 @@ MIXED = dict(
     upsample_residual=(False, True, True),
     decoder_layers_per_block=(2, 1, 1, 1),
 )
-CONFIGS = {"tiny": TINY, "mixed": MIXED}
+# not in the LTX-2 release, built when a config asks: decode-timestep modulation and spatial noise injection
+CONDITIONED = dict(TINY, timestep_conditioning=True, decoder_inject_noise=(True, False, True, True))
+CONFIGS = {"tiny": TINY, "mixed": MIXED, "conditioned": CONDITIONED}
+DECODE_TIMESTEP = torch.tensor([0.05])
 
 PARITY_RTOL = 1e-4
 STREAM_RTOL = 1e-5
@@ -54,7 +59,9 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():
-            if name == "latents_std":
+            if name.endswith("timestep_scale_multiplier"):
+                t.fill_(1000.0 * (1 + 0.2 * torch.randn((), generator=g).item()))
+            elif name == "latents_std":
                 t.copy_(torch.exp(0.3 * torch.randn(t.shape, generator=g)))
             elif name == "latents_mean":
                 t.copy_(0.5 * torch.randn(t.shape, generator=g))
@@ -62,6 +69,12 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
             else:
                 t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+
+@functools.cache
+def pair(name: str, *, encoder_causal: bool = True, decoder_causal: bool = True):
+    """(diffusers reference, ours) with the same random weights; shared, so tests must not modify them."""
+    return make_pair(CONFIGS[name], encoder_causal=encoder_causal, decoder_causal=decoder_causal)
 
 
 def make_pair(kwargs: dict, *, encoder_causal: bool, decoder_causal: bool, seed: int = 0):
@@ -74,7 +87,7 @@ def make_pair(kwargs: dict, *, encoder_causal: bool, decoder_causal: bool, seed:
 
 @pytest.fixture(scope="module")
 def causal_pair():
-    return make_pair(TINY, encoder_causal=True, decoder_causal=True)
+    return pair("tiny")
 
 
 def latents(cfg: VAEConfig, t: int, h: int = 2, w: int = 3, seed: int = 1) -> torch.Tensor:
@@ -82,11 +95,11 @@ def latents(cfg: VAEConfig, t: int, h: int = 2, w: int = 3, seed: int = 1) -> to
     return torch.randn(1, cfg.latent_channels, t, h, w, generator=g)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ["tiny", "mixed"])
 @pytest.mark.parametrize("causal", [True, False])
 @torch.no_grad()
 def test_encoder_matches_diffusers(name, causal):
-    ref, ours = make_pair(CONFIGS[name], encoder_causal=causal, decoder_causal=True)
+    ref, ours = pair(name, encoder_causal=causal)
     cfg, c = ours.config, ours.config.latent_channels
     g = torch.Generator().manual_seed(2)
     s = cfg.spatial_scale
@@ -102,20 +115,38 @@ def test_encoder_matches_diffusers(name, causal):
         assert rel_err(ours.encode(pixels, causal=causal), z_ref) <= PARITY_RTOL
 
 
+def decode_kwargs(ours: VideoVAE, seed: int = 5) -> dict:
+    if not ours.config.timestep_conditioning:
+        return {}
+    return dict(timestep=DECODE_TIMESTEP, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_decode(ref, z: torch.Tensor, seed: int = 5) -> torch.Tensor:
+    """diffusers draws its noise from torch's global generator and takes the raw decode timestep as `temb`."""
+    if not ref.config.timestep_conditioning:
+        return ref.decode(z).sample
+    torch.manual_seed(seed)
+    return ref.decode(z, temb=DECODE_TIMESTEP).sample
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("causal", [True, False])
 @torch.no_grad()
 def test_decoder_matches_diffusers(name, causal):
-    ref, ours = make_pair(CONFIGS[name], encoder_causal=True, decoder_causal=causal)
+    ref, ours = pair(name, decoder_causal=causal)
     cfg = ours.config
     z_model = latents(cfg, t=4)
     z = LTX2Pipeline._denormalize_latents(z_model, ref.latents_mean, ref.latents_std, ref.config.scaling_factor)
-    expected = ref.decode(z).sample
-    pixels = ours.decode(z_model)
+    expected = reference_decode(ref, z)
+    pixels = ours.decode(z_model, **decode_kwargs(ours))
     assert pixels.shape == (1, 3, cfg.pixel_frames(4), 2 * cfg.spatial_scale, 3 * cfg.spatial_scale)
     assert rel_err(pixels, expected) <= PARITY_RTOL
     # the other padding really is different, so the comparison above can tell them apart
-    assert rel_err(ours.decode(z_model, causal=not causal), expected) > 1e-3
+    assert rel_err(ours.decode(z_model, causal=not causal, **decode_kwargs(ours)), expected) > 1e-3
+    if cfg.timestep_conditioning:  # and so are other noise maps and another decode timestep
+        assert rel_err(ours.decode(z_model, **decode_kwargs(ours, seed=6)), expected) > 1e-3
+        other_t = dict(decode_kwargs(ours), timestep=0.5)
+        assert rel_err(ours.decode(z_model, **other_t), expected) > 1e-3
 
 
 def stream(decoder: StreamingDecoder, z_model: torch.Tensor, sizes) -> list[torch.Tensor]:
@@ -127,32 +158,41 @@ def stream(decoder: StreamingDecoder, z_model: torch.Tensor, sizes) -> list[torc
     return out
 
 
+def streaming_decoder(ours: VideoVAE, noise_seed: int = 0, width: int = 3) -> StreamingDecoder:
+    timestep = DECODE_TIMESTEP if ours.config.timestep_conditioning else None
+    return StreamingDecoder(ours, batch=1, latent_height=2, latent_width=width, timestep=timestep,
+                            noise_seed=noise_seed)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("sizes", [(4, 3, 3, 3), (1, 3, 3, 3, 3), (2, 5, 1, 4, 1), (1,) * 13, (13,)])
 @torch.no_grad()
 def test_streaming_equals_whole_causal_decode(name, sizes):
-    ref, ours = make_pair(CONFIGS[name], encoder_causal=True, decoder_causal=True)
+    ref, ours = pair(name)
     cfg = ours.config
     z_model = latents(cfg, t=sum(sizes))
-    whole = ours.decode(z_model)
-    assert rel_err(whole, ref.decode(ours.denormalize(z_model)).sample) <= PARITY_RTOL
-    decoder = StreamingDecoder(ours, batch=1, latent_height=2, latent_width=3)
+    decoder = streaming_decoder(ours)
+    kwargs = dict(timestep=decoder.timestep, noise=decoder.noise) if cfg.timestep_conditioning else {}
+    whole = ours.decode(z_model, **kwargs)
+    if not cfg.timestep_conditioning:
+        assert rel_err(whole, ref.decode(ours.denormalize(z_model)).sample) <= PARITY_RTOL
     blocks = stream(decoder, z_model, sizes)
     assert [b.shape[2] for b in blocks] == [cfg.pixel_frames(sizes[0])] + [cfg.temporal_scale * n for n in sizes[1:]]
     assert rel_err(torch.cat(blocks, dim=2), whole) <= STREAM_RTOL
     assert decoder.latent_frames == sum(sizes)
 
 
+@pytest.mark.parametrize("name", ["tiny", "conditioned"])
 @torch.no_grad()
-def test_snapshot_restore_continues_identically(causal_pair):
-    _, ours = causal_pair
+def test_snapshot_restore_continues_identically(name):
+    _, ours = pair(name)
     z_model = latents(ours.config, t=13)
-    live = StreamingDecoder(ours, 1, 2, 3)
+    live = streaming_decoder(ours)
     stream(live, z_model[:, :, :7], (4, 3))
     state = live.snapshot()
     continued = stream(live, z_model[:, :, 7:], (3, 3))  # moves on after the snapshot; the snapshot must not
-    fresh = StreamingDecoder(ours, 1, 2, 3)
-    stream(fresh, z_model[:, :, :1], (1,))  # some unrelated state that restore must overwrite
+    fresh = streaming_decoder(ours, noise_seed=1)  # other noise maps, which restore must replace
+    stream(fresh, z_model[:, :, :1], (1,))  # and some unrelated conv state
     fresh.restore(state)
     assert fresh.latent_frames == 7
     resumed = stream(fresh, z_model[:, :, 7:], (3, 3))
@@ -181,8 +221,8 @@ def test_cache_memory_is_constant_and_reset_starts_over(causal_pair):
 
 def test_snapshot_of_other_shape_is_refused(causal_pair):
     _, ours = causal_pair
-    state = StreamingDecoder(ours, 1, 2, 4).snapshot()
-    decoder = StreamingDecoder(ours, 1, 2, 3)
+    state = streaming_decoder(ours, width=4).snapshot()
+    decoder = streaming_decoder(ours)
     with pytest.raises(InputError, match="conv_in"):
         decoder.restore(state)
     del state["conv_out"]
@@ -195,7 +235,7 @@ def test_decode_block_checks_input(causal_pair):
     decoder = StreamingDecoder(ours, 1, 2, 3)
     with pytest.raises(InputError, match=r"\(1, 8, 2, 2, 4\)"):
         decoder.decode_block(latents(ours.config, t=2, w=4))
-    _, noncausal = make_pair(TINY, encoder_causal=True, decoder_causal=False)
+    _, noncausal = pair("tiny", decoder_causal=False)
     with pytest.raises(InputError, match="decoder_causal"):
         StreamingDecoder(noncausal, 1, 2, 3)
 
@@ -227,14 +267,26 @@ def test_load_vae_from_diffusers_directory(causal_pair, tmp_path):
 
 
 def test_config_refuses_what_it_cannot_build():
-    with pytest.raises(InputError, match="timestep_conditioning"):
-        VAEConfig(**TINY, timestep_conditioning=True)
-    with pytest.raises(InputError, match="decoder_inject_noise"):
-        VAEConfig(**TINY, decoder_inject_noise=True)
+    with pytest.raises(InputError, match="'conv'"):
+        VAEConfig(**{**TINY, "downsample_type": ("conv", "temporal", "spatiotemporal", "spatiotemporal")})
+    with pytest.raises(InputError, match="patch_size_t"):
+        VAEConfig(**TINY, patch_size_t=2)
+    with pytest.raises(InputError, match="up block 1"):  # would need an up-block conv_in
+        VAEConfig(**{**TINY, "decoder_block_out_channels": (8, 16, 64)})
     with pytest.raises(InputError, match="not_a_field"):
         VAEConfig.from_dict({**TINY, "not_a_field": 1})
     cfg = VAEConfig()  # release defaults: ×32 space, ×8 time
     assert (cfg.spatial_scale, cfg.temporal_scale, cfg.pixel_frames(4), cfg.latent_frames(25)) == (32, 8, 25, 4)
+
+
+def test_decode_timestep_is_checked():
+    z_model = latents(VAEConfig(**TINY), t=1)
+    with pytest.raises(InputError, match="not timestep-conditioned"):
+        pair("tiny")[1].decode(z_model, timestep=0.05)
+    with pytest.raises(InputError, match="pass a decode timestep"):
+        pair("conditioned")[1].decode(z_model)
+    with pytest.raises(InputError, match="pass a decode timestep"):
+        StreamingDecoder(pair("conditioned")[1], 1, 2, 3)
 
 
 def test_pixel_frame_conversions_match_diffusers_postprocess():

@@ -1,9 +1,10 @@
 """Configuration of the LTX-2 video VAE, with the argument names of diffusers' `AutoencoderKLLTX2Video`.
 
-A diffusers `vae/config.json` loads with `VAEConfig.from_json`. Only the architecture family LTX-2 ships is
-built (spec `refiner_vae.md` §5): no timestep conditioning, no decoder noise injection, no channel-changing
-resnets, `patch_size_t = 1`. A config asking for anything else raises `InputError` naming the field, rather
-than building a model that silently differs from the checkpoint.
+A diffusers `vae/config.json` loads with `VAEConfig.from_json`. The LTX-2 release (spec `refiner_vae.md` §5)
+uses neither timestep conditioning nor decoder noise injection; both are built when asked for. Not built:
+channel-changing resnets (an up block's `conv_in`), `"conv"` downsamplers and `patch_size_t > 1`; a config
+asking for one raises `InputError` naming the field rather than building a model that differs from the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ class VAEConfig:
     decoder_layers_per_block: tuple[int, ...] = (5, 5, 5, 5)  # decoder, pixel end first; last = mid block
     spatio_temporal_scaling: bool | tuple[bool, ...] = (True, True, True, True)
     decoder_spatio_temporal_scaling: bool | tuple[bool, ...] = (True, True, True)
-    decoder_inject_noise: bool | tuple[bool, ...] = (False, False, False, False)
+    decoder_inject_noise: bool | tuple[bool, ...] = (False, False, False, False)  # pixel end first; last = mid
     downsample_type: tuple[str, ...] = ("spatial", "temporal", "spatiotemporal", "spatiotemporal")
     # unlike the other decoder fields, diffusers indexes upsample_type from the latent end
     upsample_type: tuple[str, ...] = ("spatiotemporal", "spatiotemporal", "spatiotemporal")
     upsample_residual: bool | tuple[bool, ...] = (True, True, True)
     upsample_factor: tuple[int, ...] = (2, 2, 2)  # channel reduction of the upsampler beyond depth-to-space
-    timestep_conditioning: bool = False
+    timestep_conditioning: bool = False  # decoder modulated by a per-video decode timestep
     patch_size: int = 4
     patch_size_t: int = 1
     resnet_norm_eps: float = 1e-6  # only used by channel-changing resnets, which LTX-2 does not have
@@ -91,11 +92,6 @@ class VAEConfig:
         for name in ("encoder_spatial_padding_mode", "decoder_spatial_padding_mode"):
             if getattr(self, name) not in PADDING_MODES:
                 raise InputError(f"VAE config {name}={getattr(self, name)!r}; accepted: {list(PADDING_MODES)}")
-        if self.timestep_conditioning:
-            raise InputError("VAE config timestep_conditioning=True is not supported; the LTX-2 VAE has none (False)")
-        if any(self.decoder_inject_noise):
-            raise InputError(f"VAE config decoder_inject_noise={self.decoder_inject_noise!r} is not supported; "
-                             "the LTX-2 VAE injects no noise (all False)")
         if self.patch_size_t != 1:
             raise InputError(f"VAE config patch_size_t={self.patch_size_t} is not supported; accepted: 1")
         self._check_channels()

@@ -8,10 +8,14 @@ Every temporal operation is a 3×3×3 conv whose time padding is copies of the f
 frame. When a `DecoderConvCache` (engine/vae/stream.py) is passed to the decoder, each conv takes its two
 frames of past context from the cache instead, which makes block-by-block decoding equal the whole causal
 decode. This module knows nothing about blocks or streams beyond that hook.
+
+The LTX-2 release has no decoder timestep conditioning and no noise injection; both are built when a config
+asks for them, with the noise maps an explicit input (`Decoder.draw_noise`) so that decoding is deterministic.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,17 +90,59 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
-class ResnetBlock(nn.Module):
-    """x + conv2(SiLU(PCRMS(conv1(SiLU(PCRMS(x)))))); channel count kept."""
+class TimeEmbedder(nn.Module):
+    """Decode timestep [B] -> [B, dim]: linear_2(SiLU(linear_1([cos | sin](t·ω)))), ω_i = 10000^(−i/128), i < 128."""
 
-    def __init__(self, channels: int, padding_mode: str):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = nn.Module()
+        self.timestep_embedder.linear_1 = nn.Linear(256, dim)
+        self.timestep_embedder.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
+        angles = t.float()[:, None] * freqs[None]
+        e = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(dtype)
+        m = self.timestep_embedder
+        return m.linear_2(F.silu(m.linear_1(e)))
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(SiLU(PCRMS(conv1(SiLU(PCRMS(x)))))); channel count kept.
+
+    Optional (not in the LTX-2 release): timestep modulation after each norm (`scale_shift_table` [4, C] plus the
+    block's time embedding) and a spatial noise map added after each conv, scaled per channel.
+    """
+
+    def __init__(self, channels: int, padding_mode: str, inject_noise: bool = False,
+                 timestep_conditioning: bool = False):
         super().__init__()
         self.conv1 = CausalConv3d(channels, channels, padding_mode)
         self.conv2 = CausalConv3d(channels, channels, padding_mode)
+        self.per_channel_scale1 = self.per_channel_scale2 = None
+        if inject_noise:
+            self.per_channel_scale1 = nn.Parameter(torch.zeros(channels, 1, 1))
+            self.per_channel_scale2 = nn.Parameter(torch.zeros(channels, 1, 1))
+        self.scale_shift_table = nn.Parameter(torch.zeros(4, channels)) if timestep_conditioning else None
+        self.noise_key = ""  # this block's name in a noise dict; set by Decoder
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(per_channel_rms_norm(x)), causal, cache)
-        h = self.conv2(F.silu(per_channel_rms_norm(h)), causal, cache)
+    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
+                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """temb: [B, 4·C] block time embedding; noise[noise_key]: [2, H, W] maps, constant over frames."""
+        h = per_channel_rms_norm(x)
+        if self.scale_shift_table is not None:
+            mod = (temb.unflatten(1, (4, -1)) + self.scale_shift_table)[..., None, None, None]
+            shift1, scale1, shift2, scale2 = mod.unbind(dim=1)  # each [B, C, 1, 1, 1]
+            h = h * (1 + scale1) + shift1
+        h = self.conv1(F.silu(h), causal, cache)
+        if self.per_channel_scale1 is not None:
+            h = h + (noise[self.noise_key][0] * self.per_channel_scale1)[:, None]
+        h = per_channel_rms_norm(h)
+        if self.scale_shift_table is not None:
+            h = h * (1 + scale2) + shift2
+        h = self.conv2(F.silu(h), causal, cache)
+        if self.per_channel_scale2 is not None:
+            h = h + (noise[self.noise_key][1] * self.per_channel_scale2)[:, None]
         return x + h
 
 
@@ -158,31 +204,41 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, num_layers: int, padding_mode: str):
+    def __init__(self, channels: int, num_layers: int, padding_mode: str, inject_noise: bool = False,
+                 timestep_conditioning: bool = False):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(channels, padding_mode) for _ in range(num_layers))
+        self.time_embedder = TimeEmbedder(4 * channels) if timestep_conditioning else None
+        self.resnets = nn.ModuleList(ResnetBlock(channels, padding_mode, inject_noise, timestep_conditioning)
+                                     for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
+                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        block_temb = self.time_embedder(temb, x.dtype) if self.time_embedder is not None else None
         for resnet in self.resnets:
-            x = resnet(x, causal, cache)
+            x = resnet(x, causal, cache, block_temb, noise)
         return x
 
 
 class UpBlock(nn.Module):
     def __init__(self, out_channels: int, num_layers: int, upsample: str | None, residual: bool,
-                 upscale_factor: int, padding_mode: str):
+                 upscale_factor: int, padding_mode: str, inject_noise: bool = False,
+                 timestep_conditioning: bool = False):
         super().__init__()
+        self.time_embedder = TimeEmbedder(4 * out_channels) if timestep_conditioning else None
         self.upsamplers = None
         if upsample is not None:
             self.upsamplers = nn.ModuleList([Upsampler(out_channels * upscale_factor, SAMPLE_STRIDES[upsample],
                                                        residual, upscale_factor, padding_mode)])
-        self.resnets = nn.ModuleList(ResnetBlock(out_channels, padding_mode) for _ in range(num_layers))
+        self.resnets = nn.ModuleList(ResnetBlock(out_channels, padding_mode, inject_noise, timestep_conditioning)
+                                     for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
+                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        block_temb = self.time_embedder(temb, x.dtype) if self.time_embedder is not None else None
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, causal, cache)
         for resnet in self.resnets:
-            x = resnet(x, causal, cache)
+            x = resnet(x, causal, cache, block_temb, noise)
         return x
 
 
@@ -217,6 +273,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mode = cfg.decoder_spatial_padding_mode
+        tc = cfg.timestep_conditioning
         self.patch_size = cfg.patch_size
         # diffusers lists most decoder fields from the pixel end; build it from the latent end
         channels = tuple(reversed(cfg.decoder_block_out_channels))
@@ -225,45 +282,88 @@ class Decoder(nn.Module):
         kinds = cfg.upsample_type  # diffusers does not reverse this one: it is listed from the latent end
         residual = tuple(reversed(cfg.upsample_residual))
         factors = tuple(reversed(cfg.upsample_factor))
+        noise = tuple(reversed(cfg.decoder_inject_noise))
         self.conv_in = CausalConv3d(cfg.latent_channels, channels[0], mode)
-        self.mid_block = MidBlock(channels[0], layers[0], mode)
+        self.mid_block = MidBlock(channels[0], layers[0], mode, noise[0], tc)
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(channels):
             c = cout // factors[i]
             self.up_blocks.append(UpBlock(c, layers[i + 1], kinds[i] if scaled[i] else None, residual[i],
-                                          factors[i], mode))
+                                          factors[i], mode, noise[i + 1], tc))
         self.conv_out = CausalConv3d(c, cfg.out_channels * cfg.patch_size**2, mode)
+        self.time_embedder = self.scale_shift_table = self.timestep_scale_multiplier = None
+        if tc:
+            self.timestep_scale_multiplier = nn.Parameter(torch.tensor(1000.0))
+            self.time_embedder = TimeEmbedder(2 * c)
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, c))
         for name, m in self.named_modules():
             if isinstance(m, CausalConv3d):
                 m.cache_key = name
+            if isinstance(m, ResnetBlock):
+                m.noise_key = name
 
-    def forward(self, z: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
+                timestep: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """timestep: [B] decode timestep (timestep-conditioned decoders only); noise: `draw_noise` output
+        (noise-injecting decoders only)."""
+        temb = None
+        if self.time_embedder is not None:
+            if timestep is None:
+                raise InputError("this VAE decoder is timestep-conditioned: pass a decode timestep")
+            temb = timestep.flatten() * self.timestep_scale_multiplier
         x = self.conv_in(z, causal, cache)
-        x = self.mid_block(x, causal, cache)
+        x = self.mid_block(x, causal, cache, temb, noise)
         for block in self.up_blocks:
-            x = block(x, causal, cache)
-        x = self.conv_out(F.silu(per_channel_rms_norm(x)), causal, cache)
+            x = block(x, causal, cache, temb, noise)
+        x = per_channel_rms_norm(x)
+        if self.time_embedder is not None:
+            mod = self.time_embedder(temb, x.dtype).unflatten(1, (2, -1)) + self.scale_shift_table
+            shift, scale = mod[..., None, None, None].unbind(dim=1)  # each [B, C, 1, 1, 1]
+            x = x * (1 + scale) + shift
+        x = self.conv_out(F.silu(x), causal, cache)
         return unpatchify(x, self.patch_size)
+
+    @property
+    def injects_noise(self) -> bool:
+        return any(isinstance(m, ResnetBlock) and m.per_channel_scale1 is not None for m in self.modules())
+
+    def _sizes(self, height: int, width: int) -> list[tuple[nn.Module, int, int]]:
+        """(module, h, w) for every conv and resnet in forward order, for latents of h×w."""
+        out: list[tuple[nn.Module, int, int]] = [(self.conv_in, height, width)]
+        for resnet in self.mid_block.resnets:
+            out += [(resnet, height, width), (resnet.conv1, height, width), (resnet.conv2, height, width)]
+        for block in self.up_blocks:
+            if block.upsamplers is not None:
+                up = block.upsamplers[0]
+                out.append((up.conv, height, width))
+                height, width = height * up.stride[1], width * up.stride[2]
+            for resnet in block.resnets:
+                out += [(resnet, height, width), (resnet.conv1, height, width), (resnet.conv2, height, width)]
+        out.append((self.conv_out, height, width))
+        return out
 
     def conv_cache_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Shape [B, C_in, 2, h_conv, w_conv] of the past-frame context of every conv, for latents of h×w."""
-        shapes: dict[str, tuple[int, ...]] = {}
-
-        def add(conv: CausalConv3d) -> None:
-            shapes[conv.cache_key] = (batch, conv.conv.in_channels, TEMPORAL_CONTEXT, height, width)
-
-        add(self.conv_in)
-        for resnet in self.mid_block.resnets:
-            add(resnet.conv1), add(resnet.conv2)
-        for block in self.up_blocks:
-            if block.upsamplers is not None:
-                add(block.upsamplers[0].conv)
-                height, width = height * block.upsamplers[0].stride[1], width * block.upsamplers[0].stride[2]
-            for resnet in block.resnets:
-                add(resnet.conv1), add(resnet.conv2)
-        add(self.conv_out)
+        shapes = {m.cache_key: (batch, m.conv.in_channels, TEMPORAL_CONTEXT, h, w)
+                  for m, h, w in self._sizes(height, width) if isinstance(m, CausalConv3d)}
         assert len(shapes) == sum(isinstance(m, CausalConv3d) for m in self.modules())
         return shapes
+
+    def draw_noise(self, height: int, width: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Spatial noise maps [2, h, w] of every noise-injecting resnet, for latents of h×w (empty if none).
+
+        Drawn in forward order, conv1's map before conv2's, so a generator in the state diffusers' decoder
+        draws from gives diffusers' noise. The maps are constant over frames, so one draw serves a whole video.
+        """
+        weight = self.conv_in.conv.weight
+        noise = {}
+        for m, h, w in self._sizes(height, width):
+            if isinstance(m, ResnetBlock) and m.per_channel_scale1 is not None:
+                noise[m.noise_key] = torch.stack([
+                    torch.randn((h, w), generator=generator, device=weight.device, dtype=weight.dtype)
+                    for _ in range(2)
+                ])
+        return noise
 
 
 class VideoVAE(nn.Module):
@@ -309,20 +409,42 @@ class VideoVAE(nn.Module):
         moments = self.encoder(pixels, causal)
         return self.normalize(moments[:, : cfg.latent_channels])
 
-    def decode(self, z_model: torch.Tensor, causal: bool | None = None) -> torch.Tensor:
+    def decode(self, z_model: torch.Tensor, causal: bool | None = None, *, timestep: float | torch.Tensor | None = None,
+               generator: torch.Generator | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Model-space latents [B, C, T, h, w] -> pixels [B, 3, 8(T−1)+1, 32h, 32w] in ≈[−1, 1] (not clamped).
 
         `causal=None` uses `config.decoder_causal`; an explicit value overrides it either way (diffusers can only
-        turn causality on per call).
+        turn causality on per call). `timestep` (scalar or [B]) is required by, and only accepted by, a
+        timestep-conditioned decoder. A noise-injecting decoder uses `noise` (from `decoder.draw_noise`) or
+        draws it from `generator` (None: torch's global generator, as diffusers does).
         """
         cfg = self.config
         if z_model.ndim != 5 or z_model.shape[1] != cfg.latent_channels:
             raise InputError(f"VAE decode expects latents [B, {cfg.latent_channels}, T, h, w]; "
                              f"got {tuple(z_model.shape)}")
-        if self.config.decoder_spatial_padding_mode == "reflect" and min(z_model.shape[3:]) < 2:
+        if cfg.decoder_spatial_padding_mode == "reflect" and min(z_model.shape[3:]) < 2:
             raise InputError(f"VAE decode: latent h×w {tuple(z_model.shape[3:])}; reflect padding needs ≥ 2×2")
         causal = cfg.decoder_causal if causal is None else causal
-        return self.decoder(self.denormalize(z_model), causal)
+        t = self.decode_timestep(timestep, z_model.shape[0])
+        if noise is None and self.decoder.injects_noise:
+            noise = self.decoder.draw_noise(z_model.shape[3], z_model.shape[4], generator)
+        return self.decoder(self.denormalize(z_model), causal, timestep=t, noise=noise)
+
+    def decode_timestep(self, timestep: float | torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The decode timestep as a [B] tensor, checked against `config.timestep_conditioning`."""
+        if not self.config.timestep_conditioning:
+            if timestep is not None:
+                raise InputError(f"decode timestep {timestep!r} given, but this VAE is not timestep-conditioned; "
+                                 "accepted: None")
+            return None
+        if timestep is None:
+            raise InputError("this VAE is timestep-conditioned (config timestep_conditioning=True): pass a decode "
+                             "timestep (e.g. 0.05)")
+        weight = self.decoder.conv_in.conv.weight
+        t = torch.as_tensor(timestep, dtype=weight.dtype, device=weight.device).flatten()
+        if t.numel() not in (1, batch):
+            raise InputError(f"decode timestep has {t.numel()} values; accepted: 1 or the batch size {batch}")
+        return t.expand(batch)
 
 
 def is_encoder_key(key: str) -> bool:

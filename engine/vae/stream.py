@@ -3,8 +3,10 @@
 Spec `refiner_vae.md` §5.5. Every temporal conv of the decoder needs the last 2 frames of its input from
 the previous block; `DecoderConvCache` holds them in buffers allocated once (constant memory however long
 the stream). Everything else in the decoder is frame-local. Upsamplers drop their first output frame only on
-the first block. The LTX-2 decoder has no timestep conditioning and no noise injection (the config refuses
-both), so decoding is deterministic given the latents.
+the first block. The LTX-2 decoder has no timestep conditioning and no noise injection; should a config ask
+for them, the decode timestep is fixed per stream and each noise-injecting resnet's spatial noise map (constant
+over frames in diffusers too) is drawn once from a seed, so the stream stays deterministic and equal to the
+whole decode with the same maps.
 
 First block of n latent frames -> 8(n−1)+1 pixel frames; every later block of n -> 8n. Dropping the first
 pixel frame of a SANA-WM video is the caller's business. Knows nothing about the refiner or the rollout.
@@ -18,6 +20,7 @@ from engine.errors import InputError
 from engine.vae.model import TEMPORAL_CONTEXT, VideoVAE
 
 FRAMES_KEY = "latent_frames"
+NOISE_PREFIX = "noise."
 
 
 class DecoderConvCache:
@@ -82,10 +85,13 @@ class DecoderConvCache:
 class StreamingDecoder:
     """Causal decode of a latent stream [B, C, n, h, w] block by block, in the VAE's dtype and device.
 
-    Latents are in model space (normalised), as the refiner produces them.
+    Latents are in model space (normalised), as the refiner produces them. `timestep` is the decode timestep of
+    a timestep-conditioned decoder (must be None otherwise); `noise_seed` seeds the noise maps of a
+    noise-injecting decoder (`self.noise`, name -> [2, h_l, w_l]), drawn once and kept across `reset`.
     """
 
-    def __init__(self, vae: VideoVAE, batch: int, latent_height: int, latent_width: int):
+    def __init__(self, vae: VideoVAE, batch: int, latent_height: int, latent_width: int, *,
+                 timestep: float | torch.Tensor | None = None, noise_seed: int = 0):
         if not vae.config.decoder_causal:
             raise InputError("StreamingDecoder needs a causally trained decoder (config decoder_causal=True); this "
                              "VAE has decoder_causal=False, whose bidirectional decode cannot be streamed exactly")
@@ -94,6 +100,9 @@ class StreamingDecoder:
         self.vae = vae
         self.shape = (batch, vae.config.latent_channels, latent_height, latent_width)
         weight = vae.decoder.conv_in.conv.weight
+        self.timestep = vae.decode_timestep(timestep, batch)  # [B] or None
+        generator = torch.Generator(weight.device).manual_seed(noise_seed)
+        self.noise = vae.decoder.draw_noise(latent_height, latent_width, generator)
         self.cache = DecoderConvCache(vae.decoder.conv_cache_shapes(batch, latent_height, latent_width),
                                       dtype=weight.dtype, device=weight.device)
 
@@ -111,7 +120,7 @@ class StreamingDecoder:
             raise InputError(f"decode_block expects latents [{b}, {c}, n≥1, {h}, {w}]; got {tuple(latents.shape)}")
         weight = self.vae.decoder.conv_in.conv.weight
         z = self.vae.denormalize(latents.to(device=weight.device, dtype=weight.dtype))
-        pixels = self.vae.decoder(z, causal=True, cache=self.cache)
+        pixels = self.vae.decoder(z, causal=True, cache=self.cache, timestep=self.timestep, noise=self.noise)
         self.cache.end_block(latents.shape[2])
         return pixels
 
@@ -121,7 +130,17 @@ class StreamingDecoder:
         return self.cache.latent_frames
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return self.cache.snapshot()
+        """The conv cache (see `DecoderConvCache.snapshot`) plus the noise maps as `noise.<resnet>`."""
+        return self.cache.snapshot() | {NOISE_PREFIX + k: v.clone() for k, v in self.noise.items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
-        self.cache.restore(state)
+        noise = {k[len(NOISE_PREFIX):]: v for k, v in state.items() if k.startswith(NOISE_PREFIX)}
+        if noise.keys() != self.noise.keys():
+            raise InputError(f"decoder snapshot has noise maps {sorted(noise)}, expected {sorted(self.noise)}")
+        for k, v in noise.items():
+            if v.shape != self.noise[k].shape:
+                raise InputError(f"decoder snapshot noise map {k!r} has shape {tuple(v.shape)}, "
+                                 f"expected {tuple(self.noise[k].shape)}")
+        self.cache.restore({k: v for k, v in state.items() if not k.startswith(NOISE_PREFIX)})
+        for k, v in noise.items():
+            self.noise[k].copy_(v)
