@@ -300,3 +300,14 @@ def test_pixel_frame_conversions_match_diffusers_postprocess():
     assert torch.equal(pixels_to_frames(frames_to_pixels(every)), every)
     with pytest.raises(InputError):
         pixels_to_frames(torch.zeros(2, 3, 1, 4, 4))
+
+
+def test_release_config_has_diffusers_keys_and_shapes():
+    """At release size (on the meta device: no memory, no compute) the state dicts agree key by key."""
+    with torch.device("meta"):
+        ref = AutoencoderKLLTX2Video(decoder_causal=False)
+        ours = VideoVAE(VAEConfig.from_dict(dict(ref.config)))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert 520e6 < sum(p.numel() for p in ours.decoder.parameters()) < 540e6  # spec §5.4: ≈ 528 M
+    shapes = ours.decoder.conv_cache_shapes(1, 22, 40)  # 704×1280 pixels
+    assert shapes["conv_in"] == (1, 128, 2, 22, 40) and shapes["conv_out"] == (1, 128, 2, 176, 320)

@@ -90,21 +90,27 @@ class CausalConv3d(nn.Module):
         return self.conv(x)
 
 
+class TimestepMLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
 class TimeEmbedder(nn.Module):
-    """Decode timestep [B] -> [B, dim]: linear_2(SiLU(linear_1([cos | sin](t·ω)))), ω_i = 10000^(−i/128), i < 128."""
+    """Decode timestep [B] -> [B, dim]: MLP([cos | sin](t·ω)), ω_i = 10000^(−i/128), i < 128."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.timestep_embedder = nn.Module()
-        self.timestep_embedder.linear_1 = nn.Linear(256, dim)
-        self.timestep_embedder.linear_2 = nn.Linear(dim, dim)
+        self.timestep_embedder = TimestepMLP(dim)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         freqs = torch.exp(-math.log(10000.0) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
         angles = t.float()[:, None] * freqs[None]
-        e = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(dtype)
-        m = self.timestep_embedder
-        return m.linear_2(F.silu(m.linear_1(e)))
+        return self.timestep_embedder(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(dtype))
 
 
 class ResnetBlock(nn.Module):
