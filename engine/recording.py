@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -33,6 +34,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -211,21 +213,37 @@ class Manifest:
         check_session_id(m.session_id)
         if m.status not in STATUSES:
             raise InputError(f"{what}: status {m.status!r} is not one of {', '.join(STATUSES)}")
-        for name, types in (
-            ("seed", int),
-            ("width", int),
-            ("height", int),
-            ("fps", (int, float)),
-            ("prompt", str),
-            ("keymap", str),
-            ("quality", str),
-            ("weights", dict),
-            ("controls", dict),
-            ("extra", dict),
-        ):
-            if not isinstance(getattr(m, name), types) or isinstance(getattr(m, name), bool):
-                raise InputError(f"{what}: {name} = {getattr(m, name)!r:.60} has the wrong type")
+        for name, types in _MANIFEST_TYPES.items():
+            value = getattr(m, name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                names = " or ".join(
+                    "null" if t is type(None) else t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+                )
+                raise InputError(f"{what}: {name} = {value!r:.60} is not {names}")
         return m
+
+
+_MANIFEST_TYPES = {
+    "session_id": str,
+    "created": str,
+    "status": str,
+    "engine_version": str,
+    "preset": str,
+    "weights": dict,
+    "seed": int,
+    "fps": (int, float),
+    "width": int,
+    "height": int,
+    "prompt": str,
+    "intrinsics": (list, type(None)),
+    "keymap": str,
+    "controls": dict,
+    "quality": str,
+    "first_image_sha256": str,
+    "parent": (dict, type(None)),
+    "extra": dict,
+    "format_version": int,
+}
 
 
 def write_manifest(session_dir: str | Path, manifest: Manifest) -> None:
@@ -268,6 +286,7 @@ class LogScan:
     records: list[dict]  # every complete, CRC-correct record, in order
     good_bytes: int  # length of the file's valid prefix (header + those records)
     dropped_bytes: int  # bytes after it: a torn or corrupt tail
+    ends: list[int] = field(default_factory=list)  # byte offset just past each record
 
 
 def scan_actions(path: str | Path) -> LogScan:
@@ -281,7 +300,7 @@ def scan_actions(path: str | Path) -> LogScan:
     if data[: len(LOG_MAGIC)] != LOG_MAGIC:
         raise InputError(f"{str(path)!r} is not an actions.log (header {data[:8]!r}, expected {LOG_HEADER!r})")
     _check_format_version(data[len(LOG_MAGIC)], str(path))
-    records, pos = [], len(LOG_HEADER)
+    records, ends, pos = [], [], len(LOG_HEADER)
     while pos + 4 <= len(data):
         (n,) = _U32.unpack_from(data, pos)
         end = pos + 4 + n + 4
@@ -297,8 +316,9 @@ def scan_actions(path: str | Path) -> LogScan:
         if not isinstance(body, dict) or not isinstance(body.get("t"), str):
             break
         records.append(body)
+        ends.append(end)
         pos = end
-    return LogScan(records, pos, len(data) - pos)
+    return LogScan(records, pos, len(data) - pos, ends)
 
 
 class ActionLog:
@@ -320,6 +340,8 @@ class ActionLog:
             scan = LogScan([], 0, 0)
         self.records: list[dict] = scan.records  # what was on disk at open (not updated by appends)
         self.dropped_bytes = scan.dropped_bytes
+        self._ends = scan.ends
+        self._appended = False
         self._file = open(self.path, "r+b" if self.path.exists() else "w+b")  # noqa: SIM115 - held open
         if scan.good_bytes == 0:
             self._file.truncate(0)
@@ -335,6 +357,25 @@ class ActionLog:
         if not isinstance(record.get("t"), str):
             raise InputError(f"action record {record!r:.80} has no string 't' (kind)")
         self._file.write(encode_record(record))
+        self._appended = True
+
+    def discard_uncommitted(self) -> int:
+        """Drop the records after the last `chunk` record (the chunk in flight at a crash); returns how many.
+
+        Call right after opening, before resuming a session in place, so that the new chunk's records
+        follow the last committed chunk.
+        """
+        if self._appended:
+            raise RuntimeError("discard_uncommitted must be called before anything is appended")
+        last = max((i for i, r in enumerate(self.records) if r["t"] == "chunk"), default=-1)
+        cut = self._ends[last] if last >= 0 else len(LOG_HEADER)
+        dropped = len(self.records) - (last + 1)
+        if dropped:
+            self._file.truncate(cut)
+            self._file.seek(0, os.SEEK_END)
+            self._sync()
+            self.records, self._ends = self.records[: last + 1], self._ends[: last + 1]
+        return dropped
 
     def append_frame(self, index: int, held: Iterable[str], keys_seq: int = -1) -> None:
         """The controls actually applied to frame `index` (from the `keys` message `keys_seq`)."""
@@ -471,8 +512,6 @@ class VideoWriter:
 
 
 def _fps_fraction(fps: float):
-    from fractions import Fraction
-
     if not (isinstance(fps, (int, float)) and 0 < fps <= 1000):
         raise InputError(f"fps {fps!r}: expected a number in (0, 1000]")
     return Fraction(fps).limit_denominator(1001)
@@ -591,8 +630,6 @@ class SessionDir:
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"first frame {image.dtype} {list(image.shape)}: expected uint8 [H, W, 3]")
-        import io
-
         buf = io.BytesIO()
         Image.fromarray(image, "RGB").save(buf, format="PNG")
         atomic_write_bytes(self.first_frame_path, buf.getvalue())

@@ -102,6 +102,8 @@ def test_manifest_crash_between_tmp_write_and_rename_keeps_the_old_one(session, 
         (lambda m: {**m, "colour": "red"}, "colour"),
         (lambda m: {**m, "status": "exploded"}, "status"),
         (lambda m: {**m, "seed": "3"}, "seed"),
+        (lambda m: {**m, "intrinsics": 5}, "intrinsics"),
+        (lambda m: {**m, "fps": True}, "fps"),
         (lambda m: {**m, "session_id": "../../etc"}, "session id"),
         (lambda m: [m], "JSON object"),
     ],
@@ -224,6 +226,32 @@ def test_crc_corruption_is_detected_at_every_byte(tmp_path):
         scan = R.scan_actions(tmp_path / "bad.log")
         assert scan.records == records[:j], pos
         assert scan.good_bytes == start
+
+
+def test_discard_uncommitted_before_resuming_in_place(tmp_path):
+    path = tmp_path / "actions.log"
+    records = write_log(path, chunks=2)
+    with R.ActionLog(path) as log:  # a crash in chunk 2: frame records without their commit
+        for i in range(10, 13):
+            log.append_frame(i, {"forward"})
+    with R.ActionLog(path) as log:
+        assert len(log.records) == len(records) + 3
+        assert log.discard_uncommitted() == 3
+        assert log.records == records
+        assert log.discard_uncommitted() == 0
+        log.append_frame(10, {"back"})
+        log.flush_chunk(2, 10, 11)
+        with pytest.raises(RuntimeError):
+            log.discard_uncommitted()
+    after = R.scan_actions(path).records
+    assert after[: len(records)] == records and R.committed_chunks(after) == [0, 1, 2]
+    assert R.frame_controls(after)[10] == {"back"} and len(R.frame_controls(after)) == 11
+    empty = tmp_path / "empty.log"
+    with R.ActionLog(empty) as log:
+        log.append_frame(0, {"forward"})
+    with R.ActionLog(empty) as log:
+        assert log.discard_uncommitted() == 1 and log.records == []
+    assert empty.read_bytes() == R.LOG_HEADER
 
 
 def test_action_log_header_checks(tmp_path):
