@@ -15,7 +15,6 @@ from diffusers.video_processor import VideoProcessor
 
 from engine.errors import InputError
 from engine.vae import (
-    DecoderConvCache,
     StreamingDecoder,
     VAEConfig,
     VideoVAE,
@@ -109,9 +108,13 @@ def test_encoder_matches_diffusers(name, causal):
         moments = ours.encoder(pixels, causal)
         assert moments.shape == (1, c + 1, cfg.latent_frames(frames), 2, 3)
         assert rel_err(moments, moments_ref[:, : c + 1]) <= PARITY_RTOL
-        assert torch.equal(moments_ref[:, c:], moments_ref[:, c:c + 1].expand_as(moments_ref[:, c:]))
-        z_ref = LTX2Pipeline._normalize_latents(ref.encode(pixels, causal=causal).latent_dist.mode(),
-                                                ref.latents_mean, ref.latents_std, ref.config.scaling_factor)
+        assert torch.equal(moments_ref[:, c:], moments_ref[:, c : c + 1].expand_as(moments_ref[:, c:]))
+        z_ref = LTX2Pipeline._normalize_latents(
+            ref.encode(pixels, causal=causal).latent_dist.mode(),
+            ref.latents_mean,
+            ref.latents_std,
+            ref.config.scaling_factor,
+        )
         assert rel_err(ours.encode(pixels, causal=causal), z_ref) <= PARITY_RTOL
 
 
@@ -152,7 +155,7 @@ def test_decoder_matches_diffusers(name, causal):
 def stream(decoder: StreamingDecoder, z_model: torch.Tensor, sizes) -> list[torch.Tensor]:
     out, start = [], 0
     for n in sizes:
-        out.append(decoder.decode_block(z_model[:, :, start:start + n]))
+        out.append(decoder.decode_block(z_model[:, :, start : start + n]))
         start += n
     assert start == z_model.shape[2]
     return out
@@ -160,8 +163,9 @@ def stream(decoder: StreamingDecoder, z_model: torch.Tensor, sizes) -> list[torc
 
 def streaming_decoder(ours: VideoVAE, noise_seed: int = 0, width: int = 3) -> StreamingDecoder:
     timestep = DECODE_TIMESTEP if ours.config.timestep_conditioning else None
-    return StreamingDecoder(ours, batch=1, latent_height=2, latent_width=width, timestep=timestep,
-                            noise_seed=noise_seed)
+    return StreamingDecoder(
+        ours, batch=1, latent_height=2, latent_width=width, timestep=timestep, noise_seed=noise_seed
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -196,7 +200,7 @@ def test_snapshot_restore_continues_identically(name):
     fresh.restore(state)
     assert fresh.latent_frames == 7
     resumed = stream(fresh, z_model[:, :, 7:], (3, 3))
-    for a, b in zip(continued, resumed):
+    for a, b in zip(continued, resumed, strict=True):
         assert torch.equal(a, b)
 
 

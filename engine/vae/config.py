@@ -77,70 +77,99 @@ class VAEConfig:
         )
         self.decoder_inject_noise = _per_block(self.decoder_inject_noise, n_dec + 1, "decoder_inject_noise")
         self.upsample_residual = _per_block(self.upsample_residual, n_dec, "upsample_residual")
-        for name, n in (("block_out_channels", n_enc), ("down_block_types", n_enc), ("downsample_type", n_enc),
-                        ("decoder_block_out_channels", n_dec), ("upsample_type", n_dec), ("upsample_factor", n_dec)):
+        for name, n in (
+            ("block_out_channels", n_enc),
+            ("down_block_types", n_enc),
+            ("downsample_type", n_enc),
+            ("decoder_block_out_channels", n_dec),
+            ("upsample_type", n_dec),
+            ("upsample_factor", n_dec),
+        ):
             if len(getattr(self, name)) != n:
-                raise InputError(f"VAE config {name}={getattr(self, name)!r} has {len(getattr(self, name))} "
-                                 f"entries; expected {n} (from the layers_per_block fields)")
+                raise InputError(
+                    f"VAE config {name}={getattr(self, name)!r} has {len(getattr(self, name))} "
+                    f"entries; expected {n} (from the layers_per_block fields)"
+                )
         for t in self.down_block_types:
             if t != DOWN_BLOCK:
                 raise InputError(f"VAE config down_block_types entry {t!r} is not supported; accepted: {DOWN_BLOCK!r}")
         for name in ("downsample_type", "upsample_type"):
             for t in getattr(self, name):
                 if t not in SAMPLE_STRIDES:
-                    raise InputError(f"VAE config {name} entry {t!r} is not supported; accepted: {list(SAMPLE_STRIDES)}")
+                    raise InputError(
+                        f"VAE config {name} entry {t!r} is not supported; accepted: {list(SAMPLE_STRIDES)}"
+                    )
         for name in ("encoder_spatial_padding_mode", "decoder_spatial_padding_mode"):
             if getattr(self, name) not in PADDING_MODES:
                 raise InputError(f"VAE config {name}={getattr(self, name)!r}; accepted: {list(PADDING_MODES)}")
         if self.patch_size_t != 1:
             raise InputError(f"VAE config patch_size_t={self.patch_size_t} is not supported; accepted: 1")
         self._check_channels()
-        dec = [SAMPLE_STRIDES[k] for k, on in zip(self.upsample_type, reversed(self.decoder_spatio_temporal_scaling))
-               if on]
+        dec = [
+            SAMPLE_STRIDES[k]
+            for k, on in zip(self.upsample_type, reversed(self.decoder_spatio_temporal_scaling), strict=True)
+            if on
+        ]
         dec_t, dec_s = _prod(s[0] for s in dec), self.patch_size * _prod(s[1] for s in dec)
         if (dec_t, dec_s) != (self.temporal_scale, self.spatial_scale):
-            raise InputError(f"VAE config: the decoder upsamples by {dec_t} (time) × {dec_s} (space) but the "
-                             f"encoder downsamples by {self.temporal_scale} × {self.spatial_scale}; they must match")
-        for name, derived in (("spatial_compression_ratio", self.spatial_scale),
-                              ("temporal_compression_ratio", self.temporal_scale)):
+            raise InputError(
+                f"VAE config: the decoder upsamples by {dec_t} (time) × {dec_s} (space) but the "
+                f"encoder downsamples by {self.temporal_scale} × {self.spatial_scale}; they must match"
+            )
+        for name, derived in (
+            ("spatial_compression_ratio", self.spatial_scale),
+            ("temporal_compression_ratio", self.temporal_scale),
+        ):
             given = getattr(self, name)
             if given is not None and given != derived:
                 raise InputError(f"VAE config {name}={given} contradicts the strides, which give {derived}")
 
     def _check_channels(self) -> None:
         c = self.latent_channels
-        for i, (cout, kind, scaled) in enumerate(zip(self.block_out_channels, self.downsample_type,
-                                                     self.spatio_temporal_scaling)):
+        for i, (cout, kind, scaled) in enumerate(
+            zip(self.block_out_channels, self.downsample_type, self.spatio_temporal_scaling, strict=True)
+        ):
             if not scaled:
                 if cout != c:
-                    raise InputError(f"VAE config: down block {i} has no downsampler but block_out_channels[{i}]="
-                                     f"{cout} differs from its input {c}")
+                    raise InputError(
+                        f"VAE config: down block {i} has no downsampler but block_out_channels[{i}]="
+                        f"{cout} differs from its input {c}"
+                    )
                 continue
             k = _prod(SAMPLE_STRIDES[kind])
             if cout % k or (c * k) % cout:
                 raise InputError(f"VAE config: down block {i} ({kind}) cannot map {c} to {cout} channels")
             c = cout
         c = self.decoder_block_out_channels[-1]
-        for i, (cout, f, kind, scaled) in enumerate(zip(
-                reversed(self.decoder_block_out_channels), reversed(self.upsample_factor),
-                self.upsample_type, reversed(self.decoder_spatio_temporal_scaling))):
+        for i, (cout, f, kind, scaled) in enumerate(
+            zip(
+                reversed(self.decoder_block_out_channels),
+                reversed(self.upsample_factor),
+                self.upsample_type,
+                reversed(self.decoder_spatio_temporal_scaling),
+                strict=True,
+            )
+        ):
             # the upsampler takes (cout // f)·f channels and gives cout // f; diffusers would insert a
             # channel-changing resnet ("conv_in") where that does not fit, which LTX-2 never needs
             k = _prod(SAMPLE_STRIDES[kind]) if scaled else 1
             if not scaled and f != 1:
-                raise InputError(f"VAE config: decoder up block {i} has no upsampler but upsample_factor {f}; "
-                                 "accepted: 1")
+                raise InputError(
+                    f"VAE config: decoder up block {i} has no upsampler but upsample_factor {f}; accepted: 1"
+                )
             if c != (cout // f) * f or (scaled and c % k) or (scaled and k % f):
-                raise InputError(f"VAE config: decoder up block {i} cannot map {c} to {cout // f} channels "
-                                 f"(decoder_block_out_channels reversed {cout}, upsample_factor {f}); only blocks "
-                                 "without an up-block conv_in are supported")
+                raise InputError(
+                    f"VAE config: decoder up block {i} cannot map {c} to {cout // f} channels "
+                    f"(decoder_block_out_channels reversed {cout}, upsample_factor {f}); only blocks "
+                    "without an up-block conv_in are supported"
+                )
             c = cout // f
 
     @property
     def spatial_scale(self) -> int:
         """Pixels per latent along H and W."""
         s = self.patch_size
-        for kind, scaled in zip(self.downsample_type, self.spatio_temporal_scaling):
+        for kind, scaled in zip(self.downsample_type, self.spatio_temporal_scaling, strict=True):
             s *= SAMPLE_STRIDES[kind][1] if scaled else 1
         return s
 
@@ -148,7 +177,7 @@ class VAEConfig:
     def temporal_scale(self) -> int:
         """Pixel frames per latent frame after the first (F = temporal_scale·(T−1) + 1)."""
         s = self.patch_size_t
-        for kind, scaled in zip(self.downsample_type, self.spatio_temporal_scaling):
+        for kind, scaled in zip(self.downsample_type, self.spatio_temporal_scaling, strict=True):
             s *= SAMPLE_STRIDES[kind][0] if scaled else 1
         return s
 

@@ -120,8 +120,9 @@ class ResnetBlock(nn.Module):
     block's time embedding) and a spatial noise map added after each conv, scaled per channel.
     """
 
-    def __init__(self, channels: int, padding_mode: str, inject_noise: bool = False,
-                 timestep_conditioning: bool = False):
+    def __init__(
+        self, channels: int, padding_mode: str, inject_noise: bool = False, timestep_conditioning: bool = False
+    ):
         super().__init__()
         self.conv1 = CausalConv3d(channels, channels, padding_mode)
         self.conv2 = CausalConv3d(channels, channels, padding_mode)
@@ -132,8 +133,14 @@ class ResnetBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(4, channels)) if timestep_conditioning else None
         self.noise_key = ""  # this block's name in a noise dict; set by Decoder
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
-                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool,
+        cache: DecoderConvCache | None = None,
+        temb: torch.Tensor | None = None,
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """temb: [B, 4·C] block time embedding; noise[noise_key]: [2, H, W] maps, constant over frames."""
         h = per_channel_rms_norm(x)
         if self.scale_shift_table is not None:
@@ -172,8 +179,9 @@ class Downsampler(nn.Module):
 class Upsampler(nn.Module):
     """conv + depth-to-space (plus the input's depth-to-space tiled along channels); drops the first frame."""
 
-    def __init__(self, in_channels: int, stride: tuple[int, int, int], residual: bool, upscale_factor: int,
-                 padding_mode: str):
+    def __init__(
+        self, in_channels: int, stride: tuple[int, int, int], residual: bool, upscale_factor: int, padding_mode: str
+    ):
         super().__init__()
         self.stride = stride
         self.residual = residual
@@ -191,8 +199,7 @@ class Upsampler(nn.Module):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: str | None,
-                 padding_mode: str):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, downsample: str | None, padding_mode: str):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(in_channels, padding_mode) for _ in range(num_layers))
         self.downsamplers = None
@@ -210,15 +217,28 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, num_layers: int, padding_mode: str, inject_noise: bool = False,
-                 timestep_conditioning: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_layers: int,
+        padding_mode: str,
+        inject_noise: bool = False,
+        timestep_conditioning: bool = False,
+    ):
         super().__init__()
         self.time_embedder = TimeEmbedder(4 * channels) if timestep_conditioning else None
-        self.resnets = nn.ModuleList(ResnetBlock(channels, padding_mode, inject_noise, timestep_conditioning)
-                                     for _ in range(num_layers))
+        self.resnets = nn.ModuleList(
+            ResnetBlock(channels, padding_mode, inject_noise, timestep_conditioning) for _ in range(num_layers)
+        )
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
-                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool,
+        cache: DecoderConvCache | None = None,
+        temb: torch.Tensor | None = None,
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         block_temb = self.time_embedder(temb, x.dtype) if self.time_embedder is not None else None
         for resnet in self.resnets:
             x = resnet(x, causal, cache, block_temb, noise)
@@ -226,20 +246,40 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, out_channels: int, num_layers: int, upsample: str | None, residual: bool,
-                 upscale_factor: int, padding_mode: str, inject_noise: bool = False,
-                 timestep_conditioning: bool = False):
+    def __init__(
+        self,
+        out_channels: int,
+        num_layers: int,
+        upsample: str | None,
+        residual: bool,
+        upscale_factor: int,
+        padding_mode: str,
+        inject_noise: bool = False,
+        timestep_conditioning: bool = False,
+    ):
         super().__init__()
         self.time_embedder = TimeEmbedder(4 * out_channels) if timestep_conditioning else None
         self.upsamplers = None
         if upsample is not None:
-            self.upsamplers = nn.ModuleList([Upsampler(out_channels * upscale_factor, SAMPLE_STRIDES[upsample],
-                                                       residual, upscale_factor, padding_mode)])
-        self.resnets = nn.ModuleList(ResnetBlock(out_channels, padding_mode, inject_noise, timestep_conditioning)
-                                     for _ in range(num_layers))
+            self.upsamplers = nn.ModuleList(
+                [
+                    Upsampler(
+                        out_channels * upscale_factor, SAMPLE_STRIDES[upsample], residual, upscale_factor, padding_mode
+                    )
+                ]
+            )
+        self.resnets = nn.ModuleList(
+            ResnetBlock(out_channels, padding_mode, inject_noise, timestep_conditioning) for _ in range(num_layers)
+        )
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
-                temb: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool,
+        cache: DecoderConvCache | None = None,
+        temb: torch.Tensor | None = None,
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         block_temb = self.time_embedder(temb, x.dtype) if self.time_embedder is not None else None
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, causal, cache)
@@ -294,8 +334,11 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(channels):
             c = cout // factors[i]
-            self.up_blocks.append(UpBlock(c, layers[i + 1], kinds[i] if scaled[i] else None, residual[i],
-                                          factors[i], mode, noise[i + 1], tc))
+            self.up_blocks.append(
+                UpBlock(
+                    c, layers[i + 1], kinds[i] if scaled[i] else None, residual[i], factors[i], mode, noise[i + 1], tc
+                )
+            )
         self.conv_out = CausalConv3d(c, cfg.out_channels * cfg.patch_size**2, mode)
         self.time_embedder = self.scale_shift_table = self.timestep_scale_multiplier = None
         if tc:
@@ -308,8 +351,14 @@ class Decoder(nn.Module):
             if isinstance(m, ResnetBlock):
                 m.noise_key = name
 
-    def forward(self, z: torch.Tensor, causal: bool, cache: DecoderConvCache | None = None,
-                timestep: torch.Tensor | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        causal: bool,
+        cache: DecoderConvCache | None = None,
+        timestep: torch.Tensor | None = None,
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """timestep: [B] decode timestep (timestep-conditioned decoders only); noise: `draw_noise` output
         (noise-injecting decoders only)."""
         temb = None
@@ -350,8 +399,11 @@ class Decoder(nn.Module):
 
     def conv_cache_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Shape [B, C_in, 2, h_conv, w_conv] of the past-frame context of every conv, for latents of h×w."""
-        shapes = {m.cache_key: (batch, m.conv.in_channels, TEMPORAL_CONTEXT, h, w)
-                  for m, h, w in self._sizes(height, width) if isinstance(m, CausalConv3d)}
+        shapes = {
+            m.cache_key: (batch, m.conv.in_channels, TEMPORAL_CONTEXT, h, w)
+            for m, h, w in self._sizes(height, width)
+            if isinstance(m, CausalConv3d)
+        }
         assert len(shapes) == sum(isinstance(m, CausalConv3d) for m in self.modules())
         return shapes
 
@@ -365,10 +417,12 @@ class Decoder(nn.Module):
         noise = {}
         for m, h, w in self._sizes(height, width):
             if isinstance(m, ResnetBlock) and m.per_channel_scale1 is not None:
-                noise[m.noise_key] = torch.stack([
-                    torch.randn((h, w), generator=generator, device=weight.device, dtype=weight.dtype)
-                    for _ in range(2)
-                ])
+                noise[m.noise_key] = torch.stack(
+                    [
+                        torch.randn((h, w), generator=generator, device=weight.device, dtype=weight.dtype)
+                        for _ in range(2)
+                    ]
+                )
         return noise
 
 
@@ -409,14 +463,22 @@ class VideoVAE(nn.Module):
         f, h, w = pixels.shape[2:]
         s, t = cfg.spatial_scale, cfg.temporal_scale
         if h % s or w % s or (f - 1) % t:
-            raise InputError(f"VAE encode: pixel shape F×H×W = {f}×{h}×{w}; accepted: H, W multiples of {s} and "
-                             f"F = {t}·k + 1")
+            raise InputError(
+                f"VAE encode: pixel shape F×H×W = {f}×{h}×{w}; accepted: H, W multiples of {s} and F = {t}·k + 1"
+            )
         causal = cfg.encoder_causal if causal is None else causal
         moments = self.encoder(pixels, causal)
         return self.normalize(moments[:, : cfg.latent_channels])
 
-    def decode(self, z_model: torch.Tensor, causal: bool | None = None, *, timestep: float | torch.Tensor | None = None,
-               generator: torch.Generator | None = None, noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        z_model: torch.Tensor,
+        causal: bool | None = None,
+        *,
+        timestep: float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Model-space latents [B, C, T, h, w] -> pixels [B, 3, 8(T−1)+1, 32h, 32w] in ≈[−1, 1] (not clamped).
 
         `causal=None` uses `config.decoder_causal`; an explicit value overrides it either way (diffusers can only
@@ -426,8 +488,9 @@ class VideoVAE(nn.Module):
         """
         cfg = self.config
         if z_model.ndim != 5 or z_model.shape[1] != cfg.latent_channels:
-            raise InputError(f"VAE decode expects latents [B, {cfg.latent_channels}, T, h, w]; "
-                             f"got {tuple(z_model.shape)}")
+            raise InputError(
+                f"VAE decode expects latents [B, {cfg.latent_channels}, T, h, w]; got {tuple(z_model.shape)}"
+            )
         if cfg.decoder_spatial_padding_mode == "reflect" and min(z_model.shape[3:]) < 2:
             raise InputError(f"VAE decode: latent h×w {tuple(z_model.shape[3:])}; reflect padding needs ≥ 2×2")
         causal = cfg.decoder_causal if causal is None else causal
@@ -440,12 +503,15 @@ class VideoVAE(nn.Module):
         """The decode timestep as a [B] tensor, checked against `config.timestep_conditioning`."""
         if not self.config.timestep_conditioning:
             if timestep is not None:
-                raise InputError(f"decode timestep {timestep!r} given, but this VAE is not timestep-conditioned; "
-                                 "accepted: None")
+                raise InputError(
+                    f"decode timestep {timestep!r} given, but this VAE is not timestep-conditioned; accepted: None"
+                )
             return None
         if timestep is None:
-            raise InputError("this VAE is timestep-conditioned (config timestep_conditioning=True): pass a decode "
-                             "timestep (e.g. 0.05)")
+            raise InputError(
+                "this VAE is timestep-conditioned (config timestep_conditioning=True): pass a decode "
+                "timestep (e.g. 0.05)"
+            )
         weight = self.decoder.conv_in.conv.weight
         t = torch.as_tensor(timestep, dtype=weight.dtype, device=weight.device).flatten()
         if t.numel() not in (1, batch):
@@ -457,8 +523,14 @@ def is_encoder_key(key: str) -> bool:
     return key.startswith("encoder.")
 
 
-def load_vae(path: str | Path, config: VAEConfig | None = None, *, with_encoder: bool = True,
-             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VideoVAE:
+def load_vae(
+    path: str | Path,
+    config: VAEConfig | None = None,
+    *,
+    with_encoder: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> VideoVAE:
     """A VideoVAE from a diffusers-layout `vae/` checkpoint (directory, file or shard index).
 
     `config=None` reads `config.json` from the checkpoint directory. Every key is checked; with

@@ -71,12 +71,15 @@ class DecoderConvCache:
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:
-            raise InputError(f"decoder cache snapshot: missing keys {missing}, unexpected keys {unexpected}; "
-                             f"a snapshot must come from a decoder with the same config and latent size")
+            raise InputError(
+                f"decoder cache snapshot: missing keys {missing}, unexpected keys {unexpected}; "
+                f"a snapshot must come from a decoder with the same config and latent size"
+            )
         for k, buf in self.buffers.items():
             if tuple(state[k].shape) != tuple(buf.shape):
-                raise InputError(f"decoder cache snapshot key {k!r} has shape {tuple(state[k].shape)}, "
-                                 f"expected {tuple(buf.shape)}")
+                raise InputError(
+                    f"decoder cache snapshot key {k!r} has shape {tuple(state[k].shape)}, expected {tuple(buf.shape)}"
+                )
         for k, buf in self.buffers.items():
             buf.copy_(state[k])
         self.latent_frames = int(state[FRAMES_KEY])
@@ -90,11 +93,21 @@ class StreamingDecoder:
     noise-injecting decoder (`self.noise`, name -> [2, h_l, w_l]), drawn once and kept across `reset`.
     """
 
-    def __init__(self, vae: VideoVAE, batch: int, latent_height: int, latent_width: int, *,
-                 timestep: float | torch.Tensor | None = None, noise_seed: int = 0):
+    def __init__(
+        self,
+        vae: VideoVAE,
+        batch: int,
+        latent_height: int,
+        latent_width: int,
+        *,
+        timestep: float | torch.Tensor | None = None,
+        noise_seed: int = 0,
+    ):
         if not vae.config.decoder_causal:
-            raise InputError("StreamingDecoder needs a causally trained decoder (config decoder_causal=True); this "
-                             "VAE has decoder_causal=False, whose bidirectional decode cannot be streamed exactly")
+            raise InputError(
+                "StreamingDecoder needs a causally trained decoder (config decoder_causal=True); this "
+                "VAE has decoder_causal=False, whose bidirectional decode cannot be streamed exactly"
+            )
         if vae.config.decoder_spatial_padding_mode == "reflect" and min(latent_height, latent_width) < 2:
             raise InputError(f"latent h×w {latent_height}×{latent_width}; reflect padding needs ≥ 2×2")
         self.vae = vae
@@ -103,8 +116,9 @@ class StreamingDecoder:
         self.timestep = vae.decode_timestep(timestep, batch)  # [B] or None
         generator = torch.Generator(weight.device).manual_seed(noise_seed)
         self.noise = vae.decoder.draw_noise(latent_height, latent_width, generator)
-        self.cache = DecoderConvCache(vae.decoder.conv_cache_shapes(batch, latent_height, latent_width),
-                                      dtype=weight.dtype, device=weight.device)
+        self.cache = DecoderConvCache(
+            vae.decoder.conv_cache_shapes(batch, latent_height, latent_width), dtype=weight.dtype, device=weight.device
+        )
 
     def reset(self) -> None:
         """Start a new video."""
@@ -115,8 +129,11 @@ class StreamingDecoder:
         """Model-space latents [B, C, n, h, w] -> pixels [B, 3, F, 32h, 32w] in ≈[−1, 1];
         F = 8(n−1)+1 for the first block after `reset`, 8n after."""
         b, c, h, w = self.shape
-        if latents.ndim != 5 or (latents.shape[0], latents.shape[1], *latents.shape[3:]) != (b, c, h, w) \
-                or latents.shape[2] < 1:
+        if (
+            latents.ndim != 5
+            or (latents.shape[0], latents.shape[1], *latents.shape[3:]) != (b, c, h, w)
+            or latents.shape[2] < 1
+        ):
             raise InputError(f"decode_block expects latents [{b}, {c}, n≥1, {h}, {w}]; got {tuple(latents.shape)}")
         weight = self.vae.decoder.conv_in.conv.weight
         z = self.vae.denormalize(latents.to(device=weight.device, dtype=weight.dtype))
@@ -134,13 +151,15 @@ class StreamingDecoder:
         return self.cache.snapshot() | {NOISE_PREFIX + k: v.clone() for k, v in self.noise.items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
-        noise = {k[len(NOISE_PREFIX):]: v for k, v in state.items() if k.startswith(NOISE_PREFIX)}
+        noise = {k[len(NOISE_PREFIX) :]: v for k, v in state.items() if k.startswith(NOISE_PREFIX)}
         if noise.keys() != self.noise.keys():
             raise InputError(f"decoder snapshot has noise maps {sorted(noise)}, expected {sorted(self.noise)}")
         for k, v in noise.items():
             if v.shape != self.noise[k].shape:
-                raise InputError(f"decoder snapshot noise map {k!r} has shape {tuple(v.shape)}, "
-                                 f"expected {tuple(self.noise[k].shape)}")
+                raise InputError(
+                    f"decoder snapshot noise map {k!r} has shape {tuple(v.shape)}, "
+                    f"expected {tuple(self.noise[k].shape)}"
+                )
         self.cache.restore({k: v for k, v in state.items() if not k.startswith(NOISE_PREFIX)})
         for k, v in noise.items():
             self.noise[k].copy_(v)
