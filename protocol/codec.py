@@ -75,7 +75,7 @@ def decode(data) -> Message:
         raise ProtocolError(
             "missing_field", "v", f"every message has a protocol version 'v' (this side speaks {PROTOCOL_VERSION})"
         )
-    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             "version", "v", f"protocol version {version!r:.40} is not supported; this side speaks {PROTOCOL_VERSION}"
         )
