@@ -315,3 +315,14 @@ def test_release_config_has_diffusers_keys_and_shapes():
     assert 520e6 < sum(p.numel() for p in ours.decoder.parameters()) < 540e6  # spec §5.4: ≈ 528 M
     shapes = ours.decoder.conv_cache_shapes(1, 22, 40)  # 704×1280 pixels
     assert shapes["conv_in"] == (1, 128, 2, 22, 40) and shapes["conv_out"] == (1, 128, 2, 176, 320)
+
+
+def test_encode_checks_pixel_shape(causal_pair):
+    _, ours = causal_pair
+    with pytest.raises(InputError, match=r"2×64×64"):  # F must be 8k + 1
+        ours.encode(torch.zeros(1, 3, 2, 64, 64))
+    with pytest.raises(InputError, match=r"1×64×48"):  # H, W multiples of 32
+        ours.encode(torch.zeros(1, 3, 1, 64, 48))
+    assert VideoVAE(ours.config, with_encoder=False).encoder is None
+    with pytest.raises(InputError, match="with_encoder"):
+        VideoVAE(ours.config, with_encoder=False).encode(torch.zeros(1, 3, 1, 64, 64))
