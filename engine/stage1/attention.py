@@ -189,6 +189,7 @@ class SelfAttention(nn.Module):
         qc, kc, vc = self._ucpe(qc, kc, vc, ctx)
 
         mask = window_mask(ctx.segments, ctx.tokens_per_frame)
+        mask = None if mask is None else mask.to(q.device)
         K, V, Kc, Vc = k, v, kc, vc
         if cache is not None:
             if len(ctx.segments) != 1:
