@@ -23,18 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import InputError
+from protocol.keys import CONTROLS, DSL_KEYMAPS, DSL_LETTERS
 
-DSL_KEYS = "wasdijkl"
-# Canonical controls: what a key does, independent of which letter or physical key asked for it.
-CONTROLS = ("forward", "back", "yaw_left", "yaw_right", "strafe_left", "strafe_right", "pitch_up", "pitch_down")
-
-# DSL letter -> control, per key map (camera.md §3, §4).
-KEYMAPS: dict[str, dict[str, str]] = {
-    "v1": {"w": "forward", "s": "back", "a": "strafe_left", "d": "strafe_right",
-           "j": "yaw_left", "l": "yaw_right", "i": "pitch_up", "k": "pitch_down"},
-    "v2": {"w": "forward", "s": "back", "a": "yaw_left", "d": "yaw_right",
-           "j": "strafe_left", "l": "strafe_right", "i": "pitch_up", "k": "pitch_down"},
-}
+# The vocabulary (canonical controls, DSL letters, both key maps) lives in the wire format, so the
+# engine, the clients and actions.log cannot disagree on it.
+DSL_KEYS = DSL_LETTERS
+KEYMAPS = DSL_KEYMAPS
 
 # A DSL string expands to one key set per frame; past this many frames it is almost surely a typo
 # (16 fps: 2**20 frames are 18 hours) and would only exhaust memory.
@@ -253,6 +247,15 @@ class CameraIntegrator:
             out.add(control)
         return frozenset(out)
 
+    @staticmethod
+    def check_controls(controls: Iterable[str]) -> frozenset[str]:
+        """Canonical control names (as on the wire and in actions.log), rejecting anything else."""
+        out = frozenset(controls)
+        bad = sorted(c for c in out if c not in CONTROLS)
+        if bad:
+            raise InputError(f"unknown control {bad[0]!r}; accepted: {', '.join(CONTROLS)}")
+        return out
+
     def snapshot(self) -> dict:
         return {"keymap": self.params.__dict__.copy(), "state": self.state.to_dict()}
 
@@ -265,7 +268,12 @@ class CameraIntegrator:
         self.state = IntegratorState.from_dict(snap["state"])
 
     def step(self, held: Iterable[str]) -> np.ndarray:
-        c = self.controls_of(held)
+        """Advance one pixel frame with the DSL letters `held` (under this key map); the new pose."""
+        return self.step_controls(self.controls_of(held))
+
+    def step_controls(self, controls: Iterable[str]) -> np.ndarray:
+        """Advance one pixel frame with canonical controls held (what live keys and actions.log carry)."""
+        c = self.check_controls(controls)
         if self.params.name == "v1":
             self._step_v1(c)
         else:
