@@ -4,6 +4,7 @@ chunk-causal forward; snapshot/restore; single chunk == bidirectional; constant 
 import pytest
 import torch
 
+from engine.errors import InputError
 from engine.stage1.cache import Stage1Cache
 from engine.stage1.config import Stage1Config
 from engine.stage1.model import Stage1Transformer
@@ -184,3 +185,16 @@ def test_stream_api_matches_manual_chunks_and_resumes():
 
     with pytest.raises(Exception, match="anchor"):
         resumed.denoise_chunk(noise[:, :, 7:10], cam[:, 7:10], pl[:, :, 7:10], anchor)
+
+
+def test_chunk_schedule_and_bad_snapshot():
+    assert len(chunk_frame_counts(121)) == 40 and chunk_frame_counts(121)[:3] == [4, 3, 3]
+    model = small_model(num_layers=2)
+    cache = Stage1Cache(model.config, 1, 2, 3)
+    snap = cache.snapshot()
+    snap["blocks.0.sigma"] = snap["blocks.0.sigma"][:, :1]
+    with pytest.raises(InputError, match=r"blocks\.0\.sigma"):
+        cache.restore(snap)
+    del snap["blocks.1.sink_k"]
+    with pytest.raises(InputError, match=r"blocks\.1\.sink_k"):
+        cache.restore(snap)

@@ -18,8 +18,8 @@ from engine.stage1.temporal import (
     FrameContext,
     key_scale,
     rms_downscale,
-    segment_slices,
     sdpa,
+    segment_slices,
     symmetric_short_conv,
     window_mask,
 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.errors import InputError
+
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024
 
@@ -36,7 +38,8 @@ def rope_angles(head_dim: int, frames: torch.Tensor, height: int, width: int) ->
     wy = _axis_freqs(py, 2 * py)
     wx = _axis_freqs(px, 2 * px)
     if int(frames.max()) >= ROPE_MAX_POSITIONS or max(height, width) > ROPE_MAX_POSITIONS:
-        raise ValueError(f"RoPE positions are limited to {ROPE_MAX_POSITIONS}")
+        raise InputError(f"latent position (frame {int(frames.max())}, grid {height}x{width}) beyond the RoPE "
+                         f"table: frames and grid sides must be < {ROPE_MAX_POSITIONS}")
     T = frames.numel()
     at = frames.float()[:, None] * wt  # [T, pt]
     ay = torch.arange(height, dtype=torch.float32)[:, None] * wy  # [h, py]
