@@ -1,0 +1,255 @@
+"""The models behind a rollout: build them from a preset, and run one chunk through them.
+
+`build_world(preset, ...)` makes stage-1, the refiner with its text connectors, the LTX-2 VAE and both
+text stacks, with deterministic seeded weights (or weights from a directory). `WorldPipeline` is the
+`engine.rollout.Pipeline` the rollout drives: per chunk it runs the distilled stage-1 sampler and its
+cache-write pass, the AR refiner block in `full` quality, and the streaming causal VAE decode.
+
+Knows nothing of controls, sockets or files (weights apart).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import InputError
+from engine.presets import Preset, get_preset
+from engine.refiner.ar import ARRefiner
+from engine.refiner.connectors import TextConnectors
+from engine.refiner.model import RefinerTransformer
+from engine.rollout import ChunkInputs, ChunkOutputs, ChunkPlan
+from engine.stage1.model import Stage1Transformer
+from engine.stage1.stream import Stage1Stream
+from engine.vae.model import VideoVAE
+from engine.vae.pixels import pixels_to_frames
+from engine.vae.stream import StreamingDecoder
+
+
+def seeded_init_(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic random weights for a preset without released weights (the fixtures' recipe).
+
+    Every tensor gets a value, including the ones training zero-initialises, so every branch moves the
+    output: >=2-D `N(0,1)/sqrt(fan_in)`; norm weights `1 + 0.2 N`; `scale_shift_table`s `0.2 N`;
+    `A_log = log U(0.5, 2.5)`; `dt_bias ~ N(-2, 0.5^2)`; other 1-D `0.1 N`. VAE latent statistics are 0/1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "latents_mean":
+                v = torch.zeros(t.shape)
+            elif leaf == "latents_std":
+                v = torch.ones(t.shape)
+            elif leaf == "A_log":
+                v = torch.log(0.5 + 2.0 * torch.rand(t.shape, generator=g))
+            elif leaf == "dt_bias":
+                v = -2.0 + 0.5 * torch.randn(t.shape, generator=g)
+            elif "scale_shift_table" in leaf:
+                v = 0.2 * torch.randn(t.shape, generator=g)
+            elif t.ndim >= 2:
+                v = torch.randn(t.shape, generator=g) / math.sqrt(max(1, t[0].numel()))
+            elif "norm" in name and leaf == "weight":
+                v = 1.0 + 0.2 * torch.randn(t.shape, generator=g)
+            elif not t.is_floating_point():
+                continue
+            else:
+                v = 0.1 * torch.randn(t.shape, generator=g)
+            t.copy_(v.to(t.dtype))
+
+
+@dataclass
+class World:
+    """Every model a session needs, built once per engine process."""
+
+    preset: Preset
+    stage1: Stage1Transformer
+    refiner: RefinerTransformer | None
+    connectors: TextConnectors | None
+    vae: VideoVAE
+    text: object  # engine.text.TextStack
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_world(
+    preset: str | Preset = "tiny",
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_refiner: bool = True,
+    weights: str | Path | None = None,
+) -> World:
+    """Build the models of `preset` with seeded random weights, or from `weights` (a directory with
+    `transformer/`, `refiner/transformer/`, `refiner/connectors/`, `vae/`, `text_encoder/`...)."""
+    from engine.text import build_tiny_text_stack
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    device = torch.device(device)
+    if weights is not None:
+        raise InputError(
+            f"loading a weights directory ({str(weights)!r}) into a world is not wired yet; the per-model loaders "
+            "(engine.stage1.loading, engine.refiner.model.load_refiner_weights, engine.vae.model.load_vae) exist"
+        )
+    stage1 = Stage1Transformer(p.stage1)
+    seeded_init_(stage1, seed)
+    vae = VideoVAE(p.vae)
+    seeded_init_(vae, seed + 1)
+    refiner = connectors = None
+    if with_refiner:
+        refiner = RefinerTransformer(p.refiner)
+        seeded_init_(refiner, seed + 2)
+        connectors = TextConnectors(p.connectors)
+        seeded_init_(connectors, seed + 3)
+    if p.text.kind != "tiny":
+        raise InputError(f"preset {p.name!r} needs text encoder weights; only the tiny text stack builds without")
+    text = build_tiny_text_stack(
+        seed,
+        stage1_dim=p.stage1.caption_channels,
+        stage1_max_length=p.text.stage1_max_length,
+        refiner_dim=p.connectors.caption_channels,
+        refiner_layers=p.text.refiner_layers,
+        refiner_max_length=p.text.refiner_max_length,
+        connectors=connectors,
+    )
+    for m in (stage1, vae, refiner, connectors):
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval()
+    return World(p, stage1, refiner, connectors, vae, text, device, dtype)
+
+
+class WorldPipeline:
+    """`engine.rollout.Pipeline` over a `World`: the per-chunk work of stage1.md §7 and refiner_vae.md §4-5."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        p = world.preset
+        s = world.vae.config.spatial_scale
+        self.pixel_hw = p.pixel_hw
+        self.latent_hw = (p.pixel_hw[0] // s, p.pixel_hw[1] // s)
+        self.latent_channels = p.stage1.in_channels
+        self.stream = Stage1Stream(world.stage1, height=self.latent_hw[0], width=self.latent_hw[1],
+                                   camera_renorm=p.camera_renorm)
+        self.refiner = ARRefiner(world.refiner, p.ar) if world.refiner is not None else None
+        self.decoder = StreamingDecoder(world.vae, 1, *self.latent_hw)
+        self.anchor: torch.Tensor | None = None  # [1, C, 1, h, w] clean latent of the first image
+        self.quality = "preview"
+
+    def _sync(self) -> float:
+        if self.world.device.type == "cuda":
+            torch.cuda.synchronize(self.world.device)
+        return time.perf_counter()
+
+    def _need_refiner(self, quality: str) -> None:
+        if quality == "full" and self.refiner is None:
+            raise InputError("quality 'full' needs the refiner, but this world was built without it; use 'preview'")
+
+    @torch.no_grad()
+    def start(self, first_image: torch.Tensor, prompt: str, quality: str) -> None:
+        self._need_refiner(quality)
+        w = self.world
+        if tuple(first_image.shape[-2:]) != tuple(self.pixel_hw):
+            raise InputError(f"first image is {tuple(first_image.shape[-2:])}, the world generates {self.pixel_hw}")
+        pixels = first_image.to(w.device, w.dtype).reshape(1, 3, 1, *self.pixel_hw)
+        self.anchor = w.vae.encode(pixels, causal=True)
+        self.quality = quality
+        self.prompt = prompt
+        emb = w.text.stage1.encode(prompt)
+        self.stream.reset(emb.embeds.to(w.device, w.dtype), emb.mask.to(w.device))
+        if quality == "full":
+            remb = w.text.refiner.encode(prompt)
+            self.refiner.start(self.anchor, remb.embeds.to(w.device, w.dtype), remb.mask.to(w.device))
+        self.decoder.reset()
+
+    @torch.no_grad()
+    def set_prompt(self, prompt: str) -> None:
+        w = self.world
+        emb = w.text.stage1.encode(prompt)
+        self.stream.set_prompt(emb.embeds.to(w.device, w.dtype), emb.mask.to(w.device))
+        if self.quality == "full":
+            remb = w.text.refiner.encode(prompt)
+            self.refiner.set_prompt(remb.embeds.to(w.device, w.dtype), remb.mask.to(w.device))
+        self.prompt = prompt
+
+    def _to_model(self, *xs):
+        w = self.world
+        return [x.to(w.device, w.dtype) for x in xs]
+
+    @torch.no_grad()
+    def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
+        if self.anchor is None:
+            raise RuntimeError("WorldPipeline.start() must come before chunks")
+        if quality != self.quality:
+            raise InputError(f"quality {quality!r} differs from the session's {self.quality!r}; start a new session")
+        first = inputs.plan.index == 0
+        cc, cp, noise = self._to_model(inputs.camera_conditions, inputs.chunk_plucker, inputs.noise)
+        t0 = self._sync()
+        clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
+        self.stream.write_cache(clean, cc, cp)
+        t1 = self._sync()
+        refined = None
+        if quality == "full":
+            (rnoise,) = self._to_model(inputs.refiner_noise)
+            block, rnoise = (clean[:, :, 1:], rnoise[:, :, 1:]) if first else (clean, rnoise)
+            refined = self.refiner.refine_block(block, rnoise)
+            if first:
+                refined = torch.cat([self.anchor, refined], dim=2)
+        t2 = self._sync()
+        pixels = self.decoder.decode_block(refined if refined is not None else clean)
+        frames = pixels_to_frames(pixels)
+        t3 = time.perf_counter()
+        timings = {"stage1": t1 - t0, "decode": t3 - t2}
+        if refined is not None:
+            timings["refiner"] = t2 - t1
+        return ChunkOutputs(clean.float().cpu(), None if refined is None else refined.float().cpu(),
+                            frames.numpy(), timings)
+
+    @torch.no_grad()
+    def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
+                     camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> None:
+        """Caches after `plan` from its stored latents: stage-1 t=0 pass, refiner capture pass, VAE decode."""
+        first = plan.index == 0
+        clean, cc, cp = self._to_model(latents, camera_conditions, chunk_plucker)
+        self.stream.write_cache(clean, cc, cp)
+        decode_input = clean
+        if quality == "full":
+            if refined is None:
+                raise InputError(f"chunk {plan.index} has no refined latents stored; cannot replay a 'full' session")
+            (ref,) = self._to_model(refined)
+            self.refiner.replay_capture(ref[:, :, 1:] if first else ref)
+            decode_input = ref
+        self.decoder.decode_block(decode_input)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        if self.anchor is None:
+            raise RuntimeError("nothing to snapshot before start()")
+        out = {
+            "anchor": self.anchor.detach().cpu().clone(),
+            "prompt": torch.tensor(list(self.prompt.encode("utf-8")), dtype=torch.uint8),
+        }
+        out.update({f"stage1.{k}": v.detach().cpu().clone() for k, v in self.stream.snapshot().items()})
+        out.update({f"vae.{k}": v.detach().cpu().clone() for k, v in self.decoder.snapshot().items()})
+        if self.quality == "full":
+            out.update({f"refiner.{k}": v.detach().cpu().clone() for k, v in self.refiner.snapshot().items()})
+        return out
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        w = self.world
+        self.anchor = state["anchor"].to(w.device, w.dtype)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v.to(w.device) for k, v in state.items() if k.startswith(prefix)}
+
+        self.stream.restore(part("stage1."))
+        self.decoder.restore(part("vae."))
+        ref = part("refiner.")
+        self.quality = "full" if ref else "preview"
+        if ref:
+            self._need_refiner("full")
+            self.refiner.restore(ref)
+        self.set_prompt(bytes(state["prompt"].tolist()).decode("utf-8"))

@@ -1,0 +1,129 @@
+"""The rollout generator on the tiny world: frames and poses, live == scripted, resume == uninterrupted."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.controls import action_to_c2w
+from engine.errors import InputError
+from engine.rollout import LiveControls, PoseControls, Rollout, ScriptedControls, chunk_noise, chunk_plan
+from engine.world import WorldPipeline, build_world
+
+ACTION = "w-20,jw-30,ik-10,l-12"  # 72 frames = 3 chunks
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world("tiny", seed=0)
+
+
+def first_image(world, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, *world.preset.pixel_hw, generator=g) * 2 - 1
+
+
+def run(world, controls, quality="preview", n=None, seed=3, prompt="a street"):
+    pipe = WorldPipeline(world)
+    pipe.start(first_image(world), prompt, quality)
+    ro = Rollout(pipe, controls, intrinsics_px=world.preset.default_intrinsics, seed=seed, quality=quality)
+    return ro, list(ro.chunks(n))
+
+
+def test_chunk_plan():
+    p0, p1, p2 = chunk_plan(0), chunk_plan(1), chunk_plan(2)
+    assert (p0.latent_start, p0.latent_count, p0.pixel_start, p0.pixel_count) == (0, 4, 1, 24)
+    assert (p1.latent_start, p1.latent_count, p1.pixel_start) == (4, 3, 25)
+    assert (p2.latent_start, p2.pixel_start) == (7, 49)
+    with pytest.raises(InputError):
+        chunk_plan(-1)
+
+
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_frames_and_poses_follow_the_action(world, quality):
+    _, chunks = run(world, ScriptedControls.from_action(ACTION), quality)
+    assert len(chunks) == 3
+    h, w = world.preset.pixel_hw
+    frames = np.concatenate([c.frames for c in chunks])
+    poses = np.concatenate([c.poses for c in chunks])
+    ref = action_to_c2w(ACTION, "v2")
+    if quality == "full":  # the refiner path drops the anchor frame (camera.md §10)
+        assert frames.shape == (72, h, w, 3) and chunks[0].frame_start == 1
+        assert np.array_equal(poses, ref[1:])
+    else:
+        assert frames.shape == (73, h, w, 3) and chunks[0].frame_start == 0
+        assert np.array_equal(poses, ref)
+    assert frames.dtype == np.uint8 and frames.std() > 1  # not a constant image
+    for c in chunks:
+        assert set(c.timings) >= {"stage1", "decode", "total"}
+
+
+def test_live_controls_equal_scripted(world):
+    _, scripted = run(world, ScriptedControls.from_action("w-24,jw-24"), n=2)
+    live = LiveControls("v2")
+    pipe = WorldPipeline(world)
+    pipe.start(first_image(world), "a street", "preview")
+    ro = Rollout(pipe, live, intrinsics_px=world.preset.default_intrinsics, seed=3)
+    gen = ro.chunks()
+    live.set_held({"forward"}, seq=1)
+    a = next(gen)
+    live.set_held({"forward", "strafe_left"}, seq=2)
+    live.set_held({"back"}, seq=1)  # an overtaken older message is ignored
+    b = next(gen)
+    assert (a.key_seq, b.key_seq) == (1, 2)
+    for x, y in zip([a, b], scripted, strict=True):
+        assert np.array_equal(x.frames, y.frames) and np.array_equal(x.poses, y.poses)
+
+
+def test_pose_controls_use_explicit_poses(world):
+    c2w = action_to_c2w("w-48", "v1")
+    world_pose = np.eye(4, dtype=np.float32)
+    world_pose[:3, 3] = [1.0, 2.0, 3.0]
+    _, chunks = run(world, PoseControls(world_pose @ c2w))
+    assert len(chunks) == 2
+    assert np.allclose(np.concatenate([c.poses for c in chunks]), c2w, atol=1e-5)
+
+
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_snapshot_restore_equals_uninterrupted(world, quality):
+    _, whole = run(world, ScriptedControls.from_action(ACTION), quality)
+    ro, first = run(world, ScriptedControls.from_action(ACTION), quality, n=1)
+    tensors, meta = ro.snapshot()
+    # a fresh pipeline and control source, as after a restart
+    pipe = WorldPipeline(world)
+    resumed = Rollout(pipe, ScriptedControls.from_action(ACTION), intrinsics_px=world.preset.default_intrinsics,
+                      quality=quality)
+    resumed.restore(tensors, meta)
+    rest = list(resumed.chunks())
+    assert [c.index for c in rest] == [1, 2]
+    for x, y in zip(first + rest, whole, strict=True):
+        assert np.array_equal(x.frames, y.frames), x.index
+        assert torch.equal(x.latents, y.latents)
+
+
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_replaying_stored_latents_rebuilds_the_caches(world, quality):
+    """Resume = snapshot at chunk 0 + cache-write replay of chunk 1 from its stored latents."""
+    _, whole = run(world, ScriptedControls.from_action(ACTION), quality)
+    ro, first = run(world, ScriptedControls.from_action(ACTION), quality, n=1)
+    tensors, meta = ro.snapshot()
+    pipe = WorldPipeline(world)
+    resumed = Rollout(pipe, ScriptedControls.from_action(ACTION), intrinsics_px=world.preset.default_intrinsics,
+                      quality=quality)
+    resumed.restore(tensors, meta)
+    resumed.replay(whole[1].latents, whole[1].refined)
+    (last,) = list(resumed.chunks())
+    assert last.index == 2
+    assert np.array_equal(last.frames, whole[2].frames)
+
+
+def test_noise_is_a_function_of_seed_and_chunk():
+    a = chunk_noise(1, 5, (1, 2, 3, 4, 5))
+    assert torch.equal(a, chunk_noise(1, 5, (1, 2, 3, 4, 5)))
+    assert not torch.equal(a, chunk_noise(1, 6, (1, 2, 3, 4, 5)))
+    assert not torch.equal(a, chunk_noise(2, 5, (1, 2, 3, 4, 5)))
+    assert not torch.equal(a, chunk_noise(1, 5, (1, 2, 3, 4, 5), stream=1))
+
+
+def test_bad_quality_is_rejected(world):
+    with pytest.raises(InputError, match="quality"):
+        Rollout(WorldPipeline(world), LiveControls(), intrinsics_px=world.preset.default_intrinsics, quality="max")
