@@ -1,0 +1,322 @@
+"""One live world: a rollout plus its recording on disk, resumable and branchable.
+
+`Session.create` starts a world from a first image and a prompt; `step()` generates the next chunk and
+commits it to the session directory (latents, the controls actually applied per frame, the video, and a
+full snapshot every `snapshot_every` chunks). `Session.resume` continues a recorded session exactly where
+it stopped, also after a crash: it restores the nearest snapshot and replays the cache-write passes of the
+later committed chunks from their stored latents (no denoising). `Session.branch` forks a new session
+from chunk k. `replay_frames` / `Session.replay_controls` give the per-frame controls a recorded session
+applied, so a headless replay drives the same integrator the live session did.
+
+Knows nothing about sockets or pygame; the server and the CLI drivers sit on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engine import __version__
+from engine.camera import prepare_image
+from engine.controls import keymap_params
+from engine.errors import InputError
+from engine.recording import (
+    Manifest,
+    SessionDir,
+    VideoWriter,
+    branch_session,
+    committed_chunks,
+    frame_controls,
+    new_session_id,
+    resume_video,
+)
+from engine.rollout import (
+    Chunk,
+    ControlSource,
+    LiveControls,
+    Rollout,
+    ScriptedControls,
+    chunk_plan,
+)
+from engine.world import World, WorldPipeline
+
+
+def load_image(image) -> Image.Image:
+    """A first image from a PIL image, uint8 `[H, W, 3]` array, encoded bytes or a path."""
+    try:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise InputError(f"first image array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+            return Image.fromarray(image)
+        if isinstance(image, (bytes, bytearray)):
+            return Image.open(io.BytesIO(image)).convert("RGB")
+        return Image.open(image).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the first image ({e}); give a PNG/JPEG file, bytes or a uint8 array") from e
+
+
+def default_intrinsics(world: World, image: Image.Image) -> list[float]:
+    """The preset's default field of view, expressed in the image's own pixels (centred principal point)."""
+    fx, fy, _, _ = world.preset.default_intrinsics
+    th, tw = world.preset.pixel_hw
+    w, h = image.size
+    scale = max(th / h, tw / w)  # the crop's resize factor (camera.md §7)
+    return [fx / scale, fy / scale, w / 2.0, h / 2.0]
+
+
+def prompt_schedule(records) -> dict[int, str]:
+    """Pixel frame index -> prompt set from that frame on (prompt changes in an action log)."""
+    return {int(r["i"]): r["prompt"] for r in records if r["t"] == "prompt"}
+
+
+class Session:
+    """A world being generated, and where it is recorded (`dir` is None when not recording)."""
+
+    def __init__(self, world: World, rollout: Rollout, manifest: Manifest, sdir: SessionDir | None,
+                 snapshot_every: int) -> None:
+        if snapshot_every < 1:
+            raise InputError(f"snapshot_every={snapshot_every} is not accepted; it must be >= 1 chunk")
+        self.world = world
+        self.rollout = rollout
+        self.pipeline: WorldPipeline = rollout.pipeline
+        self.manifest = manifest
+        self.dir = sdir
+        self.snapshot_every = snapshot_every
+        self.frames_emitted = 0  # frames handed out so far (in the video)
+        self.pending_prompts: dict[int, str] = {}  # pixel frame -> prompt (scripted prompt changes)
+        self.stats: dict[str, float] = {}
+        self._log = sdir.open_actions() if sdir is not None else None
+        self._video: VideoWriter | None = None
+        self._last_snapshot = -1
+
+    # ------------------------------------------------------------------------------ properties
+    id = property(lambda self: self.manifest.session_id)
+    quality = property(lambda self: self.rollout.quality)
+    fps = property(lambda self: float(self.manifest.fps))
+    pixel_hw = property(lambda self: tuple(self.world.preset.pixel_hw))
+    controls = property(lambda self: self.rollout.controls)
+    next_chunk_index = property(lambda self: self.rollout.next_index)
+
+    # --------------------------------------------------------------------------------- create
+    @classmethod
+    def create(cls, world: World, *, first_image, prompt: str, intrinsics=None, seed: int = 0,
+               quality: str = "preview", keymap: str = "v2", translation_speed=None, rotation_speed_deg=None,
+               pitch_limit_deg=None, record_root: str | Path | None = "recordings", snapshot_every: int = 8,
+               controls: ControlSource | None = None) -> Session:
+        image = load_image(first_image)
+        params = keymap_params(keymap, translation_speed=translation_speed, rotation_speed_deg=rotation_speed_deg,
+                               pitch_limit_deg=pitch_limit_deg)
+        k_in = list(map(float, intrinsics)) if intrinsics is not None else default_intrinsics(world, image)
+        pixels, k_crop, _ = prepare_image(image, k_in, world.preset.pixel_hw)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        h, w = world.preset.pixel_hw
+        manifest = Manifest(
+            session_id=new_session_id(), created=dt.datetime.now(dt.UTC).isoformat(), status="recording",
+            engine_version=__version__, preset=world.preset.name, seed=int(seed), fps=float(world.preset.fps),
+            width=w, height=h, prompt=prompt, intrinsics=[float(x) for x in k_in], keymap=params.name,
+            controls={"translation_speed": params.translation_speed, "rotation_speed_deg": params.rotation_speed_deg,
+                      "pitch_limit_deg": params.pitch_limit_deg, "smooth": params.smooth},
+            quality=quality, first_image_sha256=hashlib.sha256(png.getvalue()).hexdigest(),
+        )
+        pipeline = WorldPipeline(world)
+        pipeline.start(pixels, prompt, quality)
+        rollout = Rollout(pipeline, controls if controls is not None else LiveControls(params),
+                          intrinsics_px=k_crop, seed=seed, quality=quality)
+        sdir = None
+        if record_root is not None:
+            sdir = SessionDir.create(record_root, manifest)
+            sdir.save_first_frame(np.asarray(image))
+        session = cls(world, rollout, manifest, sdir, snapshot_every)
+        if sdir is not None:
+            session._video = VideoWriter(sdir.video_path, w, h, manifest.fps)
+        return session
+
+    # ------------------------------------------------------------------------------ per chunk
+    def step(self) -> Chunk | None:
+        """Generate the next chunk and commit it to the recording. None when the control source is done."""
+        plan = chunk_plan(self.rollout.next_index)
+        for frame in sorted(self.pending_prompts):
+            if frame <= plan.pixel_start:
+                self.set_prompt(self.pending_prompts.pop(frame))
+        chunk = next(self.rollout.chunks(1), None)
+        if chunk is None:
+            return None
+        self.frames_emitted = chunk.frame_start + chunk.frames.shape[0]
+        if self.dir is not None:
+            self._commit(plan, chunk)
+        return chunk
+
+    def _commit(self, plan, chunk: Chunk) -> None:
+        t0 = time.perf_counter()
+        self.dir.save_latents(chunk.index, chunk.latents, chunk.refined)
+        if chunk.controls is not None:
+            for j, held in enumerate(chunk.controls):
+                self._log.append_frame(plan.pixel_start + j, held, -1 if chunk.key_seq is None else chunk.key_seq)
+        self._video.append(chunk.frames)
+        self._log.flush_chunk(chunk.index, chunk.frame_start, chunk.frame_start + chunk.frames.shape[0])
+        self.stats["record_s"] = time.perf_counter() - t0
+        if (chunk.index + 1) % self.snapshot_every == 0:
+            self.save_snapshot()
+
+    def save_snapshot(self) -> None:
+        """A full snapshot of the state after the last generated chunk (atomic on disk)."""
+        k = self.rollout.next_index - 1
+        if self.dir is None or k < 0 or k == self._last_snapshot:
+            return
+        t0 = time.perf_counter()
+        tensors, meta = self.rollout.snapshot()
+        self.dir.save_snapshot(k, tensors, meta)
+        self._last_snapshot = k
+        self.stats["snapshot_s"] = time.perf_counter() - t0
+        self.stats["snapshot_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    def set_prompt(self, prompt: str) -> None:
+        """Change the prompt from the next chunk on (recorded in the action log)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"prompt {prompt!r} is not accepted; give a non-empty text")
+        self.pipeline.set_prompt(prompt)
+        if self._log is not None:
+            self._log.append_prompt(chunk_plan(self.rollout.next_index).pixel_start, prompt)
+
+    def pause(self) -> None:
+        """Snapshot now (a paused or vanished client); `step()` may continue afterwards."""
+        if self._log is not None:
+            self._log.append_pause(self.frames_emitted)
+        self.save_snapshot()
+        self._set_status("paused")
+
+    def close(self, status: str = "stopped") -> None:
+        """Final snapshot, status in the manifest, video and log closed. Safe to call twice."""
+        if self.dir is None:
+            return
+        if self._video is not None:
+            self.save_snapshot()
+            self._video.close()
+            self._video = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._set_status(status)
+
+    def _set_status(self, status: str) -> None:
+        if self.dir is not None:
+            self.manifest = dataclasses.replace(self.manifest, status=status)
+            self.dir.write_manifest(self.manifest)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close("stopped")
+
+    # --------------------------------------------------------------------------- resume/branch
+    @classmethod
+    def resume(cls, world: World, path: str | Path, *, controls: ControlSource | None = None,
+               snapshot_every: int = 8) -> Session:
+        """Continue the recorded session at `path` in place, after its last committed chunk.
+
+        State = the nearest snapshot + the cache-write replay of every later committed chunk from its
+        stored latents, so the continuation equals an uninterrupted run (also after a crash, which leaves
+        the chunk in flight uncommitted: it is discarded and generated again)."""
+        sdir = SessionDir.open(path)
+        manifest = sdir.read_manifest()
+        if manifest.preset != world.preset.name:
+            raise InputError(f"session {sdir.session_id} was recorded with preset {manifest.preset!r}; "
+                             f"this engine runs {world.preset.name!r}")
+        log = sdir.open_actions()
+        log.discard_uncommitted()
+        records = log.records
+        log.close()
+        done = committed_chunks(records)
+        params = keymap_params(manifest.keymap, **{k: v for k, v in manifest.controls.items()
+                                                   if k in ("translation_speed", "rotation_speed_deg",
+                                                            "pitch_limit_deg", "smooth")})
+        image = Image.fromarray(sdir.load_first_frame())
+        pixels, k_crop, _ = prepare_image(image, manifest.intrinsics, world.preset.pixel_hw)
+        pipeline = WorldPipeline(world)
+        recorded = ScriptedControls(frame_controls(records), params)
+        rollout = Rollout(pipeline, recorded, intrinsics_px=k_crop, seed=manifest.seed, quality=manifest.quality)
+        t0 = time.perf_counter()
+        last = done[-1] if done else -1
+        snap = sdir.nearest_snapshot(last) if last >= 0 else None
+        prompts = prompt_schedule(records)
+        if snap is not None:
+            tensors, meta = sdir.load_snapshot(snap)
+            rollout.restore(tensors, meta)
+        else:
+            pipeline.start(pixels, manifest.prompt, manifest.quality)
+        replayed = 0
+        for k in range(rollout.next_index, last + 1):
+            plan = chunk_plan(k)
+            for frame in sorted(f for f in prompts if f <= plan.pixel_start):
+                pipeline.set_prompt(prompts.pop(frame))
+            latents, refined = sdir.load_latents(k)
+            rollout.replay(latents, refined)
+            replayed += 1
+        replay_s = time.perf_counter() - t0
+        # The prompt in effect for the next chunk (a snapshot holds the one of its own chunk).
+        upcoming = chunk_plan(rollout.next_index).pixel_start
+        due = sorted(f for f in prompts if f <= upcoming)
+        if due:
+            pipeline.set_prompt(prompts[due[-1]])
+            for f in due:
+                prompts.pop(f)
+        # From here on the integrator continues from the recorded state under the live (or given) source.
+        live = controls if controls is not None else LiveControls(params)
+        live.restore(recorded.snapshot())
+        rollout.controls = live
+        session = cls(world, rollout, manifest, sdir, snapshot_every)
+        session._last_snapshot = snap if snap is not None else -1
+        session.pending_prompts = {f: p for f, p in prompts.items()}
+        commits = [r for r in records if r["t"] == "chunk"]
+        kept = commits[-1]["end"] - commits[0]["start"] if commits else 0
+        session.frames_emitted = commits[-1]["end"] if commits else 0
+        session._video = resume_video(sdir.video_path, manifest.width, manifest.height, manifest.fps, kept)
+        session.stats.update({"resume_replayed_chunks": float(replayed), "resume_s": replay_s,
+                              "resume_replay_s_per_chunk": replay_s / replayed if replayed else 0.0})
+        session._set_status("recording")
+        return session
+
+    @classmethod
+    def branch(cls, world: World, path: str | Path, chunk: int, *, record_root: str | Path | None = None,
+               controls: ControlSource | None = None, snapshot_every: int = 8) -> Session:
+        """A new session sharing `path`'s history through chunk `chunk`, continued from there."""
+        new = branch_session(path, chunk, root=record_root)
+        return cls.resume(world, new.path, controls=controls, snapshot_every=snapshot_every)
+
+
+def replay_controls(path: str | Path) -> tuple[Manifest, list[frozenset[str]], dict[int, str], np.ndarray]:
+    """What a headless replay of a recorded session needs: its manifest, the per-frame controls it applied
+    (committed chunks only), its prompt changes and its first image."""
+    sdir = SessionDir.open(path)
+    manifest = sdir.read_manifest()
+    records = sdir.scan_actions().records
+    done = committed_chunks(records)
+    if not done:
+        raise InputError(f"session {sdir.session_id} has no committed chunk to replay")
+    last = max(i for i, r in enumerate(records) if r["t"] == "chunk")
+    records = records[: last + 1]
+    return manifest, frame_controls(records), prompt_schedule(records), sdir.load_first_frame()
+
+
+def new_session_like(world: World, manifest: Manifest, first_image: np.ndarray, controls: ControlSource,
+                     record_root: str | Path | None) -> Session:
+    """A fresh session with the settings of a recorded one (a replay)."""
+    c = manifest.controls
+    return Session.create(world, first_image=first_image, prompt=manifest.prompt, intrinsics=manifest.intrinsics,
+                          seed=manifest.seed, quality=manifest.quality, keymap=manifest.keymap,
+                          translation_speed=c.get("translation_speed"),
+                          rotation_speed_deg=c.get("rotation_speed_deg"),
+                          pitch_limit_deg=c.get("pitch_limit_deg"), record_root=record_root, controls=controls)
+
+
