@@ -6,16 +6,13 @@ import argparse
 import sys
 
 from engine import __version__
+from engine.driver_cli import DRIVER_COMMANDS, add_driver_commands, run_driver
 from engine.errors import InputError
 
 # Subcommands whose issue has not landed yet: they say so instead of pretending.
 PLANNED = {
     "engine": "the GPU engine server (ZeroMQ), issue 5",
     "play": "the pygame window that drives an engine, issue 6",
-    "replay": "headless replay of a session, a DSL string or a c2w file, issue 5",
-    "resume": "resume or branch a recorded session, issue 5",
-    "export": "export a session to mp4 (optionally refined), issue 5",
-    "bench": "release-size speed benchmark on a GPU, issue 7",
     "keys": "generate CURVE keys for a non-loopback engine bind, issue 5",
 }
 
@@ -38,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sana-wm-live {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the tiny-preset demo (today: the camera rollout of a DSL string)")
-    _add_rollout_args(p)
-    p.add_argument("--headless", action="store_true", help="no window (the only mode until issue 6)")
+    add_driver_commands(sub)
 
     p = sub.add_parser("poses", help="print the camera poses an action string produces")
     _add_rollout_args(p)
     p.add_argument("--out", default=None, help="write the [N+1,4,4] poses to this .npy file")
+
+    # options parsed by engine.bench (imported only when run, so the CLI stays light)
+    p = sub.add_parser("bench", help="release-size speed benchmark of the live loop (GPU; --preset tiny on CPU)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.bench (see `sana-wm bench --help`)")
 
     for name, what in PLANNED.items():
         sp = sub.add_parser(name, help=f"{what} (not yet available)")
@@ -77,6 +77,11 @@ def _print_poses(c2w, stride: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options belong to engine.bench (argparse's REMAINDER drops leading --opts)
+        from engine.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -86,18 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLANNED:
             print(f"sana-wm {args.command}: not yet available ({PLANNED[args.command]})", file=sys.stderr)
             return 2
-        if args.command in ("demo", "poses"):
+        if args.command in DRIVER_COMMANDS:
+            return run_driver(args)
+        if args.command == "poses":
             c2w = _rollout(args)
-            if args.command == "demo":
-                print(f"sana-wm demo: the live loop is not built yet; camera rollout of {args.action!r} "
-                      f"({args.keymap} key map), {len(c2w)} poses:")
-                _print_poses(c2w, stride=8)
-            else:
-                _print_poses(c2w, stride=1)
-                if args.out:
-                    import numpy as np
+            _print_poses(c2w, stride=1)
+            if args.out:
+                import numpy as np
 
-                    np.save(args.out, c2w)
+                np.save(args.out, c2w)
             return 0
     except InputError as e:
         print(f"sana-wm {args.command}: error: {e}", file=sys.stderr)
