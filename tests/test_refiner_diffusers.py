@@ -49,8 +49,9 @@ def tokens(latents: torch.Tensor) -> torch.Tensor:  # [B, C, T, H, W] -> [B, T·
     return latents.permute(0, 2, 3, 4, 1).flatten(1, 3)
 
 
-def tiny_transformer_config(rope_type: str, gated: bool, heads: int, head_dim: int) -> dict:
+def tiny_transformer_config(rope_type: str, gated: bool, heads: int, head_dim: int, affine: bool = False) -> dict:
     return dict(
+        norm_elementwise_affine=affine,
         in_channels=8,
         out_channels=8,
         num_attention_heads=heads,
@@ -69,10 +70,10 @@ def tiny_transformer_config(rope_type: str, gated: bool, heads: int, head_dim: i
 
 
 CONFIGS = [
-    pytest.param("interleaved", False, 2, 32, id="interleaved-64"),
-    pytest.param("split", False, 2, 32, id="split-64"),
-    pytest.param("split", True, 2, 24, id="split-48-gated"),
-    pytest.param("interleaved", False, 3, 16, id="interleaved-48"),
+    pytest.param("interleaved", False, 2, 32, False, id="interleaved-64"),
+    pytest.param("split", False, 2, 32, False, id="split-64"),
+    pytest.param("split", True, 2, 24, False, id="split-48-gated"),
+    pytest.param("interleaved", False, 3, 16, True, id="interleaved-48-affine-norms"),
 ]
 
 
@@ -118,10 +119,10 @@ def diffusers_video(ref, cfg, latents, text, mask, timestep, fps, audio_seed=2):
     return out[0]
 
 
-@pytest.mark.parametrize("rope_type,gated,heads,head_dim", CONFIGS)
+@pytest.mark.parametrize("rope_type,gated,heads,head_dim,affine", CONFIGS)
 @torch.no_grad()
-def test_forward_matches_diffusers_video_path(rope_type, gated, heads, head_dim):
-    cfg = tiny_transformer_config(rope_type, gated, heads, head_dim)
+def test_forward_matches_diffusers_video_path(rope_type, gated, heads, head_dim, affine):
+    cfg = tiny_transformer_config(rope_type, gated, heads, head_dim, affine)
     ref, ours, _ = build_pair(cfg)
     latents, text, mask, sigma = inputs(cfg)
     fps = 16.0

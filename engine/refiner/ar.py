@@ -205,7 +205,11 @@ class ARRefiner:
             mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.int64, device=prompt_embeds.device)
         # Own copies: the prompt may be a view into a loaded file, and CPU kernels may round differently on
         # differently aligned inputs, which would break "restore == uninterrupted" bit for bit.
-        self.prompt = (prompt_embeds.clone(memory_format=torch.contiguous_format), mask.clone())
+        dev = self.model.proj_in.weight.device
+        self.prompt = (
+            prompt_embeds.to(dev).clone(memory_format=torch.contiguous_format),
+            mask.to(dev).clone(memory_format=torch.contiguous_format),
+        )
         prompt_embeds, mask = self.prompt
         with torch.no_grad():
             self.text = self.model.prepare_text(prompt_embeds, mask)
@@ -246,7 +250,7 @@ class ARRefiner:
             0.0,
             self.text,
             fps=self.cfg.fps,
-            frame_positions=torch.arange(n, device=dev),
+            frame_positions=torch.arange(n),
             kv=window.sink_capture(),
         )
         self.next_frame = n
@@ -270,11 +274,9 @@ class ARRefiner:
         dev = window.k.device
         h, w = self.latent_hw
         off = self.next_frame - window.history_len - self.cfg.sink_size
-        window.place_sink(
-            self.model.video_rope(torch.arange(off, off + self.cfg.sink_size, device=dev), h, w, self.cfg.fps)
-        )
+        window.place_sink(self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, dev))
         window.open_block(n)
-        return torch.arange(self.next_frame, self.next_frame + n, device=dev)
+        return torch.arange(self.next_frame, self.next_frame + n)  # positions stay on the CPU (rope.py)
 
     def _capture(self, refined: Tensor, positions: Tensor) -> None:
         """The sigma = 0 pass over a refined block; its K/V join the history."""

@@ -90,7 +90,7 @@ class Connector(nn.Module):
             x = torch.where(is_token[..., None], front, registers)
         else:
             bias = ((~valid).to(x.dtype) * torch.finfo(x.dtype).min)[:, None, None, :]
-        fractions = torch.arange(n, dtype=torch.float32, device=x.device) / self.cfg.connector_rope_base_seq_len
+        fractions = torch.arange(n, dtype=torch.float32) / self.cfg.connector_rope_base_seq_len  # CPU: see rope.py
         rope = rope_from_fractions(
             fractions[:, None],
             num_heads=self.cfg.video_connector_num_attention_heads,
@@ -98,6 +98,7 @@ class Connector(nn.Module):
             theta=self.cfg.rope_theta,
             layout=self.cfg.rope_type,
             double_precision=self.cfg.rope_double_precision,
+            device=x.device,
         )
         for blk in self.transformer_blocks:
             x = blk(x, rope, bias)

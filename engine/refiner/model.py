@@ -13,6 +13,7 @@ The model knows nothing of denoising schedules, caches or the rollout: see `ar.p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,11 +159,16 @@ class MLPEmbedder(nn.Module):
         return self.linear_2(h)
 
 
+@functools.cache
+def _timestep_freqs(half: int, device: torch.device) -> Tensor:
+    # Always computed on the CPU: timesteps reach 1000, so a one-ulp difference between devices' fp32 exp moves
+    # the angles by ~1e-4 rad; this keeps GPU runs on the same table as the (CPU-made) reference fixtures.
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_sinusoid(timestep: Tensor, channels: int = TIMESTEP_CHANNELS) -> Tensor:
     """`[...]` timesteps -> `[..., channels]` as `[cos | sin]` of `t·exp(−ln(1e4)·i/half)`, fp32."""
-    half = channels // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
-    angles = timestep.to(torch.float32)[..., None] * freqs
+    angles = timestep.to(torch.float32)[..., None] * _timestep_freqs(channels // 2, timestep.device)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -257,8 +263,11 @@ class RefinerTransformer(nn.Module):
     def num_layers(self) -> int:
         return len(self.transformer_blocks)
 
-    def video_rope(self, frame_positions: Tensor, height: int, width: int, fps: float) -> Rope:
-        """RoPE table `[H, n·h·w, D/2]` for latent frames at absolute indices `frame_positions [n]`."""
+    def video_rope(
+        self, frame_positions: Tensor, height: int, width: int, fps: float, device: torch.device | None = None
+    ) -> Rope:
+        """RoPE table `[H, n·h·w, D/2]` on `device` (default: the weights') for latent frames at absolute indices
+        `frame_positions [n]` (best kept on the CPU, where positions are computed)."""
         c = self.cfg
         fr = video_fractions(
             frame_positions,
@@ -276,6 +285,7 @@ class RefinerTransformer(nn.Module):
             theta=c.rope_theta,
             layout=c.rope_type,
             double_precision=c.rope_double_precision,
+            device=self.proj_in.weight.device if device is None else device,
         )
 
     def prepare_text(self, prompt_embeds: Tensor, mask: Tensor | None = None) -> RefinerText:
@@ -308,16 +318,16 @@ class RefinerTransformer(nn.Module):
     ) -> Tensor:
         """Velocity `[B, C_out, n, h, w]` of `latents [B, C_in, n, h, w]` at noise level `sigma` (a float, `[B]`,
         or per token `[B, n·h·w]`); the frames sit at absolute latent indices `frame_positions [n]` (default
-        0..n−1). x0 = latents − sigma·velocity."""
+        0..n−1; keep them on the CPU to avoid a device sync). x0 = latents − sigma·velocity."""
         b, c, n, h, w = latents.shape
         if c != self.cfg.in_channels:
             raise InputError(f"refiner latents have {c} channels; the model takes {self.cfg.in_channels}")
         dev, dtype = latents.device, self.proj_in.weight.dtype
         if frame_positions is None:
-            frame_positions = torch.arange(n, device=dev)
+            frame_positions = torch.arange(n)
         if frame_positions.numel() != n:
             raise InputError(f"{frame_positions.numel()} frame positions for {n} latent frames")
-        rope = self.video_rope(frame_positions.to(dev), h, w, fps)
+        rope = self.video_rope(frame_positions, h, w, fps, device=dev)
 
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=dev)
         sigma = sigma.expand(b) if sigma.ndim == 0 else sigma

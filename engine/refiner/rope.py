@@ -27,16 +27,24 @@ class Rope:
 
 
 def rope_from_fractions(
-    fractions: Tensor, *, num_heads: int, dim: int, theta: float, layout: str, double_precision: bool = True
+    fractions: Tensor,
+    *,
+    num_heads: int,
+    dim: int,
+    theta: float,
+    layout: str,
+    double_precision: bool = True,
+    device: torch.device | str | None = None,
 ) -> Rope:
-    """`fractions [N, A]` (position / base per axis) -> the rotation table for `num_heads` heads of `dim/num_heads`."""
+    """`fractions [N, A]` (position / base per axis) -> the rotation table for `num_heads` heads of `dim/num_heads`,
+    on `device` (default: the fractions' device)."""
     n, axes = fractions.shape
+    device = fractions.device if device is None else device
     num_freqs = dim // (2 * axes)
-    exponents = torch.linspace(
-        0.0, 1.0, num_freqs, dtype=torch.float64 if double_precision else torch.float32, device=fractions.device
-    )
-    freqs = (theta**exponents * math.pi / 2.0).to(torch.float32)  # [F]
-    angles = (fractions.to(torch.float32)[..., None] * 2 - 1) * freqs  # [N, A, F]
+    # Frequencies on the CPU (see video_fractions); angles, cos and sin on the device (IEEE-exact ops + cos/sin).
+    exponents = torch.linspace(0.0, 1.0, num_freqs, dtype=torch.float64 if double_precision else torch.float32)
+    freqs = (theta**exponents * math.pi / 2.0).to(torch.float32).to(device)  # [F]
+    angles = (fractions.to(device, torch.float32)[..., None] * 2 - 1) * freqs  # [N, A, F]
     angles = angles.transpose(-1, -2).reshape(n, num_freqs * axes)  # index j·A + axis
     pad = dim // 2 - num_freqs * axes
     if pad:
@@ -55,19 +63,22 @@ def video_fractions(
     causal_offset: int,
     base: tuple[float, float, float],
 ) -> Tensor:
-    """Fractional (t, y, x) positions `[n·h·w, 3]` of latent voxels, token order (t, y, x).
+    """Fractional (t, y, x) positions `[n·h·w, 3]` of latent voxels, token order (t, y, x), on the CPU.
 
     `frame_positions [n]` are absolute latent frame indices in the video. A latent frame f covers pixel frames
     `[max(0, st·f + causal_offset − st), st·(f+1) + causal_offset − st)` (the first latent frame holds one pixel
     frame), converted to seconds by `fps`; y and x cover `[s·i, s·(i+1))` pixels. The position is the midpoint.
+
+    Computed on the CPU whatever the device: CUDA divides by a Python scalar through its reciprocal, which moves
+    some positions by one ulp, i.e. up to ~5e-4 rad at the highest frequencies (~1.6e4 rad), enough to move the
+    AR recipe's output by ~5e-5 relative. On the CPU the positions are those of the (CPU-made) reference fixtures.
     """
     st, sy, sx = scale_factors
-    dev = frame_positions.device
-    f = frame_positions.to(torch.float32)
+    f = frame_positions.detach().to("cpu", torch.float32)
     t_start = (f * st + causal_offset - st).clamp(min=0) / fps
     t_end = ((f + 1) * st + causal_offset - st).clamp(min=0) / fps
-    y = torch.arange(height, dtype=torch.float32, device=dev)
-    x = torch.arange(width, dtype=torch.float32, device=dev)
+    y = torch.arange(height, dtype=torch.float32)
+    x = torch.arange(width, dtype=torch.float32)
     t_mid = (t_start + t_end) / 2.0 / base[0]
     y_mid = (y * sy + (y + 1) * sy) / 2.0 / base[1]
     x_mid = (x * sx + (x + 1) * sx) / 2.0 / base[2]
