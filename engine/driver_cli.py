@@ -1,0 +1,98 @@
+"""Argument parsers of the headless driver subcommands (demo, replay, resume, export).
+
+Kept apart from `engine.drivers` so that `sana-wm --help` and the client commands do not import torch;
+the drivers are imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+DEMO_PROMPT = "a sunny city street with colourful buildings, photorealistic"
+DEMO_ACTION = "w-24,jw-24,l-24,ik-12,w-12,dw-24,s-24"  # 144 frames = 6 chunks = 9 s
+
+# --------------------------------------------------------------------------------------------- CLI
+
+DRIVER_COMMANDS = ("demo", "replay", "resume", "export")
+
+
+def _world_args(p) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--record-root", default="recordings", help="where sessions are written (default recordings/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_driver_commands(sub) -> None:
+    """The headless driver subcommands of `sana-wm` (parsers only; `run_driver` runs them)."""
+    p = sub.add_parser("demo", help="the tiny-preset demo: a window with --connect, or a scripted drive (--headless)")
+    p.add_argument("--headless", action="store_true",
+                   help="no window: drive a scripted key sequence, write a session and an mp4")
+    p.add_argument("--action", default=DEMO_ACTION, help="the scripted drive of --headless (action DSL)")
+    p.add_argument("--quality", default="preview", choices=["preview", "full"])
+    _world_args(p)
+
+    p = sub.add_parser("replay", help="headless: regenerate a session, or run an action string or c2w poses")
+    p.add_argument("session", nargs="?", help="a recorded session directory to regenerate")
+    p.add_argument("--action", help="action DSL string, e.g. 'w-80,jw-40'")
+    p.add_argument("--c2w", help=".npy file of [N+1,4,4] camera-to-world poses (OpenCV axes)")
+    p.add_argument("--image", help="first image (default: the bundled street)")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--intrinsics", type=float, nargs=4, metavar=("FX", "FY", "CX", "CY"),
+                   help="pixel intrinsics of the first image (default: the preset's field of view)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", default="preview", choices=["preview", "full"])
+    p.add_argument("--keymap", default="v2", choices=["v1", "v2"])
+    _world_args(p)
+
+    p = sub.add_parser("resume", help="continue a recorded session in place, or branch it, with scripted keys")
+    p.add_argument("session", help="the session directory")
+    p.add_argument("--action", required=True,
+                   help="action DSL for the whole session from frame 1; frames past the recorded ones are applied")
+    p.add_argument("--branch-from-chunk", type=int, default=None, help="fork a new session after chunk K")
+    _world_args(p)
+
+    p = sub.add_parser("export", help="an mp4 of a session from its stored latents")
+    p.add_argument("session", help="the session directory")
+    p.add_argument("--refine", action="store_true", help="run the refiner over the stored stage-1 latents now")
+    p.add_argument("--overlay", choices=["keys"], default=None, help="draw the applied keys on each frame")
+    p.add_argument("--out", default=None, help="output .mp4 (default: inside the session directory)")
+    _world_args(p)
+
+
+def _summary(result) -> None:
+    import numpy as np
+
+    per = np.median(result.chunk_seconds) if result.chunk_seconds else float("nan")
+    print(f"frames {result.frames}  chunks {result.chunks}  median {per:.3f} s/chunk "
+          f"({1.5 / per if per == per and per > 0 else float('nan'):.2f}x realtime)")
+    if result.session_dir is not None:
+        print(f"session  {result.session_dir}\nvideo    {result.session_dir / 'video.mp4'}\n"
+              f"poses    {result.session_dir / 'poses.npy'}")
+
+
+def run_driver(args) -> int:
+    from PIL import Image
+
+    from engine.drivers import demo_headless, export, replay, resume_headless
+    from engine.world import build_world
+
+    progress = not args.quiet
+    if args.command == "demo":
+        if not args.headless:
+            print("sana-wm demo: the pygame window is not built yet (issue 6); running the scripted drive "
+                  "headless instead (same as --headless).")
+        _summary(demo_headless(record_root=args.record_root, device=args.device, progress=progress,
+                               action=args.action, quality=args.quality))
+        return 0
+    world = build_world(args.preset, device=args.device)
+    if args.command == "replay":
+        image = Image.open(args.image).convert("RGB") if args.image else None
+        _summary(replay(world, session=args.session, action=args.action, c2w=args.c2w, image=image,
+                        prompt=args.prompt, seed=args.seed, quality=args.quality, keymap=args.keymap,
+                        intrinsics=args.intrinsics, record_root=args.record_root, progress=progress))
+    elif args.command == "resume":
+        root = args.record_root if args.branch_from_chunk is not None else None
+        _summary(resume_headless(world, args.session, args.action, branch_from_chunk=args.branch_from_chunk,
+                                 record_root=root, progress=progress))
+    elif args.command == "export":
+        print(export(world, args.session, args.out, refine=args.refine, overlay=args.overlay, progress=progress))
+    return 0
