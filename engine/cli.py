@@ -13,7 +13,6 @@ from engine.errors import InputError
 PLANNED = {
     "engine": "the GPU engine server (ZeroMQ), issue 5",
     "play": "the pygame window that drives an engine, issue 6",
-    "bench": "release-size speed benchmark on a GPU, issue 7",
     "keys": "generate CURVE keys for a non-loopback engine bind, issue 5",
 }
 
@@ -41,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("poses", help="print the camera poses an action string produces")
     _add_rollout_args(p)
     p.add_argument("--out", default=None, help="write the [N+1,4,4] poses to this .npy file")
+
+    # options parsed by engine.bench (imported only when run, so the CLI stays light)
+    p = sub.add_parser("bench", help="release-size speed benchmark of the live loop (GPU; --preset tiny on CPU)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.bench (see `sana-wm bench --help`)")
 
     for name, what in PLANNED.items():
         sp = sub.add_parser(name, help=f"{what} (not yet available)")
@@ -73,6 +77,11 @@ def _print_poses(c2w, stride: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options belong to engine.bench (argparse's REMAINDER drops leading --opts)
+        from engine.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
