@@ -365,24 +365,32 @@ class RefinerPromptEncoder:
         return tok.input_ids, tok.attention_mask
 
     @torch.no_grad()
-    def connector_input(self, prompt: str) -> PromptEmbeds:
-        """Uncached packed hidden states `[1, L, C * K]` (K = layers + 1) + mask `[1, L]`."""
+    def hidden_stack(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncached raw hidden states `[1, L, C, K]` (K = layers + 1) + mask `[1, L]`."""
         ids, mask = self.tokenize(prompt)
         device = _device_of(self.model)
         ids, mask = ids.to(device), mask.to(device)
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         # hidden_states: [0] scaled token embeddings, [1..K-2] layer outputs, [K-1] final-norm output
-        stacked = torch.stack(out.hidden_states, dim=-1)  # [1, L, C, K]
+        return torch.stack(out.hidden_states, dim=-1), mask
+
+    @torch.no_grad()
+    def connector_input(self, prompt: str) -> PromptEmbeds:
+        """Uncached packed, normalised hidden states `[1, L, C * K]` + mask `[1, L]` (what the connectors read)."""
+        stacked, mask = self.hidden_stack(prompt)
         cfg = self.config
         return PromptEmbeds(pack_hidden_states(stacked, mask, cfg.norm_scale, cfg.norm_eps), mask)
 
     @torch.no_grad()
     def compute(self, prompt: str) -> PromptEmbeds:
-        """Uncached: the connectors' output for `prompt` (their input when no connectors are attached)."""
-        packed = self.connector_input(prompt)
+        """Uncached: the connectors' output for `prompt` (their input when no connectors are attached).
+
+        The masked per-layer normalisation runs once: inside the connectors when they are attached (they
+        normalise their input themselves, as diffusers' `LTX2TextConnectors` does), here otherwise."""
         if self.connectors is None:
-            return packed
-        embeds, mask = self.connectors(packed.embeds, packed.mask)
+            return self.connector_input(prompt)
+        stacked, mask = self.hidden_stack(prompt)
+        embeds, mask = self.connectors(stacked, mask)
         return PromptEmbeds(embeds, mask)
 
     def encode(self, prompt: str) -> PromptEmbeds:

@@ -331,16 +331,16 @@ def test_refiner_cache_runs_model_and_connectors_once_per_prompt(refiner, gemma3
     calls, handle = count_forwards(gemma3)
     connector_calls = []
 
-    def connectors(packed, mask):
+    def connectors(stacked, mask):  # attached connectors get the raw [1, L, C, K] stack (they normalise it)
         connector_calls.append(1)
-        return packed[..., :32] * 2, torch.ones_like(mask)
+        return stacked[..., -1] * 2, torch.ones_like(mask)
 
     refiner.connectors = connectors
     try:
         a = refiner.encode(SHORT)
         b = refiner.encode(SHORT)
         assert b is a and len(calls) == 1 and len(connector_calls) == 1
-        torch.testing.assert_close(a.embeds, refiner.connector_input(SHORT).embeds[..., :32] * 2)
+        torch.testing.assert_close(a.embeds, refiner.hidden_stack(SHORT)[0][..., -1] * 2)
         assert a.mask.tolist() == [[1] * L]
         c = refiner.encode("a quiet forest")
         assert len(calls) == 3 and len(connector_calls) == 2 and not torch.equal(c.embeds, a.embeds)
