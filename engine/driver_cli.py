@@ -11,7 +11,7 @@ DEMO_ACTION = "w-24,jw-24,l-24,ik-12,w-12,dw-24,s-24"  # 144 frames = 6 chunks =
 
 # --------------------------------------------------------------------------------------------- CLI
 
-DRIVER_COMMANDS = ("demo", "replay", "resume", "export")
+DRIVER_COMMANDS = ("demo", "replay", "resume", "export", "generate")
 
 
 def _world_args(p) -> None:
@@ -58,6 +58,22 @@ def add_driver_commands(sub) -> None:
     _world_args(p)
 
 
+    p = sub.add_parser("generate", help="offline whole clip with the bidirectional sampler (image + prompt + camera)")
+    p.add_argument("--action", help="action DSL string")
+    p.add_argument("--c2w", help=".npy file of [N+1,4,4] camera-to-world poses")
+    p.add_argument("--image", help="first image (default: the bundled street)")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--intrinsics", type=float, nargs=4, metavar=("FX", "FY", "CX", "CY"))
+    p.add_argument("--frames", type=int, default=None, help="clip length (snapped to 8k+1)")
+    p.add_argument("--keymap", default="v2", choices=["v1", "v2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=9.8)
+    p.add_argument("--out", default="generated.mp4")
+    _world_args(p)
+
+
 def _summary(result) -> None:
     import numpy as np
 
@@ -72,7 +88,7 @@ def _summary(result) -> None:
 def run_driver(args) -> int:
     from PIL import Image
 
-    from engine.drivers import demo_headless, export, replay, resume_headless
+    from engine.drivers import demo_headless, export, generate, replay, resume_headless
     from engine.world import build_world
 
     progress = not args.quiet
@@ -93,6 +109,11 @@ def run_driver(args) -> int:
         root = args.record_root if args.branch_from_chunk is not None else None
         _summary(resume_headless(world, args.session, args.action, branch_from_chunk=args.branch_from_chunk,
                                  record_root=root, progress=progress))
+    elif args.command == "generate":
+        image = Image.open(args.image).convert("RGB") if args.image else None
+        print(generate(world, image=image, prompt=args.prompt, action=args.action, c2w=args.c2w,
+                       intrinsics=args.intrinsics, num_frames=args.frames, keymap=args.keymap, seed=args.seed,
+                       steps=args.steps, shift=args.shift, guidance=args.guidance, out=args.out, progress=progress))
     elif args.command == "export":
         print(export(world, args.session, args.out, refine=args.refine, overlay=args.overlay, progress=progress))
     return 0

@@ -187,8 +187,82 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
                 frames = np.stack([overlay_keys(f, controls[start + j - 1] if start + j >= 1 else frozenset(),
                                                 start + j) for j, f in enumerate(frames)])
             writer.append(frames)
-    meta = {"session": sdir.session_id, "refine": refine, "overlay": overlay, "chunks": len(chunks)}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    poses = recorded_poses(m, controls)
+    first_frame = 1 if quality == "full" else 0
+    n_frames = committed_frames_end(records) - first_frame
+    meta = {
+        "session": sdir.session_id, "refine": refine, "overlay": overlay, "chunks": len(chunks), "fps": m.fps,
+        "keymap": m.keymap, "pose_convention": "camera-to-world 4x4 row-major, OpenCV axes, relative to frame 0",
+        "frames": [{"i": i, "pose": poses[i].reshape(-1).tolist(),
+                    "held": sorted(controls[i - 1]) if i >= 1 else []}
+                   for i in range(first_frame, first_frame + n_frames)],
+    }
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    return out
+
+
+def committed_frames_end(records) -> int:
+    """One past the last pixel frame of the last committed chunk."""
+    return max(r["end"] for r in records if r["t"] == "chunk")
+
+
+def recorded_poses(manifest, controls) -> np.ndarray:
+    """Poses `[N+1, 4, 4]` the recorded per-frame controls integrate to (pose 0 = the first image)."""
+    from engine.controls import CameraIntegrator, keymap_params
+
+    params = keymap_params(manifest.keymap, **{k: v for k, v in manifest.controls.items()
+                                               if k in ("translation_speed", "rotation_speed_deg",
+                                                        "pitch_limit_deg", "smooth")})
+    integrator = CameraIntegrator(params)
+    return np.stack([integrator.state.c2w()] + [integrator.step_controls(c) for c in controls])
+
+
+@torch.no_grad()
+def generate(world: World, *, image=None, prompt: str = DEMO_PROMPT, action: str | None = None,
+             c2w: str | Path | np.ndarray | None = None, intrinsics=None, num_frames: int | None = None,
+             keymap: str = "v2", seed: int = 0, steps: int = 60, shift: float = 9.8, guidance: float = 5.0,
+             out: str | Path = "generated.mp4", progress: bool = True) -> Path:
+    """Offline whole clip with the bidirectional sampler (stage1.md §6): image + prompt + DSL or c2w.
+
+    The trajectory is snapped to a VAE frame count `8k+1` (camera.md §10); the clip is decoded in one go.
+    Writes `out` (mp4) and `out` with `.json` (per-frame poses)."""
+    from engine.camera import num_latent_frames, prepare_camera, snap_num_frames
+    from engine.controls import action_to_c2w
+    from engine.session import default_intrinsics, load_image
+    from engine.stage1.sampler import sample_offline
+
+    if (action is None) == (c2w is None):
+        raise InputError("generate takes exactly one of --action DSL or --c2w FILE")
+    poses = action_to_c2w(action, keymap) if action is not None else (
+        np.load(c2w) if isinstance(c2w, (str, Path)) else np.asarray(c2w, dtype=np.float32))
+    f = snap_num_frames(min(num_frames or len(poses), len(poses)), upper=len(poses))
+    poses = poses[:f]
+    img = load_image(demo_image() if image is None else image)
+    k_in = list(map(float, intrinsics)) if intrinsics is not None else default_intrinsics(world, img)
+    pixels, k_crop, _ = prepare_image(img, k_in, world.preset.pixel_hw)
+    cam = prepare_camera(poses, k_crop, world.preset.pixel_hw)
+    dev, dt = world.device, world.dtype
+    anchor = world.vae.encode(pixels.to(dev, dt).reshape(1, 3, 1, *world.preset.pixel_hw), causal=True)
+    t_lat = num_latent_frames(f)
+    g = torch.Generator().manual_seed(int(seed))
+    latents = torch.randn((1, anchor.shape[1], t_lat, *anchor.shape[-2:]), generator=g).to(dev, dt)
+    latents[:, :, :1] = anchor
+    cond = torch.zeros(t_lat, dtype=torch.bool)
+    cond[0] = True
+    pos, neg = world.text.stage1.encode(prompt), world.text.stage1.negative()
+    with tqdm(total=steps, unit="step", disable=not progress, desc="generate") as bar:
+        latents = sample_offline(
+            world.stage1, latents, cond.to(dev), pos.embeds.to(dev, dt), pos.mask.to(dev), neg.embeds.to(dev, dt),
+            neg.mask.to(dev), cam["camera_conditions"][None].to(dev, dt), cam["chunk_plucker"][None].to(dev, dt),
+            steps=steps, shift=shift, guidance=guidance, progress=lambda i, n: bar.update(1))
+    frames = pixels_to_frames(world.vae.decode(latents)).numpy()
+    out = Path(out)
+    h, w = world.preset.pixel_hw
+    with VideoWriter(out, w, h, world.preset.fps) as writer:
+        writer.append(frames)
+    out.with_suffix(".json").write_text(json.dumps({
+        "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "frames": int(frames.shape[0]),
+        "poses": poses.reshape(len(poses), -1).tolist()}))
     return out
 
 

@@ -75,3 +75,29 @@ def test_replay_needs_exactly_one_source(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [["export", "/nonexistent/20261127-000000-000-abcdef"]])
 def test_missing_session_is_a_clear_error(bad, capsys):
     assert main([*bad, "--quiet"]) == 2
+
+
+def test_export_sidecar_has_per_frame_poses_and_keys(tmp_path):
+    import json
+
+    from engine.controls import action_to_c2w
+
+    assert main(["replay", "--quiet", "--action", "w-24,jw-24", "--record-root", str(tmp_path)]) == 0
+    (s,) = sessions(tmp_path)
+    out = tmp_path / "e.mp4"
+    assert main(["export", str(s), "--quiet", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    ref = action_to_c2w("w-24,jw-24", "v2")
+    assert len(meta["frames"]) == frames_of(out).shape[0] == 49
+    assert np.allclose(np.array([f["pose"] for f in meta["frames"]]).reshape(-1, 4, 4), ref)
+    assert meta["frames"][0]["held"] == [] and meta["frames"][30]["held"] == ["forward", "strafe_left"]
+
+
+def test_generate_offline_clip(tmp_path):
+    import json
+
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--quiet", "--action", "w-10,jw-10", "--steps", "3", "--out", str(out)]) == 0
+    video = frames_of(out)
+    assert video.shape == (17, 192, 320, 3)  # 21 poses snap to 8k+1 = 17
+    assert len(json.loads(out.with_suffix(".json").read_text())["poses"]) == 17
