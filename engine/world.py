@@ -92,10 +92,7 @@ def build_world(
     p = get_preset(preset) if isinstance(preset, str) else preset
     device = torch.device(device)
     if weights is not None:
-        raise InputError(
-            f"loading a weights directory ({str(weights)!r}) into a world is not wired yet; the per-model loaders "
-            "(engine.stage1.loading, engine.refiner.model.load_refiner_weights, engine.vae.model.load_vae) exist"
-        )
+        return load_world(weights, p, device=device, dtype=dtype, with_refiner=with_refiner)
     stage1 = Stage1Transformer(p.stage1)
     seeded_init_(stage1, seed)
     vae = VideoVAE(p.vae)
@@ -253,3 +250,123 @@ class WorldPipeline:
             self._need_refiner("full")
             self.refiner.restore(ref)
         self.set_prompt(bytes(state["prompt"].tolist()).decode("utf-8"))
+
+
+# ------------------------------------------------------------------------------- weights directory
+#
+#   <dir>/transformer/            stage-1 DiT: release or diffusers layout, single or sharded safetensors
+#   <dir>/vae/                    LTX-2 VAE, diffusers layout (+ config.json)
+#   <dir>/text_encoder/           Gemma-2 (transformers layout), tokenizer in it or in <dir>/tokenizer/
+#   <dir>/refiner/transformer/    LTX-2 video transformer, diffusers layout (audio keys skipped by name)
+#   <dir>/refiner/connectors/     LTX-2 text connectors, diffusers layout
+#   <dir>/refiner/text_encoder/   Gemma-3 (transformers layout), tokenizer in it or in <dir>/refiner/tokenizer/
+#
+# Each component's config.json, when present, decides its architecture; otherwise the preset's does.
+
+
+def _config(cls, directory: Path, default):
+    import json
+
+    f = directory / "config.json"
+    if not f.is_file():
+        return default
+    try:
+        return cls.from_dict(json.loads(f.read_text()))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{str(f)!r} is not valid JSON: {e}") from e
+
+
+def _require(directory: Path, what: str) -> Path:
+    if not directory.is_dir():
+        raise InputError(f"weights directory has no {what} at {str(directory)!r}")
+    return directory
+
+
+def load_world(weights: str | Path, preset: Preset, *, device: torch.device, dtype: torch.dtype,
+               with_refiner: bool = True) -> World:
+    """A `World` whose every model is read (and checked key by key) from a weights directory."""
+    import dataclasses
+
+    from engine.refiner.config import ConnectorsConfig, RefinerConfig
+    from engine.refiner.connectors import load_connector_weights
+    from engine.refiner.model import load_refiner_weights
+    from engine.stage1.config import Stage1Config
+    from engine.stage1.loading import load_stage1_weights
+    from engine.text import (
+        RefinerPromptEncoder,
+        RefinerTextConfig,
+        Stage1PromptEncoder,
+        Stage1TextConfig,
+        TextStack,
+    )
+    from engine.vae.config import VAEConfig
+    from engine.vae.model import load_vae
+    from engine.weights import read_state_dict
+
+    root = Path(weights)
+    if not root.is_dir():
+        raise InputError(f"weights {str(root)!r} is not a directory; expected the layout in engine/world.py")
+    d = _require(root / "transformer", "stage-1 transformer/")
+    s1cfg = _config(Stage1Config, d, preset.stage1)
+    stage1 = Stage1Transformer(s1cfg)
+    load_stage1_weights(stage1, d)
+    d = _require(root / "vae", "vae/")
+    vae = load_vae(d, _config(VAEConfig, d, preset.vae))
+    refiner = connectors = None
+    if with_refiner:
+        d = _require(root / "refiner" / "transformer", "refiner/transformer/")
+        refiner = RefinerTransformer(_config(RefinerConfig, d, preset.refiner))
+        load_refiner_weights(refiner, read_state_dict(d))
+        d = _require(root / "refiner" / "connectors", "refiner/connectors/")
+        connectors = TextConnectors(_config(ConnectorsConfig, d, preset.connectors))
+        load_connector_weights(connectors, read_state_dict(d))
+        connectors.to(device=device, dtype=dtype).eval()
+    stage1_text = Stage1PromptEncoder.from_pretrained(
+        _require(root / "text_encoder", "text_encoder/"),
+        config=Stage1TextConfig(max_length=preset.text.stage1_max_length), device=device)
+    refiner_text = None
+    if with_refiner:
+        refiner_text = RefinerPromptEncoder.from_pretrained(
+            _require(root / "refiner" / "text_encoder", "refiner/text_encoder/"), connectors=connectors,
+            config=RefinerTextConfig(max_length=preset.text.refiner_max_length), device=device)
+    p = dataclasses.replace(preset, stage1=s1cfg, vae=vae.config,
+                            refiner=refiner.cfg if refiner is not None else preset.refiner,
+                            connectors=connectors.cfg if connectors is not None else preset.connectors)
+    for m in (stage1, vae, refiner):
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval()
+    return World(p, stage1, refiner, connectors, vae, TextStack(stage1_text, refiner_text), device, dtype)
+
+
+def save_world(world: World, directory: str | Path) -> Path:
+    """Write a world's weights in the layout `load_world` reads (release-layout stage-1 keys)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+
+    def dump(module: torch.nn.Module, sub: str, config: dict) -> None:
+        d = root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(d / "diffusion_pytorch_model.safetensors"))
+        (d / "config.json").write_text(json.dumps(config, indent=1, default=list))
+
+    dump(world.stage1, "transformer", world.stage1.config.to_dict())
+    dump(world.vae, "vae", dataclasses_dict(world.vae.config))
+    if world.refiner is not None:
+        dump(world.refiner, "refiner/transformer", dataclasses_dict(world.refiner.cfg))
+        dump(world.connectors, "refiner/connectors", dataclasses_dict(world.connectors.cfg))
+    for sub, enc in (("text_encoder", world.text.stage1), ("refiner/text_encoder", world.text.refiner)):
+        if enc is None:
+            continue
+        enc.model.save_pretrained(root / sub)
+        enc.tokenizer.save_pretrained(root / sub)
+    return root
+
+
+def dataclasses_dict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
