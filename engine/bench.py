@@ -425,6 +425,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
             report.setdefault("errors", {})[q] = traceback.format_exc()[-4000:]
             print(f"sana-wm bench: quality {q} failed: {e}", file=sys.stderr)
+        _write(cfg, report)
     report["gemm"] = gemm_ceiling(dev, dtype if dev.type == "cuda" else torch.float32,
                                   cfg.gemm_size if dev.type == "cuda" else min(cfg.gemm_size, 256))
     _write(cfg, report)

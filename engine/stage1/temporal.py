@@ -146,8 +146,8 @@ def temporal_conv(
     """
     prev = torch.cat([s.new_zeros(s[:, :1].shape) if left is None else left.to(s.dtype), s[:, :-1]], dim=1)
     nxt = torch.cat([s[:, 1:], s.new_zeros(s[:, :1].shape)], dim=1)
-    ends = torch.tensor([e - 1 for _, e in segments])
-    nxt[:, ends] = 0
+    for _, e in segments:  # python-int indexing: no host->device index copy (CUDA-graph capturable)
+        nxt[:, e - 1] = 0
     w = weight[:, :, :, 0].to(s.dtype)  # [Cout, Cin, 3]
     return s + prev @ w[:, :, 0].T + s @ w[:, :, 1].T + nxt @ w[:, :, 2].T
 

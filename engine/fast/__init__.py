@@ -1,0 +1,51 @@
+"""Fast paths of the live loop, each switchable by name and kept beside its plain path.
+
+`apply_fast_paths(pipe, names)` swaps parts of an `engine.world.WorldPipeline` in place and returns what it did.
+tests/test_fast_paths_gpu.py compares each with the plain path.
+
+- `stage1-graph`: CUDA-graph replay of the streaming stage-1 forwards (engine/fast/stage1_graph.py);
+- `stage1-tf32-scans`: TF32 matmuls inside the GDN / camera scans (engine/fast/scans.py; not bit-equal);
+- `refiner-graph`: CUDA-graph replay of the AR refiner's block forwards (engine/fast/refiner_graph.py);
+- `vae-pad`: cheap reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py; any device).
+
+`all` names every one of them.
+"""
+
+from __future__ import annotations
+
+from engine.errors import InputError
+
+FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "vae-pad")
+CUDA_ONLY = ("stage1-graph", "refiner-graph")
+
+
+def apply_fast_paths(pipe, names) -> dict[str, str]:
+    """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
+    names = list(FAST_PATHS) if "all" in names else list(names)
+    done = {}
+    for name in names:
+        if name not in FAST_PATHS:
+            raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all'")
+        if name in CUDA_ONLY and pipe.world.device.type != "cuda":
+            raise InputError(f"fast path {name!r} needs a CUDA device")
+        if name == "stage1-graph":
+            from engine.fast.stage1_graph import GraphedStage1Stream
+
+            pipe.stream = GraphedStage1Stream.from_stream(pipe.stream)
+            done[name] = "WorldPipeline.stream -> GraphedStage1Stream"
+        elif name == "stage1-tf32-scans":
+            from engine.fast.scans import tf32_scan_ops
+
+            pipe.world.stage1.scan_ops = tf32_scan_ops()
+            done[name] = "Stage1Transformer.scan_ops -> TF32 scans"
+        elif name == "refiner-graph":
+            from engine.fast.refiner_graph import GraphedRefinerModel
+
+            if pipe.refiner is not None and not isinstance(pipe.refiner.model, GraphedRefinerModel):
+                pipe.refiner.model = GraphedRefinerModel(pipe.refiner.model)
+                done[name] = "ARRefiner.model -> GraphedRefinerModel"
+        elif name == "vae-pad":
+            from engine.fast.vae_pad import use_fast_reflect_pad
+
+            done[name] = f"{use_fast_reflect_pad(pipe.world.vae)} decoder convs -> reflect_pad_hw1"
+    return done

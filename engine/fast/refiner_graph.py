@@ -1,0 +1,122 @@
+"""CUDA-graph replay of the AR refiner's block forwards (the plain path is `RefinerTransformer.forward`).
+
+A refined block runs the refiner 4 times (3 sigma steps + the sigma = 0 capture pass) over the same shapes; the
+K/V window writes the block's K/V into slots that depend only on how much history it holds. So each
+(latent shape, window history, open block) combination is captured once and replayed with static inputs:
+latents `[B, C, n, h, w]`, sigma `[B]` fp64, the RoPE table of the block's frames (computed eagerly, once per
+block) and the prompt's per-layer cross-attention K/V (copied in when the prompt changes). The sink pass and the
+first sight of a shape run the plain forward.
+
+`GraphedRefinerModel(model)` stands in for the model inside an `ARRefiner` (`ar.model = GraphedRefinerModel(...)`):
+attribute access goes to the wrapped model, calls go through the graphs. CUDA only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.refiner.ar import RefinerKVWindow
+from engine.refiner.model import RefinerText, RefinerTransformer
+from engine.refiner.rope import Rope
+
+
+class GraphedRefinerModel:
+    def __init__(self, model: RefinerTransformer) -> None:
+        self.model = model
+        self.device = model.proj_in.weight.device
+        if self.device.type != "cuda":
+            raise RuntimeError("GraphedRefinerModel needs a CUDA device")
+        self.pool = torch.cuda.graph_pool_handle()
+        self.capture_stream = torch.cuda.Stream(self.device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.seen: set[tuple] = set()
+        self.statics: dict[tuple, dict[str, Tensor]] = {}
+        self.text: RefinerText | None = None
+        self._text_src: RefinerText | None = None
+        self._rope_key: tuple | None = None
+        self.replays = 0
+
+    def __getattr__(self, name: str):  # cfg, proj_in, num_layers, video_rope, prepare_text, ...
+        return getattr(self.__dict__["model"], name)
+
+    # -- static state ----------------------------------------------------------------------------------------------
+    def _sync_text(self, text: RefinerText) -> None:
+        if text is self._text_src:
+            return
+        same = self.text is not None and self.text.bias.shape == text.bias.shape and all(
+            a.shape == b.shape for a, b in zip(self.text.k, text.k, strict=True))
+        if not same:
+            self.text = RefinerText(k=[k.clone() for k in text.k], v=[v.clone() for v in text.v],
+                                    bias=text.bias.clone())
+            self.graphs.clear()
+        else:
+            for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
+                                strict=True):
+                dst.copy_(src)
+        self._text_src = text
+
+    def _statics(self, latents: Tensor, rope: Rope) -> dict[str, Tensor]:
+        key = tuple(latents.shape)
+        if key not in self.statics:
+            self.statics[key] = {
+                "latents": torch.empty_like(latents),
+                "sigma": torch.empty(latents.shape[0], dtype=torch.float64, device=self.device),
+                "cos": torch.empty_like(rope.cos),
+                "sin": torch.empty_like(rope.sin),
+            }
+        return self.statics[key]
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def _body(self, st: dict[str, Tensor], layout: str, kv: RefinerKVWindow) -> Tensor:
+        """`RefinerTransformer.forward` on the static buffers (sigma per batch element)."""
+        m = self.model
+        b, c, n, h, w = st["latents"].shape
+        dtype = m.proj_in.weight.dtype
+        rope = Rope(cos=st["cos"], sin=st["sin"], layout=layout)
+        timestep = (st["sigma"] * m.cfg.timestep_scale_multiplier).to(torch.float32).reshape(b, -1)
+        emb, temb = m.time_embed(timestep, dtype)
+        x = m.proj_in(st["latents"].permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
+        for i, blk in enumerate(m.transformer_blocks):
+            x = blk(x, temb, rope, self.text.k[i], self.text.v[i], self.text.bias, i, kv)
+        shift = m.scale_shift_table[0] + emb
+        scale = m.scale_shift_table[1] + emb
+        out = m.proj_out(m.norm_out(x) * (1 + scale) + shift)
+        return out.reshape(b, n, h, w, -1).permute(0, 4, 1, 2, 3)
+
+    def _capture(self, st, layout, kv) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        s = self.capture_stream
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool, stream=s):
+            out = self._body(st, layout, kv)
+        return g, out
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor, sigma, text: RefinerText, *, fps: float, frame_positions: Tensor | None = None,
+                 kv=None) -> Tensor:
+        if not isinstance(kv, RefinerKVWindow) or frame_positions is None or torch.is_tensor(sigma):
+            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+        key = (tuple(latents.shape), kv.history_len, kv.active_len, id(kv))
+        if key not in self.seen:
+            self.seen.add(key)
+            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+        self._sync_text(text)
+        b, c, n, h, w = latents.shape
+        rope_key = (tuple(frame_positions.tolist()), b, h, w, fps)
+        if rope_key != self._rope_key or tuple(latents.shape) not in self.statics:  # once per block
+            rope = self.model.video_rope(frame_positions, h, w, fps)
+            st = self._statics(latents, rope)
+            st["cos"].copy_(rope.cos)
+            st["sin"].copy_(rope.sin)
+            self._rope_key = rope_key
+        else:
+            st = self.statics[tuple(latents.shape)]
+        st["latents"].copy_(latents)
+        st["sigma"].fill_(float(sigma))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv)
+        graph, out = self.graphs[key]
+        graph.replay()
+        self.replays += 1
+        return out.clone()
