@@ -17,6 +17,7 @@ are the client's monotonic clock, seconds.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import numpy as np
 
 TRAIL_POINTS = 4096  # pose trail kept for the mini-map (memory does not grow with session length)
 SAMPLES = 256  # latency samples kept
+NOTE_SECONDS = 6.0
 
 
 @dataclass
@@ -53,7 +55,8 @@ class HudModel:
     quality: str = "preview"
     prompt: str = ""
     state: str = "connecting"
-    note: str = ""
+    note: str = ""  # the latest engine note or client message, shown for NOTE_SECONDS
+    note_at: float = -1e9
     held: frozenset[str] = frozenset()
     chunk_seconds: float = 0.0  # last chunk's engine wall time (status / frame headers)
     chunk_frames: int = 24
@@ -116,7 +119,10 @@ class HudModel:
             self.chunk_seconds = status.chunk_seconds
         self.dropped = status.dropped
         if status.note:
-            self.note = status.note
+            self.show_note(status.note)
+
+    def show_note(self, text: str, now: float | None = None) -> None:
+        self.note, self.note_at = text, time.monotonic() if now is None else now
 
     # ---------------------------------------------------------------- derived numbers
 
@@ -183,7 +189,7 @@ class HudModel:
             f"latency  reprojected {_ms(rep)}   generated {_ms(gen)}" + ("" if reproject else "   (reprojection off)"),
             f"held  {' '.join(sorted(self.held)) or '-'}",
         ]
-        if self.note:
+        if self.note and now - self.note_at < NOTE_SECONDS:
             out.append(self.note)
         return out
 
