@@ -11,9 +11,7 @@ from engine.errors import InputError
 
 # Subcommands whose issue has not landed yet: they say so instead of pretending.
 PLANNED = {
-    "engine": "the GPU engine server (ZeroMQ), issue 5",
     "play": "the pygame window that drives an engine, issue 6",
-    "keys": "generate CURVE keys for a non-loopback engine bind, issue 5",
 }
 
 
@@ -46,10 +44,52 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.bench (see `sana-wm bench --help`)")
 
+    _add_engine_commands(sub)
+
     for name, what in PLANNED.items():
         sp = sub.add_parser(name, help=f"{what} (not yet available)")
         sp.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_engine_commands(sub) -> None:
+    p = sub.add_parser("engine", help="the engine server: serve sessions over ZeroMQ (loopback by default)")
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="ZeroMQ endpoint (default tcp://127.0.0.1:5555; port 0 picks a free one); a non-loopback "
+                        "address needs --curve-dir")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--record-root", default="recordings", help="where sessions are recorded ('none': not at all)")
+    p.add_argument("--curve-dir", default=None, help="CURVE keys from `sana-wm keys DIR` (encrypts, admits DIR/*.key)")
+    p.add_argument("--quality", default="full", choices=["preview", "full"],
+                   help="highest quality served: 'preview' skips building the refiner (default full)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds of client silence before its session is paused and snapshotted (default 5)")
+    p.add_argument("--max-sessions", type=int, default=4, help="sessions served at once (default 4)")
+    p.add_argument("--snapshot-every", type=int, default=8, help="chunks between periodic snapshots (default 8)")
+    p.add_argument("--sndhwm", type=int, default=32, help="messages libzmq queues per client (default 32)")
+    p.add_argument("--max-queued-frames", type=int, default=48,
+                   help="live delivery: frames queued per client before the oldest are dropped (default 48)")
+
+    p = sub.add_parser("keys", help="generate CURVE keypairs (server, client) for a non-loopback engine bind")
+    p.add_argument("dir", help="directory for server.key/.key_secret and client.key/.key_secret (created, 0700)")
+
+
+def _run_engine_command(args) -> int:
+    from engine import server
+
+    if args.command == "keys":
+        paths = server.generate_keys(args.dir)
+        print(f"sana-wm keys: wrote {', '.join(str(p) for p in paths.values())}; give the client "
+              f"client.key_secret and server.key; serve with --curve-dir {args.dir}")
+        return 0
+    config = server.ServerConfig(
+        bind=args.bind, record_root=None if args.record_root.lower() == "none" else args.record_root,
+        curve_dir=args.curve_dir, qualities=("preview",) if args.quality == "preview" else ("preview", "full"),
+        heartbeat_timeout_s=args.heartbeat_timeout, max_sessions=args.max_sessions,
+        snapshot_every=args.snapshot_every, sndhwm=args.sndhwm, max_queued_frames=args.max_queued_frames)
+    server.serve(preset=args.preset, device=args.device, config=config, announce=lambda s: print(s, flush=True))
+    return 0
 
 
 def _rollout(args) -> object:
@@ -93,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command in DRIVER_COMMANDS:
             return run_driver(args)
+        if args.command in ("engine", "keys"):
+            return _run_engine_command(args)
         if args.command == "poses":
             c2w = _rollout(args)
             _print_poses(c2w, stride=1)

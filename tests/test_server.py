@@ -1,0 +1,362 @@
+"""The engine server over real sockets: `sana-wm engine` in a subprocess (tiny preset, CPU), driven by the
+headless client and by hand-made hostile messages."""
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.headless import HeadlessError, connect, parse_action, recv_message, run_headless
+from engine.cli import main
+from engine.controls import parse_action as engine_parse_action
+from engine.errors import InputError
+from engine.recording import SessionDir, frame_controls
+from engine.rollout import ScriptedControls
+from engine.server import EngineServer, JitPolicy, ServerConfig, check_bind, generate_keys, is_loopback
+from engine.session import Session
+from engine.world import build_world
+from protocol import (
+    PROTOCOL_VERSION,
+    Dropped,
+    Ended,
+    Error,
+    FrameHeader,
+    Hello,
+    Keys,
+    Start,
+    Status,
+    Watch,
+    Welcome,
+    encode,
+)
+
+PROMPT = "a quiet street at dusk"
+ACTION = "w-24,ja-24,ik-24"  # key changes on chunk boundaries: the live path applies keys per chunk
+HEARTBEAT_S = 1.5
+
+
+def _png(seed=0, hw=(150, 260)) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = (rng.random((*hw, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """(address, record_root) of `sana-wm engine` running in a subprocess."""
+    root = tmp_path_factory.mktemp("recordings")
+    cmd = [sys.executable, "-m", "engine.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--record-root", str(root),
+           "--quality", "preview", "--heartbeat-timeout", str(HEARTBEAT_S), "--sndhwm", "4",
+           "--max-queued-frames", "16", "--max-sessions", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    address = None
+    for line in proc.stdout:
+        if "listening on" in line:
+            address = line.split("listening on ")[1].split()[0]
+            break
+    if address is None:
+        proc.kill()
+        pytest.fail(f"engine did not start: {proc.stdout.read()}")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
+    yield address, root
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world("tiny", with_refiner=False)
+
+
+def _reference(world, action, seed):
+    ctl = ScriptedControls.from_action(action, "v2")
+    session = Session.create(world, first_image=_png(), prompt=PROMPT, seed=seed, record_root=None, controls=ctl)
+    chunks = []
+    while (c := session.step()) is not None:
+        chunks.append(c)
+    return chunks
+
+
+def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, world):
+    address, root = engine
+    r = run_headless(address, _png(), PROMPT, ACTION, lossless=True, seed=7, timeout=60)
+    ref = _reference(world, ACTION, seed=7)
+    n = sum(c.frames.shape[0] for c in ref)
+    assert r.indices == list(range(n)) and r.dropped == 0
+    assert r.ended is not None and r.ended.reason == "stopped" and r.ended.frames == n
+    assert np.array_equal(np.stack(r.frames), np.concatenate([c.frames for c in ref]))
+    assert np.array_equal(r.pose_array, np.concatenate([c.poses for c in ref]))
+    # the keys the engine applied are the ones the client posted, and the DSL's
+    expected = [frozenset()] + [h for c in ref for h in c.controls]
+    assert r.held == expected
+    assert r.held[1:] == parse_action(ACTION)
+    for seq, held in zip(r.keys_seq[1:], r.held[1:], strict=True):
+        assert seq >= 0 and r.posted[seq] == held
+    assert len(set(r.keys_seq[1:])) == len(ref)  # one key sample per chunk
+    assert len(r.chunk_seconds) == len(ref) and all(t > 0 for t in r.chunk_seconds)
+    # the recording holds exactly the applied controls
+    records = SessionDir.open(root / r.session_id).scan_actions().records
+    assert frame_controls(records) == r.held[1:]
+
+
+def test_client_dsl_parser_matches_the_engine():
+    from protocol import letters_to_controls
+
+    action = "w-3, JW-2,none-1,ik-4，d-1"
+    for keymap in ("v1", "v2"):
+        ours = parse_action(action, keymap)
+        theirs = [frozenset().union(*(letters_to_controls(ch, keymap) for ch in f))
+                  for f in engine_parse_action(action)]
+        assert ours == theirs
+    for bad in ("", "w", "w-0", "q-3", "w--3"):
+        with pytest.raises(ValueError):
+            parse_action(bad)
+
+
+def _raw(sock, parts, timeout=10.0):
+    """Send raw parts; return the first error reply."""
+    sock.send_multipart(parts)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        msg, _ = recv_message(sock, 0.5)
+        if isinstance(msg, Error):
+            return msg
+    raise AssertionError("no error reply")
+
+
+def _packed(**body):
+    return msgpack.packb({"v": PROTOCOL_VERSION, **body}, use_bin_type=True)
+
+
+def test_bad_messages_get_errors_naming_the_field_while_another_session_runs(engine):
+    address, _ = engine
+    started = threading.Event()
+    out = {}
+
+    def driver():
+        try:
+            out["result"] = run_headless(address, _png(1), PROMPT, "w-24,d-24,w-24,s-24", lossless=True, timeout=90,
+                                         on_frame=lambda h, f: started.set())
+        except Exception as e:  # surfaced by the assert below
+            out["error"] = e
+            started.set()
+
+    t = threading.Thread(target=driver)
+    t.start()
+    assert started.wait(60)
+    sock = connect(address)
+    try:
+        e = _raw(sock, [encode(Keys(seq=1))])
+        assert (e.code, e.field) == ("bad_state", "type")  # before hello
+        e = _raw(sock, [b"\xc1 not msgpack"])
+        assert (e.code, e.field) == ("malformed", "message")
+        e = _raw(sock, [encode(Hello()), b"extra"])
+        assert (e.code, e.field) == ("malformed", "message")
+        e = _raw(sock, [msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION + 1})])
+        assert (e.code, e.field) == ("version", "v")
+        e = _raw(sock, [_packed(type="teleport")])
+        assert (e.code, e.field) == ("unknown_type", "type")
+        sock.send(encode(Hello()))
+        assert isinstance(recv_message(sock, 10)[0], Welcome)
+        e = _raw(sock, [_packed(type="keys", seq=2, held=["forward", "jump"])])
+        assert (e.code, e.field) == ("invalid_field", "held[1]")
+        e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", intrinsics=[100.0, float("nan"), 1.0, 1.0])])
+        assert (e.code, e.field) == ("invalid_field", "intrinsics[1]")
+        e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", intrinsics=[-5.0, 100.0, 1.0, 1.0])])
+        assert (e.code, e.field) == ("invalid_field", "intrinsics[0]")
+        e = _raw(sock, [encode(Start(image=b"\x89PNG\r\n\x1a\n garbage", prompt="x"))])
+        assert (e.code, e.field) == ("invalid_field", "image")
+        e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", seed=-1)])
+        assert (e.code, e.field) == ("invalid_field", "seed")
+        e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", colour="red")])
+        assert (e.code, e.field) == ("unknown_field", "colour")
+        e = _raw(sock, [_packed(type="credit", frames=10)])
+        assert (e.code, e.field) == ("bad_state", "frames")  # live delivery has no credit
+        e = _raw(sock, [encode(Watch(session_id="20990101-000000-000-abcdef"))])
+        assert (e.code, e.field) == ("bad_state", "type")  # a driver does not watch
+    finally:
+        sock.close()
+    t.join(90)
+    assert "error" not in out, out.get("error")
+    r = out["result"]
+    assert r.indices == list(range(97)) and r.ended.reason == "stopped" and not r.errors
+
+
+def test_slow_live_spectator_loses_frames_and_is_told(engine):
+    address, _ = engine
+    first = threading.Event()
+    out = {}
+
+    def driver():
+        out["result"] = run_headless(address, _png(2), PROMPT, "w-240", lossless=True, timeout=120,
+                                     on_frame=lambda h, f: (out.setdefault("sid", h.session_id), first.set()))
+
+    t = threading.Thread(target=driver)
+    t.start()
+    assert first.wait(60)
+    spy = connect(address, rcvhwm=2)
+    try:
+        spy.send(encode(Hello(role="spectator")))
+        assert isinstance(recv_message(spy, 10)[0], Welcome)
+        spy.send(encode(Watch(session_id=out["sid"])))
+        watched = recv_message(spy, 10)[0]
+        assert isinstance(watched, Status) and watched.session_id == out["sid"]
+        seq = 0
+        while t.is_alive():  # heartbeats only: never read while the session runs
+            seq += 1
+            spy.send(encode(Keys(seq=seq, held=frozenset({"forward"}))))  # ignored: spectators never control
+            time.sleep(0.3)
+        t.join()
+        frames, dropped, ended, statuses = [], [], None, []
+        while ended is None:
+            msg, _ = recv_message(spy, 10)
+            assert msg is not None, "the spectator never got 'ended'"
+            if isinstance(msg, FrameHeader):
+                frames.append(msg.index)
+            elif isinstance(msg, Dropped):
+                dropped.append(msg)
+            elif isinstance(msg, Status):
+                statuses.append(msg)
+            elif isinstance(msg, Ended):
+                ended = msg
+    finally:
+        spy.close()
+    r = out["result"]
+    assert r.indices == list(range(241)) and r.dropped == 0  # the lossless driver lost nothing
+    assert r.held[1:] == [frozenset({"forward"})] * 240
+    assert dropped, "a spectator that did not read lost no frames"
+    total = dropped[-1].total
+    assert all(b.total == a.total + b.count for a, b in zip(dropped, dropped[1:], strict=False))
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)
+    assert len(frames) + total == ended.frames - watched.frames  # every frame after joining: shown or counted
+    assert frames[-1] == ended.frames - 1  # the newest frames are kept, the oldest dropped
+
+
+def test_silent_client_session_is_paused_with_a_snapshot(engine):
+    address, root = engine
+    r = run_headless(address, _png(3), PROMPT, "w-24", lossless=True, stop=False, timeout=60)
+    assert r.indices == list(range(25)) and r.ended is None
+    sdir = SessionDir.open(root / r.session_id)
+    deadline = time.monotonic() + HEARTBEAT_S + 20
+    while time.monotonic() < deadline and not (sdir.snapshot_chunks() and sdir.read_manifest().status == "paused"):
+        time.sleep(0.2)
+    assert sdir.snapshot_chunks() == [0]
+    assert sdir.read_manifest().status == "paused"
+
+
+def test_live_driver_is_scheduled_just_in_time(engine):
+    address, _ = engine
+    r = run_headless(address, _png(4), PROMPT, "w-24,a-24", lossless=False, timeout=60)
+    assert r.indices == list(range(49)) and r.dropped == 0
+    assert r.held[25:] == [frozenset({"yaw_left"})] * 24
+    (s0, r0), (s1, r1) = r.chunk_times
+    # Chunk 1 waits until the client's buffer (chunk 0's frames, played from their arrival) would run dry
+    # within the predicted latency (chunk 0's time, the first measurement) plus the margin.
+    due = len(r.held[:25]) / r.welcome.fps - (r0 - s0) - ServerConfig().jit_margin_s
+    assert due - 0.15 <= s1 - r0 <= max(due, 0.0) + 1.0, (due, r.chunk_times)
+
+
+def test_jit_policy():
+    p = JitPolicy(fps=16.0, margin_s=0.25, latency_s=0.5)
+    assert p.delay_s(-1, -1) == 0.0  # nothing sent: start now
+    assert p.buffer_s(24, -1) == pytest.approx(25 / 16)
+    assert p.delay_s(24, -1) == pytest.approx(25 / 16 - 0.75)
+    assert p.delay_s(24, -1, age_s=0.5) == pytest.approx(25 / 16 - 0.75 - 0.5)  # it kept playing meanwhile
+    assert p.delay_s(24, -1, age_s=10.0) == 0.0
+    assert p.delay_s(24, 30) == 0.0  # shown past what was sent: empty buffer
+    assert p.delay_s(24, 20) == 0.0  # 4 frames = 0.25 s left < latency + margin
+    p.observe(2.0)  # the first measurement replaces the prior
+    assert p.latency_s == 2.0 and p.delay_s(24, -1) == 0.0
+    p.observe(1.0)
+    assert p.latency_s == pytest.approx(0.7 * 2.0 + 0.3 * 1.0)
+    slow, fast = JitPolicy(16.0, latency_s=1.0), JitPolicy(16.0, latency_s=0.1)
+    assert slow.delay_s(40, 0) < fast.delay_s(40, 0)  # slower chunks start earlier
+
+
+def test_non_loopback_bind_needs_curve_keys(world, capsys):
+    assert is_loopback("tcp://127.0.0.1:5555") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:1")
+    assert is_loopback("ipc:///tmp/x")
+    for ep in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.4:5555", "tcp://eth0:5555"):
+        assert not is_loopback(ep)
+        with pytest.raises(InputError, match="--curve-dir"):
+            check_bind(ep, None)
+    with pytest.raises(InputError, match="sana-wm keys"):
+        EngineServer(world, ServerConfig(bind="tcp://0.0.0.0:0"))
+    assert main(["engine", "--bind", "tcp://0.0.0.0:0"]) == 2
+    assert "refusing to bind 'tcp://0.0.0.0:0'" in capsys.readouterr().err
+
+
+def test_curve_handshake_on_loopback(world, tmp_path):
+    keys = tmp_path / "keys"
+    assert main(["keys", str(keys)]) == 0
+    for name in ("server", "client"):
+        assert stat.S_IMODE(os.stat(keys / f"{name}.key_secret").st_mode) == 0o600
+    assert main(["keys", str(keys)]) == 2  # never overwrites
+    stranger = generate_keys(tmp_path / "stranger")
+    server = EngineServer(world, ServerConfig(bind="tcp://127.0.0.1:0", curve_dir=keys, record_root=None,
+                                              qualities=("preview",)))
+    address = server.start()
+    try:
+        r = run_headless(address, _png(), PROMPT, "w-24", curve_dir=keys, timeout=60)
+        assert r.indices == list(range(25)) and r.ended.reason == "stopped"
+        with pytest.raises(HeadlessError, match="no answer"):  # plain text: no handshake
+            run_headless(address, _png(), PROMPT, "w-24", timeout=1.5)
+        outsider = tmp_path / "outsider"  # the server's public key, a client key it does not admit
+        outsider.mkdir()
+        (outsider / "server.key").write_bytes((keys / "server.key").read_bytes())
+        (outsider / "client.key_secret").write_bytes(stranger["client_secret"].read_bytes())
+        with pytest.raises(HeadlessError, match="no answer"):
+            run_headless(address, _png(), PROMPT, "w-24", curve_dir=outsider, timeout=1.5)
+    finally:
+        server.stop()
+
+
+def test_engine_keeps_serving_after_fuzz(engine):
+    """Random bytes and random maps: each gets one error reply, and the engine still answers hello."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    address, _ = engine
+    sock = connect(address)
+    values = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=8),
+                       st.binary(max_size=8), st.lists(st.text(max_size=8), max_size=3))
+    messages = st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(st.sampled_from(["type", "v", "seq", "held", "image", "frames", "x"]), values, max_size=4)
+        .map(lambda d: msgpack.packb(d, use_bin_type=True)),
+        st.builds(lambda t, d: msgpack.packb({"type": t, "v": PROTOCOL_VERSION, **d}, use_bin_type=True),
+                  st.sampled_from(["start", "keys", "control", "credit", "watch", "frame", "resume", "branch"]),
+                  st.dictionaries(st.sampled_from(["seq", "held", "action", "frames", "session_id", "chunk"]),
+                                  values, max_size=3)),
+    )
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None)
+    @hypothesis.given(messages)
+    def fuzz(data):
+        sock.send(data)
+        msg, _ = recv_message(sock, 10)
+        assert isinstance(msg, Error) and msg.field, msg
+
+    sock.send(encode(Hello()))
+    assert isinstance(recv_message(sock, 10)[0], Welcome)
+
+    try:
+        fuzz()
+        sock.close()
+        sock = connect(address)
+        sock.send(encode(Hello()))
+        assert isinstance(recv_message(sock, 10)[0], Welcome)
+    finally:
+        sock.close()
