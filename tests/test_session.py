@@ -142,3 +142,43 @@ def test_bad_first_image(world, tmp_path):
     with pytest.raises(InputError, match="prompt"):
         with create(world, None) as s:
             s.set_prompt("   ")
+
+
+@pytest.mark.slow
+def test_long_session_is_bounded_and_resumes_from_an_old_snapshot(world, tmp_path):
+    """200 chunks: cache memory constant, disk grows only by latents + log + video; then resume at chunk 150
+    from the snapshot after chunk 119 (30 chunks replayed from latents) continues exactly."""
+    import os
+    import shutil
+
+    from engine.recording import branch_session
+
+    action = "w-600,jw-600,l-600,s-600,ik-600,d-600,none-600,w-1200"  # 4800 frames = 200 chunks
+    s = create(world, tmp_path, action=action, snapshot_every=30)
+    cache_bytes, disk = [], []
+    for k in range(200):
+        assert s.step().index == k
+        if k in (9, 199):
+            cache_bytes.append(sum(t.numel() * t.element_size() for t in s.pipeline.snapshot().values()))
+        if k in (99, 199):
+            disk.append({sub: sum(f.stat().st_size for f in (s.dir.path / sub).iterdir())
+                         for sub in ("latents",)} | {"log": s.dir.actions_path.stat().st_size})
+    s.close()
+    assert cache_bytes[0] == cache_bytes[1]
+    latent_file = os.path.getsize(s.dir.latents_path(150))
+    assert disk[1]["latents"] - disk[0]["latents"] == 100 * latent_file
+    per_chunk_log = (disk[1]["log"] - disk[0]["log"]) / 100
+    assert per_chunk_log == pytest.approx(s.dir.actions_path.stat().st_size / 200, rel=0.05)
+    assert sorted(s.dir.snapshot_chunks()) == [29, 59, 89, 119, 149, 179, 199]
+
+    fork = branch_session(s.dir.path, 149, root=tmp_path / "fork")
+    for path in fork.snapshot_paths(149):
+        path.unlink()
+    assert fork.nearest_snapshot(149) == 119
+    r = Session.resume(world, fork.path, controls=ScriptedControls.from_action(action))
+    assert r.stats["resume_replayed_chunks"] == 30
+    nxt = r.step()
+    r.close()
+    assert nxt.index == 150
+    assert torch.equal(nxt.latents, SessionDir.open(s.dir.path).load_latents(150)[0])
+    shutil.rmtree(tmp_path / "fork")
