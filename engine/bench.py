@@ -194,7 +194,7 @@ def gemm_ceiling(device: torch.device, dtype: torch.dtype, n: int, iters: int = 
             a @ b
         sec = (time.perf_counter() - t0) / iters
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": round(sec * 1e3, 4),
-            "tflops": round(2 * n**3 / sec / 1e12, 2)}
+            "tflops": float(f"{2 * n**3 / sec / 1e12:.4g}")}
 
 
 def first_image(p: Preset, seed: int) -> torch.Tensor:
@@ -253,7 +253,8 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
     report["realtime_factor"] = round(steady[0]["video_s"] / med, 4) if walls else None
     report["chunk_ms_median"] = round(med * 1e3, 3) if walls else None
     if dev.type == "cuda":
-        early = min(1, len(mem_after) - 1)
+        # growth from chunk 10 (graphs and caches settled) to the last; short runs: from the first steady chunk
+        early = 10 if len(mem_after) > 20 else min(cfg.warmup + 1, len(mem_after) - 1)
         report["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 3)
         report["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(dev) / 1e9, 3)
         report["memory_after_chunk_gb"] = [round(m / 1e9, 4) for m in mem_after]

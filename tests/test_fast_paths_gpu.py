@@ -1,6 +1,8 @@
 """Fast paths (engine.fast) against their plain paths: the same live loop, chunk by chunk (GPU), and the pieces
 that also run on a CPU (reflect pad)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,13 +10,22 @@ import torch.nn.functional as F
 from engine.bench import build_bench_world, first_image, scripted_controls
 from engine.errors import InputError
 from engine.fast import apply_fast_paths
+from engine.fast.refiner_rope import restore_plain_rope
 from engine.fast.vae_pad import reflect_pad_hw1, restore_plain_pad, use_fast_reflect_pad
+from engine.presets import get_preset
 from engine.rollout import Rollout
 from engine.vae.stream import StreamingDecoder
 from engine.world import WorldPipeline
+from kernels.rope import rope_split_reference, rope_split_triton
 
 CHUNKS = 5  # chunks 0 and 1 run eagerly (first sight of their shapes); later chunks capture and replay graphs
-GRAPHS = ("stage1-graph", "refiner-graph", "vae-pad")
+GRAPHS = ("stage1-graph", "refiner-graph", "refiner-rope", "vae-pad")
+
+
+def tiny_split_rope():
+    """The tiny preset with the release's "split" refiner RoPE (so the Triton RoPE is on the path)."""
+    p = get_preset("tiny")
+    return dataclasses.replace(p, refiner=dataclasses.replace(p.refiner, rope_type="split"))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,10 +64,14 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("quality", ["preview", "full"])
 def test_graphs_equal_eager(dtype, tol, quality):
-    world = build_bench_world("tiny", device="cuda", dtype=dtype, seed=1)
+    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
     _, _, plain, snap_plain = rollout(world, (), quality)
-    pipe, applied, fast, snap_fast = rollout(world, GRAPHS, quality)
-    assert set(applied) == set(GRAPHS) - ({"refiner-graph"} if quality == "preview" else set())
+    try:
+        pipe, applied, fast, snap_fast = rollout(world, GRAPHS, quality)
+    finally:
+        restore_plain_rope()
+        restore_plain_pad(world.vae)
+    assert set(applied) == set(GRAPHS)
     runner = pipe.stream.runner
     assert runner.replays >= 5 * (CHUNKS - 2) - 2 and len(runner.graphs) >= 2  # graphs really replayed
     if quality == "full":
@@ -64,7 +79,6 @@ def test_graphs_equal_eager(dtype, tol, quality):
     err = compare(fast, plain, snap_fast, snap_plain, quality)
     print(f"graphs {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
     assert err <= tol
-    restore_plain_pad(world.vae)
 
 
 @pytest.mark.gpu
@@ -76,6 +90,22 @@ def test_tf32_scans_close_to_fp32():
     err = compare(fast, plain, snap_fast, snap_plain, "preview")
     print(f"tf32 scans: max rel err {err:.2e} (tol 1e-2)")
     assert 0 < err <= 1e-2  # not bit-equal (TF32 really used), but close
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("lead,H,N,D", [((1,), 32, 2640, 128), ((3, 2), 5, 77, 32), ((), 1, 1, 16)])
+def test_triton_rope_equals_reference(dtype, tol, lead, H, N, D):
+    g = torch.Generator(device="cuda").manual_seed(H * N)
+    ang = torch.randn(N, H, D // 2, device="cuda", generator=g).transpose(0, 1) * 3  # the refiner's strided table
+    cos, sin = ang.cos(), ang.sin()
+    x = torch.randn(*lead, H, N, D, device="cuda", generator=g).to(dtype)
+    want = rope_split_reference(x, cos, sin)
+    assert rel(rope_split_triton(x, cos, sin), want) <= tol
+    if lead:  # a transposed view (the refiner's query layout [B, H, N, D] over [B, N, H, D] memory)
+        xt = torch.randn(*lead, N, H, D, device="cuda", generator=g).to(dtype).transpose(-2, -3)
+        out = rope_split_triton(xt, cos, sin)
+        assert out.shape == xt.shape and rel(out, rope_split_reference(xt, cos, sin)) <= tol
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2, 2), (2, 5, 3, 7, 11), (1, 4, 1, 22, 40)])

@@ -6,6 +6,7 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-graph`: CUDA-graph replay of the streaming stage-1 forwards (engine/fast/stage1_graph.py);
 - `stage1-tf32-scans`: TF32 matmuls inside the GDN / camera scans (engine/fast/scans.py; not bit-equal);
 - `refiner-graph`: CUDA-graph replay of the AR refiner's block forwards (engine/fast/refiner_graph.py);
+- `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
 - `vae-pad`: cheap reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py; any device).
 
 `all` names every one of them.
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "vae-pad")
-CUDA_ONLY = ("stage1-graph", "refiner-graph")
+FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "refiner-rope", "vae-pad")
+CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-rope")
 
 
 def apply_fast_paths(pipe, names) -> dict[str, str]:
@@ -44,6 +45,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             if pipe.refiner is not None and not isinstance(pipe.refiner.model, GraphedRefinerModel):
                 pipe.refiner.model = GraphedRefinerModel(pipe.refiner.model)
                 done[name] = "ARRefiner.model -> GraphedRefinerModel"
+        elif name == "refiner-rope":
+            from engine.fast.refiner_rope import use_triton_rope
+
+            use_triton_rope()
+            done[name] = "engine.refiner.{model,ar}.apply_rope -> kernels.rope.rope_split (process-wide)"
         elif name == "vae-pad":
             from engine.fast.vae_pad import use_fast_reflect_pad
 

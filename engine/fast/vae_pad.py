@@ -2,9 +2,10 @@
 `padding_mode="reflect"`, whose `reflection_pad3d` kernel took a quarter of the release decode's GPU time).
 
 `reflect_pad_hw1(x)` pads `[B, C, T, H, W]` by one pixel on each side of H and W, reflecting (edge pixel not
-repeated), with one bulk copy of the interior plus four thin edge copies. `use_fast_reflect_pad(vae)` points every
-reflect-padded `CausalConv3d` of the decoder at `fast_causal_conv_forward` (an instance attribute, so
-`restore_plain_pad(vae)` undoes it); other padding modes keep the plain path.
+repeated), as two concatenations (W, then H): two coalesced bandwidth-bound passes.
+`use_fast_reflect_pad(vae)` points every reflect-padded `CausalConv3d` of the decoder at
+`fast_causal_conv_forward` (an instance attribute, so `restore_plain_pad(vae)` undoes it); other padding modes
+keep the plain path.
 """
 
 from __future__ import annotations
@@ -19,14 +20,8 @@ from engine.vae.model import TEMPORAL_CONTEXT, CausalConv3d
 
 def reflect_pad_hw1(x: torch.Tensor) -> torch.Tensor:
     """`[B, C, T, H, W]` -> `[B, C, T, H+2, W+2]`, reflect padding of 1 on H and W (H, W >= 2)."""
-    B, C, T, H, W = x.shape
-    out = x.new_empty(B, C, T, H + 2, W + 2)
-    out[..., 1:-1, 1:-1] = x
-    out[..., 0, 1:-1] = x[..., 1, :]
-    out[..., -1, 1:-1] = x[..., -2, :]
-    out[..., 0] = out[..., 2]
-    out[..., -1] = out[..., -3]
-    return out
+    x = torch.cat([x[..., 1:2], x, x[..., -2:-1]], dim=-1)
+    return torch.cat([x[..., 1:2, :], x, x[..., -2:-1, :]], dim=-2)
 
 
 def fast_causal_conv_forward(self: CausalConv3d, x: torch.Tensor, causal: bool, cache=None) -> torch.Tensor:
