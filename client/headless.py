@@ -31,6 +31,7 @@ from PIL import Image
 from protocol import (
     MAX_MESSAGE_BYTES,
     MAX_PIXEL_BYTES,
+    Branch,
     Control,
     Credit,
     Dropped,
@@ -40,6 +41,7 @@ from protocol import (
     Hello,
     Keys,
     ProtocolError,
+    Resume,
     Start,
     Status,
     Welcome,
@@ -189,12 +191,16 @@ def run_headless(address: str, image, prompt: str, action: str, *, keymap: str =
                  intrinsics=None, record: bool = True, encodings: tuple[str, ...] = ("rgb24",),
                  tick_s: float = 1 / 30, keep_frames: bool = True, curve_dir: str | Path | None = None,
                  translation_speed: float | None = None, rotation_speed_deg: float | None = None,
-                 pitch_limit_deg: float | None = None, stop: bool = True, on_frame=None) -> HeadlessResult:
+                 pitch_limit_deg: float | None = None, stop: bool = True, on_frame=None,
+                 resume: str | None = None, branch: tuple[str, int] | None = None) -> HeadlessResult:
     """Drive one session with the DSL `action` and collect its frames (see the module docstring).
 
-    The session runs for len(action) // chunk_frames chunks (a partial last chunk is not generated, as in
-    a scripted rollout). `image`: PNG/JPEG bytes, a path, a PIL image or uint8 [H, W, 3].
-    `stop=False` leaves the session running (and stops sending heartbeats, so the engine pauses it)."""
+    The session runs until len(action) // chunk_frames chunks exist (a partial last chunk is not generated,
+    as in a scripted rollout). `image`: PNG/JPEG bytes, a path, a PIL image or uint8 [H, W, 3].
+    `resume=session_id` continues that session instead of starting one, `branch=(session_id, chunk)` forks
+    it after `chunk` (image, prompt and settings are the recorded ones; `action` still counts from frame 1
+    of the session, so its first chunks are already done). `stop=False` leaves the session to the engine
+    (heartbeats stop with the client, so the engine pauses it)."""
     script = parse_action(action, keymap)
     deadline = time.monotonic() + timeout
     sock = connect(address, curve_dir=curve_dir)
@@ -222,14 +228,18 @@ def run_headless(address: str, image, prompt: str, action: str, *, keymap: str =
             sock.send(encode(Keys(seq=seq, held=held, last_shown_frame=last_shown, client_time=now)))
             return now
 
-        sock.send(encode(Start(image=_image_bytes(image), prompt=prompt, seed=seed, quality=quality,
-                               intrinsics=None if intrinsics is None else tuple(float(x) for x in intrinsics),
-                               record=record, keymap=keymap, translation_speed=translation_speed,
-                               rotation_speed_deg=rotation_speed_deg, pitch_limit_deg=pitch_limit_deg)))
-        chunk_keys_at = send_keys(0, -1)
-        if lossless:
-            sock.send(encode(Credit(frames=per_chunk + 1)))  # chunk 0 may carry the first image too
+        if resume is not None:
+            sock.send(encode(Resume(session_id=resume)))
+        elif branch is not None:
+            sock.send(encode(Branch(session_id=branch[0], chunk=int(branch[1]))))
+        else:
+            sock.send(encode(Start(image=_image_bytes(image), prompt=prompt, seed=seed, quality=quality,
+                                   intrinsics=None if intrinsics is None else tuple(float(x) for x in intrinsics),
+                                   record=record, keymap=keymap, translation_speed=translation_speed,
+                                   rotation_speed_deg=rotation_speed_deg, pitch_limit_deg=pitch_limit_deg)))
+        # Until the engine says where the session stands, keys are a heartbeat only (lossless: no credit yet).
         chunks_done, in_chunk, received_last = 0, 0, -1
+        chunk_keys_at = send_keys(chunks_done, received_last)
         play_start: float | None = None
         first_shown = 0
         next_tick = time.monotonic() + tick_s
@@ -254,8 +264,12 @@ def run_headless(address: str, image, prompt: str, action: str, *, keymap: str =
                     raise HeadlessError(f"engine refused: {msg.code} in field {msg.field!r}: {msg.message}", msg)
                 result.errors.append(msg)
             elif isinstance(msg, Status):
-                if result is None and msg.session_id is not None:
+                if result is None and msg.session_id is not None and msg.state == "running":
                     result = HeadlessResult(msg.session_id, welcome, posted=posted)
+                    chunks_done, received_last = msg.chunks, msg.frames - 1  # > 0 after resume/branch
+                    chunk_keys_at = send_keys(chunks_done, received_last)  # keys first, then credit
+                    if lossless:
+                        sock.send(encode(Credit(frames=per_chunk + (1 if msg.frames == 0 else 0))))
             elif isinstance(msg, Dropped):
                 if result is not None:
                     result.dropped = msg.total

@@ -69,6 +69,7 @@ from protocol.errors import WHOLE_MESSAGE
 SERVER_NAME = f"sana-wm-engine/{__version__}"
 SUPPORTED_ENCODINGS = ("rgb24", "jpeg")  # h264 is in the protocol but not served yet
 MAX_IMAGE_SIDE = 8192  # a first image larger than this on a side is refused before decoding
+HEARTBEAT_BACKLOG = 64  # a client with more messages queued than this (not reading) gets no heartbeat status
 KEYS_MEMORY = 256  # recent keys messages per client whose client_time is echoed in frame headers
 
 
@@ -643,19 +644,20 @@ class EngineServer:
     def _recipients(self, live: Live) -> list[bytes]:
         return ([live.driver] if live.driver is not None else []) + sorted(live.spectators)
 
-    def _status(self, live: Live, state: str, note: str = "", idents=None) -> None:
+    def _status(self, live: Live, state: str, note: str = "", idents=None, heartbeat: bool = False) -> None:
         s = live.session
         fields = dict(state=state, session_id=s.id, quality=s.quality, chunks=s.next_chunk_index,
                       frames=s.frames_emitted, chunk_seconds=live.chunk_seconds, engine_time=self.clock(),
                       note=note[:1024])
-        self._encode.put(("status", list(idents if idents is not None else self._recipients(live)), fields))
+        recipients = list(idents if idents is not None else self._recipients(live))
+        self._encode.put(("status", recipients, fields, heartbeat))
         live.last_status = time.monotonic()
 
     def _heartbeat_status(self) -> None:
         now = time.monotonic()
         for live in self._sessions.values():
             if now - live.last_status > self.config.status_every_s:
-                self._status(live, "paused" if live.paused else "running")
+                self._status(live, "paused" if live.paused else "running", heartbeat=True)
 
     def _attach(self, live: Live, ident: bytes) -> None:
         """Make `ident` the session's driver: its keys go to the session's LiveControls from now on."""
@@ -691,6 +693,11 @@ class EngineServer:
         self._status(live, "running", note)
 
     def _check_capacity(self) -> None:
+        """Room for one more session: close the oldest orphans (paused, driver gone) if need be; they stay
+        resumable from their recording."""
+        orphans = sorted((x for x in self._sessions.values() if x.driver is None), key=lambda x: x.last_step)
+        while len(self._sessions) >= self.config.max_sessions and orphans:
+            self._end(orphans.pop(0), "client_gone", "closed to make room; resume it from its recording")
         if len(self._sessions) >= self.config.max_sessions:
             raise ProtocolError("busy", WHOLE_MESSAGE,
                                 f"the engine runs {len(self._sessions)} sessions, its limit; try again later")
@@ -929,11 +936,11 @@ class EngineServer:
                             if c is not None:
                                 c.outbox.append(Outgoing([data]))
                 elif item[0] == "status":
-                    _, idents, fields = item
+                    _, idents, fields, heartbeat = item
                     with self._lock:
                         for ident in idents:
                             c = self._clients.get(ident)
-                            if c is not None:
+                            if c is not None and not (heartbeat and len(c.outbox) > HEARTBEAT_BACKLOG):
                                 c.outbox.append(Outgoing([encode(Status(dropped=c.dropped_total, **fields))]))
                 else:
                     self._deliver_chunk(*item[1:])

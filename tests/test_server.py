@@ -27,6 +27,8 @@ from engine.session import Session
 from engine.world import build_world
 from protocol import (
     PROTOCOL_VERSION,
+    Control,
+    Credit,
     Dropped,
     Ended,
     Error,
@@ -82,8 +84,12 @@ def world():
 
 
 def _reference(world, action, seed):
+    return _reference_from(world, action, seed, _png())
+
+
+def _reference_from(world, action, seed, image):
     ctl = ScriptedControls.from_action(action, "v2")
-    session = Session.create(world, first_image=_png(), prompt=PROMPT, seed=seed, record_root=None, controls=ctl)
+    session = Session.create(world, first_image=image, prompt=PROMPT, seed=seed, record_root=None, controls=ctl)
     chunks = []
     while (c := session.step()) is not None:
         chunks.append(c)
@@ -245,7 +251,7 @@ def test_slow_live_spectator_loses_frames_and_is_told(engine):
     assert frames[-1] == ended.frames - 1  # the newest frames are kept, the oldest dropped
 
 
-def test_silent_client_session_is_paused_with_a_snapshot(engine):
+def test_silent_client_session_is_paused_with_a_snapshot_and_resumable(engine, world):
     address, root = engine
     r = run_headless(address, _png(3), PROMPT, "w-24", lossless=True, stop=False, timeout=60)
     assert r.indices == list(range(25)) and r.ended is None
@@ -255,6 +261,90 @@ def test_silent_client_session_is_paused_with_a_snapshot(engine):
         time.sleep(0.2)
     assert sdir.snapshot_chunks() == [0]
     assert sdir.read_manifest().status == "paused"
+    # another client takes the paused session over and continues it exactly
+    action = "w-24,d-24"
+    r2 = run_headless(address, None, None, action, resume=r.session_id, timeout=60)
+    assert r2.session_id == r.session_id and r2.indices == list(range(25, 49))
+    ref = _reference_from(world, action, seed=0, image=_png(3))
+    assert np.array_equal(np.stack(r2.frames), ref[1].frames)
+    assert np.array_equal(r2.pose_array, ref[1].poses)
+    assert r2.held == [frozenset({"yaw_right"})] * 24
+    records = sdir.scan_actions().records
+    assert frame_controls(records) == parse_action(action)
+    assert any(rec["t"] == "pause" for rec in records)
+
+
+def test_driver_controls_pause_prompt_and_stop(engine):
+    address, root = engine
+    sock = connect(address)
+
+    def until(kind, timeout=30.0, keys=None):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if keys is not None:
+                sock.send(encode(keys))
+            msg, pixels = recv_message(sock, 0.2)
+            if isinstance(msg, kind):
+                return msg
+            assert not isinstance(msg, (Error, FrameHeader)), msg
+        return None
+
+    try:
+        sock.send(encode(Hello(delivery="lossless")))
+        assert until(Welcome) is not None
+        sock.send(encode(Start(image=_png(5), prompt=PROMPT)))
+        running = until(Status)
+        while running.state != "running":
+            running = until(Status)
+        sid = running.session_id
+        sock.send(encode(Keys(seq=1, held=frozenset({"forward"}))))
+        sock.send(encode(Credit(frames=25)))
+        got = []
+        while len(got) < 25:
+            msg, _ = recv_message(sock, 30)
+            assert msg is not None and not isinstance(msg, Error), msg
+            if isinstance(msg, FrameHeader):
+                got.append(msg)
+        sock.send(encode(Control(action="set_prompt", prompt="a beach at noon")))
+        sock.send(encode(Control(action="pause")))
+        paused = until(Status)
+        while paused.note != "paused by the driver":
+            paused = until(Status)
+        assert paused.state == "paused" and paused.frames == 25
+        sock.send(encode(Credit(frames=24)))
+        assert until(FrameHeader, timeout=1.0, keys=Keys(seq=2, held=frozenset({"back"}))) is None  # paused
+        sock.send(encode(Control(action="set_quality", quality="full")))
+        e = until(Error)
+        assert (e.code, e.field) == ("bad_state", "quality")
+        sock.send(encode(Control(action="resume")))
+        first = None
+        while first is None or first.index < 48:
+            msg, _ = recv_message(sock, 30)
+            if isinstance(msg, FrameHeader):
+                first = msg
+                assert msg.held == frozenset({"back"}) and msg.keys_seq == 2
+        sock.send(encode(Control(action="stop")))
+        ended = until(Ended)
+        assert ended.session_id == sid and ended.reason == "stopped" and ended.frames == 49
+    finally:
+        sock.close()
+    assert [m.index for m in got] == list(range(25))
+    sdir = SessionDir.open(root / sid)
+    records = sdir.scan_actions().records
+    assert {"t": "prompt", "i": 25, "prompt": "a beach at noon"} in records
+    assert {"t": "pause", "i": 25} in records
+    assert sdir.read_manifest().status == "stopped"
+
+
+def test_jpeg_encoding(engine, world):
+    address, _ = engine
+    r = run_headless(address, _png(), PROMPT, "w-24", encodings=("jpeg", "rgb24"), seed=7, timeout=60)
+    assert r.welcome.encoding == "jpeg" and r.indices == list(range(25))
+    ref = _reference(world, "w-24", seed=7)[0].frames
+    for got, want in zip(r.frames, ref, strict=True):  # the reference frame through the same JPEG round trip
+        buf = io.BytesIO()
+        Image.fromarray(want).save(buf, format="JPEG", quality=ServerConfig().jpeg_quality)
+        assert np.array_equal(got, np.asarray(Image.open(buf).convert("RGB")))
 
 
 def test_live_driver_is_scheduled_just_in_time(engine):
