@@ -10,9 +10,7 @@ from engine.driver_cli import DRIVER_COMMANDS, add_driver_commands, run_driver
 from engine.errors import InputError
 
 # Subcommands whose issue has not landed yet: they say so instead of pretending.
-PLANNED = {
-    "play": "the pygame window that drives an engine, issue 6",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _add_rollout_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.bench (see `sana-wm bench --help`)")
 
     _add_engine_commands(sub)
+
+    # options parsed by client.play (imported only when run: pygame stays out of the CLI's import)
+    p = sub.add_parser("play", help="the pygame window: drive an engine with WASD/IJKL (see `sana-wm play --help`)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of client.play")
 
     for name, what in PLANNED.items():
         sp = sub.add_parser(name, help=f"{what} (not yet available)")
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["play"]:  # the client's own options (client/play.py add_arguments)
+        from client.play import main as play_main
+
+        return play_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
