@@ -21,7 +21,7 @@ os.environ["SDL_AUDIODRIVER"] = "dummy"
 
 import pygame  # noqa: E402
 
-from client.play import PlayApp, PlayConfig  # noqa: E402
+from client.play import PlayApp, PlayConfig, run_demo_window  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a quiet street at dusk"
@@ -189,3 +189,12 @@ def test_pause_prompt_and_branch_from_the_window(engine):
         assert app.log.ended[0].session_id == first
     finally:
         app.close()
+
+
+def test_run_demo_window_plays_for_a_while_and_stops_the_session(engine, tmp_path):
+    shot = tmp_path / "shot.png"
+    log = run_demo_window(engine, image_bytes=_png(), prompt=PROMPT, seconds=6.0, screenshot=shot)
+    assert len(log.sessions) == 1 and log.errors == [] and len(log.received) > 0
+    assert log.ended and log.ended[-1].session_id == log.sessions[0] and log.ended[-1].reason == "stopped"
+    with Image.open(shot) as im:
+        assert im.size == (960, 576)  # the window, with the tiny preset's 320x192 frames scaled 3x
