@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import logging
 import os
 import queue
 import threading
@@ -65,6 +66,8 @@ from protocol import (
     error_from,
 )
 from protocol.errors import WHOLE_MESSAGE
+
+log = logging.getLogger("sana_wm.engine")
 
 SERVER_NAME = f"sana-wm-engine/{__version__}"
 SUPPORTED_ENCODINGS = ("rgb24", "jpeg")  # h264 is in the protocol but not served yet
@@ -427,6 +430,12 @@ class EngineServer:
 
     def _on_message(self, ident: bytes, parts: list[bytes]) -> None:
         now = time.monotonic()
+        try:
+            if len(parts) != 1:
+                raise ProtocolError("malformed", WHOLE_MESSAGE, f"a client message is one part; got {len(parts)}")
+            msg, refused = decode(parts[0]), None
+        except ProtocolError as e:
+            msg, refused = None, e
         with self._lock:
             client = self._clients.get(ident)
             if client is None:
@@ -437,10 +446,9 @@ class EngineServer:
                 if client.session_id is not None and client.role == "driver":
                     self._commands.put(("back", ident))
             try:
-                if len(parts) != 1:
-                    raise ProtocolError("malformed", WHOLE_MESSAGE,
-                                        f"a client message is one part; got {len(parts)} parts")
-                self._handle(client, decode(parts[0]), now)
+                if refused is not None:
+                    raise refused
+                self._handle(client, msg, now)
             except ProtocolError as e:
                 self._reply(client, error_from(e))
 
@@ -451,9 +459,9 @@ class EngineServer:
         if isinstance(msg, Hello):
             if client.session_id is not None or client.pending:
                 raise ProtocolError("bad_state", "type", "hello again while attached to a session; stop it first")
+            client.encoding = self._choose_encoding(msg.encodings)
             client.hello, client.role = msg, msg.role
             client.delivery = "live" if msg.role == "spectator" else msg.delivery
-            client.encoding = self._choose_encoding(msg.encodings)
             client.credit = 0
             self._reply(client, Welcome(
                 server=SERVER_NAME, model=self.world.preset.name, width=self.width, height=self.height,
@@ -627,6 +635,7 @@ class EngineServer:
         except InputError as e:
             self._error(ident, ProtocolError("invalid_field", _guess_field(str(e)), str(e)))
         except Exception as e:  # noqa: BLE001 - one failed request must not take the engine down
+            log.exception("%s from client %s failed", kind, ident.hex())
             self._error(ident, ProtocolError("internal", WHOLE_MESSAGE, f"{type(e).__name__}: {e}"))
         finally:
             if kind in ("start", "resume", "branch", "watch"):
@@ -691,6 +700,12 @@ class EngineServer:
         self._sessions[session.id] = live
         self._attach(live, ident)
         self._status(live, "running", note)
+        log.info("session %s %s (%s, %d frames so far)", session.id, note, session.quality, session.frames_emitted)
+        with self._lock:
+            c = self._clients.get(ident)
+            gone = c is None or c.gone
+        if gone:  # the client vanished while its session was being prepared
+            self._gone(ident)
 
     def _check_capacity(self) -> None:
         """Room for one more session: close the oldest orphans (paused, driver gone) if need be; they stay
@@ -847,8 +862,11 @@ class EngineServer:
 
     def _end(self, live: Live, reason: str, message: str = "") -> None:
         s = live.session
+        log.info("session %s ended (%s): %s", s.id, reason, message)
         try:
             s.close("stopped" if reason != "client_gone" else "paused")
+        except Exception:  # noqa: BLE001 - the session is over either way; its recording says how far it got
+            log.exception("session %s: closing its recording failed", s.id)
         finally:
             self._sessions.pop(s.id, None)
             self._send(self._recipients(live), Ended(session_id=s.id, reason=reason, chunks=s.next_chunk_index,
@@ -873,7 +891,7 @@ class EngineServer:
                 if live.paused or live.driver is None:
                     continue
                 c = self._clients.get(live.driver)
-                if c is None:
+                if c is None or c.gone:
                     continue
                 if c.delivery == "lossless":
                     if c.credit >= self._next_chunk_frames(live):
@@ -902,6 +920,7 @@ class EngineServer:
         try:
             chunk = s.step()
         except Exception as e:  # noqa: BLE001 - a failed session ends; the engine and other sessions go on
+            log.exception("session %s: chunk %d failed", s.id, s.next_chunk_index)
             self._send(self._recipients(live), error_from(
                 ProtocolError("internal", WHOLE_MESSAGE, f"chunk failed: {type(e).__name__}: {e}")))
             self._end(live, "error", f"{type(e).__name__}: {e}")
@@ -1018,6 +1037,7 @@ def serve(*, preset: str = "tiny", device: str = "cpu", config: ServerConfig | N
 
     from engine.world import build_world
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = config or ServerConfig()
     check_bind(config.bind, config.curve_dir)  # before the (slow) model build
     if config.curve_dir is not None:

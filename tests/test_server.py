@@ -96,10 +96,16 @@ def _reference_from(world, action, seed, image):
     return chunks
 
 
-def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, world):
+@pytest.fixture(scope="module")
+def reference(world):
+    """The chunks of ACTION (seed 7) from an in-process session over the same tiny world."""
+    return _reference(world, ACTION, seed=7)
+
+
+def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, reference):
     address, root = engine
     r = run_headless(address, _png(), PROMPT, ACTION, lossless=True, seed=7, timeout=60)
-    ref = _reference(world, ACTION, seed=7)
+    ref = reference
     n = sum(c.frames.shape[0] for c in ref)
     assert r.indices == list(range(n)) and r.dropped == 0
     assert r.ended is not None and r.ended.reason == "stopped" and r.ended.frames == n
@@ -184,6 +190,8 @@ def test_bad_messages_get_errors_naming_the_field_while_another_session_runs(eng
         e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", intrinsics=[-5.0, 100.0, 1.0, 1.0])])
         assert (e.code, e.field) == ("invalid_field", "intrinsics[0]")
         e = _raw(sock, [encode(Start(image=b"\x89PNG\r\n\x1a\n garbage", prompt="x"))])
+        assert (e.code, e.field) == ("invalid_field", "image")
+        e = _raw(sock, [encode(Start(image=_png(hw=(1, 9000)), prompt="x"))])  # absurd size
         assert (e.code, e.field) == ("invalid_field", "image")
         e = _raw(sock, [_packed(type="start", image=_png(), prompt="x", seed=-1)])
         assert (e.code, e.field) == ("invalid_field", "seed")
@@ -336,11 +344,11 @@ def test_driver_controls_pause_prompt_and_stop(engine):
     assert sdir.read_manifest().status == "stopped"
 
 
-def test_jpeg_encoding(engine, world):
+def test_jpeg_encoding(engine, reference):
     address, _ = engine
-    r = run_headless(address, _png(), PROMPT, "w-24", encodings=("jpeg", "rgb24"), seed=7, timeout=60)
+    r = run_headless(address, _png(), PROMPT, ACTION[:4], encodings=("jpeg", "rgb24"), seed=7, timeout=60)
     assert r.welcome.encoding == "jpeg" and r.indices == list(range(25))
-    ref = _reference(world, "w-24", seed=7)[0].frames
+    ref = reference[0].frames  # ACTION's first chunk is the same 24 frames of "w"
     for got, want in zip(r.frames, ref, strict=True):  # the reference frame through the same JPEG round trip
         buf = io.BytesIO()
         Image.fromarray(want).save(buf, format="JPEG", quality=ServerConfig().jpeg_quality)
