@@ -126,6 +126,10 @@ def letterbox(frame_wh: tuple[int, int], window_wh: tuple[int, int]) -> pygame.R
     return pygame.Rect((ww - w) // 2, (wh - h) // 2, w, h)
 
 
+class WindowError(RuntimeError):
+    """The window cannot be opened (no display)."""
+
+
 @dataclass
 class Shown:
     header: FrameHeader
@@ -168,11 +172,19 @@ class PlayApp:
         self.image = image_bytes_of(cfg.image)
         with Image.open(io.BytesIO(self.image)) as im:
             self.image_wh = im.size
-        pygame.init()
-        pygame.display.set_caption("sana-wm play")
-        self.window_size = cfg.window_size or (960, 576)
-        self.fullscreen = False
-        self.screen = pygame.display.set_mode(self.window_size, pygame.RESIZABLE)
+        try:  # no pygame.init(): the mixer (audio) is not needed
+            pygame.display.init()
+            pygame.font.init()
+            pygame.display.set_caption("sana-wm play")
+            self.window_size = cfg.window_size or (960, 576)
+            self.fullscreen = False
+            self.screen = pygame.display.set_mode(self.window_size, pygame.RESIZABLE)
+        except pygame.error as e:
+            pygame.quit()
+            raise WindowError(
+                f"cannot open a window ({e}); on a machine without a display use the headless "
+                "client (sana-wm demo --headless / sana-wm replay --connect)"
+            ) from None
         if cfg.fullscreen:
             self.toggle_fullscreen()
         self.font = pygame.font.Font(None, 20)
@@ -740,7 +752,7 @@ def run_from_args(args) -> int:
             screenshot=args.screenshot,
         )
         log = run_play(config)
-    except (BindingsError, OSError, ValueError) as e:
+    except (BindingsError, WindowError, OSError, ValueError) as e:
         print(f"sana-wm play: error: {e}", file=sys.stderr)
         return 2
     if log.sessions:
