@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import msgpack
 import numpy as np
 import pytest
@@ -102,9 +103,10 @@ def reference(world):
     return _reference(world, ACTION, seed=7)
 
 
-def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, reference):
+def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, reference, tmp_path):
     address, root = engine
-    r = run_headless(address, _png(), PROMPT, ACTION, lossless=True, seed=7, timeout=60)
+    mp4 = tmp_path / "out.mp4"
+    r = run_headless(address, _png(), PROMPT, ACTION, lossless=True, seed=7, timeout=60, out_mp4=mp4)
     ref = reference
     n = sum(c.frames.shape[0] for c in ref)
     assert r.indices == list(range(n)) and r.dropped == 0
@@ -122,6 +124,12 @@ def test_lossless_client_gets_every_frame_equal_to_in_process_rollout(engine, re
     # the recording holds exactly the applied controls
     records = SessionDir.open(root / r.session_id).scan_actions().records
     assert frame_controls(records) == r.held[1:]
+    with av.open(str(mp4)) as f:  # the client's own mp4 of what it received
+        decoded = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(decoded) == n and decoded[0].shape == r.frames[0].shape
+    luma = np.array([0.299, 0.587, 0.114], np.float32)  # chroma is subsampled (yuv420p); compare luma
+    err = [np.abs(decoded[i] @ luma - r.frames[i] @ luma).mean() for i in (0, n - 1)]
+    assert max(err) < 8.0 < np.abs(decoded[-1] @ luma - r.frames[0] @ luma).mean()
 
 
 def test_client_dsl_parser_matches_the_engine():
@@ -210,7 +218,7 @@ def test_bad_messages_get_errors_naming_the_field_while_another_session_runs(eng
 
 
 def test_slow_live_spectator_loses_frames_and_is_told(engine):
-    address, _ = engine
+    address, root = engine
     first = threading.Event()
     out = {}
 
@@ -257,6 +265,8 @@ def test_slow_live_spectator_loses_frames_and_is_told(engine):
     assert frames == sorted(frames) and len(set(frames)) == len(frames)
     assert len(frames) + total == ended.frames - watched.frames  # every frame after joining: shown or counted
     assert frames[-1] == ended.frames - 1  # the newest frames are kept, the oldest dropped
+    records = SessionDir.open(root / r.session_id).scan_actions().records
+    assert frame_controls(records) == r.held[1:]  # the recording lost nothing either
 
 
 def test_silent_client_session_is_paused_with_a_snapshot_and_resumable(engine, world):
