@@ -14,7 +14,7 @@ What happens in `step` (the one path for a person and for the tests, which post 
 3. engine messages (non-blocking): status, frames into the jitter buffer (jitter.py), errors, ended;
 4. the frame due now leaves the buffer at the session fps; until generated frames reflect the latest
    key change it is warped by the pose change the keys predict (reproject.py);
-5. the frame is drawn letterboxed into the (resizable) window and the HUD (hud.py) on top.
+5. the frame is drawn letterboxed into the (resizable) window and the HUD (hud.py) on top (draw.py).
 
 The window never waits on the network. Imports protocol, zmq, numpy, pygame and Pillow only.
 """
@@ -41,6 +41,7 @@ from client.bindings import (  # noqa: E402
     load_bindings,
     pygame_key_exists,
 )
+from client.draw import FrameSurface, Painter  # noqa: E402
 from client.hud import HudModel  # noqa: E402
 from client.jitter import JitterBuffer  # noqa: E402
 from client.net import EngineLink  # noqa: E402
@@ -117,15 +118,6 @@ def image_bytes_of(image) -> bytes:
     return buf.getvalue()
 
 
-def letterbox(frame_wh: tuple[int, int], window_wh: tuple[int, int]) -> pygame.Rect:
-    """The largest rectangle of the frame's aspect centred in the window."""
-    fw, fh = frame_wh
-    ww, wh = window_wh
-    scale = min(ww / fw, wh / fh)
-    w, h = max(1, int(fw * scale)), max(1, int(fh * scale))
-    return pygame.Rect((ww - w) // 2, (wh - h) // 2, w, h)
-
-
 class WindowError(RuntimeError):
     """The window cannot be opened (no display)."""
 
@@ -187,8 +179,8 @@ class PlayApp:
             ) from None
         if cfg.fullscreen:
             self.toggle_fullscreen()
-        self.font = pygame.font.Font(None, 20)
-        self.big_font = pygame.font.Font(None, 28)
+        self.painter = Painter()
+        self.picture = FrameSurface()
         self.clock = pygame.time.Clock()
         self.hud = HudModel(visible=cfg.hud, quality=cfg.quality, prompt=cfg.prompt, recording=cfg.record)
         self.log = PlayLog()
@@ -214,10 +206,7 @@ class PlayApp:
         self.typing: str | None = None  # the prompt text box's content while it is open
         self._swallow_text: str | None = None
         self.current: Shown | None = None
-        self._surface: pygame.Surface | None = None
-        self._surface_key = None  # what the cached, scaled picture shows
-        self._surface_rect = pygame.Rect(0, 0, 1, 1)
-        self._surface_warped = False
+        self._warped = False  # the picture on screen is a reprojection
         self._warped_for = -1  # pending seq the last drawn warp reflected
         self._asked_quality: str | None = None  # Q pressed: the quality asked for
         self._fallback_quality: str | None = None  # restarting at another quality: the one to go back to
@@ -567,97 +556,34 @@ class PlayApp:
             rp.steps if rp else 0,
             self.screen.get_size(),
         )
-        warped = False
-        if self.current is not None and key == self._surface_key:
-            warped = self._surface_warped
-        elif self.current is not None:
-            frame, warped = self.frame_to_draw()
-            h, w = frame.shape[:2]
-            surf = pygame.image.frombuffer(np.ascontiguousarray(frame).tobytes(), (w, h), "RGB")
-            rect = letterbox((w, h), self.screen.get_size())
-            self._surface, self._surface_rect = pygame.transform.scale(surf, rect.size), rect
-            self._surface_key, self._surface_warped = key, warped
+        if self.current is not None and key != self.picture.key:
+            frame, self._warped = self.frame_to_draw()
+            self.picture.update(key, frame, self.screen.get_size())
         if self.current is not None:
-            self.screen.blit(self._surface, self._surface_rect)
+            self.picture.blit(self.screen)
         else:
-            self._text(
-                self.big_font, "connecting..." if self.welcome is None else "waiting for the first frame...", (20, 20)
-            )
+            waiting = "connecting..." if self.welcome is None else "waiting for the first frame..."
+            self.painter.text(self.screen, waiting, (20, 20), big=True)
         if self.hud.visible:
-            self._draw_hud(now)
+            lines = self.hud.lines(
+                now,
+                buffer_depth=self.jitter.depth if self.jitter else 0,
+                underruns=self.jitter.stats.underruns if self.jitter else 0,
+                paused=self.paused,
+                reproject=rp.enabled if rp else self.config.reproject,
+                keymap=self.bindings.keymap,
+            )
+            self.painter.hud(self.screen, self.hud, lines, self.prompt)
         if self.typing is not None:
-            self._draw_text_box()
+            self.painter.text_box(self.screen, self.typing)
         pygame.display.flip()
         flipped = time.monotonic()  # latencies end when the picture is on screen
         if self._just_shown is not None:
             self.hud.on_frame_shown(self._just_shown, flipped)
             self._just_shown = None
-        if warped and self._warped_for != self.reprojector.pending_seq:
-            self._warped_for = self.reprojector.pending_seq
+        if self.current is not None and self._warped and self._warped_for != rp.pending_seq:
+            self._warped_for = rp.pending_seq
             self.hud.on_reprojected(flipped)
-
-    def _text(self, font, text: str, pos, color=(235, 235, 235)) -> int:
-        img = font.render(text, True, color)
-        shadow = font.render(text, True, (0, 0, 0))
-        self.screen.blit(shadow, (pos[0] + 1, pos[1] + 1))
-        self.screen.blit(img, pos)
-        return img.get_height()
-
-    def _draw_hud(self, now: float) -> None:
-        sw, sh = self.screen.get_size()
-        lines = self.hud.lines(
-            now,
-            buffer_depth=self.jitter.depth if self.jitter else 0,
-            underruns=self.jitter.stats.underruns if self.jitter else 0,
-            paused=self.paused,
-            reproject=self.reprojector.enabled if self.reprojector else self.config.reproject,
-            keymap=self.bindings.keymap,
-        )
-        panel = pygame.Surface((min(sw, 560), 8 + 18 * len(lines)), pygame.SRCALPHA)
-        panel.fill((0, 0, 0, 130))
-        self.screen.blit(panel, (6, 6))
-        y = 10
-        for line in lines:
-            y += self._text(self.font, line, (12, y)) + 2
-        label = self.hud.rec_label()
-        if label:
-            img = self.font.render(label, True, (255, 80, 80) if self.hud.recording else (220, 220, 220))
-            x = sw - img.get_width() - 12
-            back = pygame.Surface((img.get_width() + 30, img.get_height() + 8), pygame.SRCALPHA)
-            back.fill((0, 0, 0, 150))
-            self.screen.blit(back, (x - 22, 6))
-            if self.hud.recording:
-                pygame.draw.circle(self.screen, (230, 30, 30), (x - 10, 17), 6)
-            self.screen.blit(img, (x, 10))
-        bottom = pygame.Surface((min(sw, 640), 46), pygame.SRCALPHA)
-        bottom.fill((0, 0, 0, 130))
-        self.screen.blit(bottom, (6, sh - 50))
-        self._text(self.font, f"prompt: {self.prompt}"[:120], (12, sh - 24))
-        size = max(60, min(160, sw // 5, sh // 3))
-        box = pygame.Rect(sw - size - 10, sh - size - 34, size, size)
-        mm = pygame.Surface(box.size, pygame.SRCALPHA)
-        mm.fill((0, 0, 0, 140))
-        pts = self.hud.minimap(size, size)
-        if len(pts) >= 2:
-            pygame.draw.lines(mm, (90, 200, 255), False, pts, 2)
-        if pts:
-            x, y = pts[-1]
-            hx, hz = self.hud.heading
-            norm = max(1e-6, (hx * hx + hz * hz) ** 0.5)
-            pygame.draw.line(mm, (255, 220, 60), (x, y), (x + 12 * hx / norm, y - 12 * hz / norm), 2)
-            pygame.draw.circle(mm, (255, 220, 60), (x, y), 3)
-        self.screen.blit(mm, box)
-        self._text(self.font, "path (top view)", (box.x, box.bottom + 2))
-        help_line = "WASD/IJKL/arrows move  P pause  R reset  T prompt  Q quality  B branch  H HUD  F11 full"
-        self._text(self.font, help_line, (12, sh - 44), (190, 190, 190))
-
-    def _draw_text_box(self) -> None:
-        sw, sh = self.screen.get_size()
-        box = pygame.Rect(20, sh // 2 - 24, sw - 40, 48)
-        pygame.draw.rect(self.screen, (20, 20, 28), box)
-        pygame.draw.rect(self.screen, (200, 200, 220), box, 2)
-        self._text(self.font, "new prompt (Enter: apply, Esc: cancel)", (box.x + 6, box.y - 20))
-        self._text(self.big_font, (self.typing or "")[-90:] + "_", (box.x + 8, box.y + 12))
 
 
 # ----------------------------------------------------------------------------------- entry points

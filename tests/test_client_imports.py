@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 MODULES = [
+    "client.draw",
     "client",
     "client.bindings",
     "client.hud",

@@ -11,7 +11,8 @@ os.environ["SDL_AUDIODRIVER"] = "dummy"
 
 import pygame  # noqa: E402
 
-from client.play import PlayApp, PlayConfig, letterbox  # noqa: E402
+from client.draw import letterbox  # noqa: E402
+from client.play import PlayApp, PlayConfig  # noqa: E402
 
 
 class FakePad:
