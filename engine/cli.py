@@ -126,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["play"]:  # the client's own options (client/play.py add_arguments)
-        from client.play import main as play_main
-
+        try:
+            from client.play import main as play_main
+        except ModuleNotFoundError as e:
+            if e.name != "pygame":
+                raise
+            print("sana-wm play: error: the window needs pygame-ce: pip install 'sana-wm-live[client]'",
+                  file=sys.stderr)
+            return 2
         return play_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
