@@ -72,6 +72,7 @@ log = logging.getLogger("sana_wm.engine")
 SERVER_NAME = f"sana-wm-engine/{__version__}"
 SUPPORTED_ENCODINGS = ("rgb24", "jpeg")  # h264 is in the protocol but not served yet
 MAX_IMAGE_SIDE = 8192  # a first image larger than this on a side is refused before decoding
+MAX_OUTBOX_REPLIES = 1024  # replies (errors, welcome) queued for a client that does not read them
 HEARTBEAT_BACKLOG = 64  # a client with more messages queued than this (not reading) gets no heartbeat status
 KEYS_MEMORY = 256  # recent keys messages per client whose client_time is echoed in frame headers
 
@@ -317,6 +318,7 @@ class EngineServer:
         self._lock = threading.Lock()
         self._clients: dict[bytes, Client] = {}
         self._controls: dict[bytes, object] = {}  # driver ident -> its session's LiveControls
+        self._poke_pending = False
         self._commands: queue.Queue = queue.Queue()
         self._encode: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
@@ -425,8 +427,17 @@ class EngineServer:
             wake.close(0)
 
     def _reply(self, client: Client, msg: Message) -> None:
-        """Queue a one-part message for `client` (caller holds the lock)."""
-        client.outbox.append(Outgoing([encode(msg)]))
+        """Queue a one-part message for `client` (caller holds the lock). A client that floods the engine
+        without reading its replies stops getting them rather than growing its outbox without bound."""
+        if len(client.outbox) < MAX_OUTBOX_REPLIES:
+            client.outbox.append(Outgoing([encode(msg)]))
+
+    def _poke(self) -> None:
+        """Wake the engine thread to re-check what is due (keys or credit changed); caller holds the lock.
+        At most one wake-up is queued, however fast keys arrive."""
+        if not self._poke_pending:
+            self._poke_pending = True
+            self._commands.put(("poke",))
 
     def _on_message(self, ident: bytes, parts: list[bytes]) -> None:
         now = time.monotonic()
@@ -482,13 +493,13 @@ class EngineServer:
                     ctl.set_held(msg.held, msg.seq)
                 elif not client.started:
                     raise ProtocolError("bad_state", "type", "'keys' before 'start', 'resume' or 'branch'")
-            self._commands.put(("poke",))
+            self._poke()
             return
         if isinstance(msg, Credit):
             if client.delivery != "lossless":
                 raise ProtocolError("bad_state", "frames", "credit applies only to lossless delivery (see hello)")
             client.credit = min(client.credit + msg.frames, 1 << 40)
-            self._commands.put(("poke",))
+            self._poke()
             return
         if isinstance(msg, (Start, Resume, Branch)):
             if client.role != "driver":
@@ -611,6 +622,8 @@ class EngineServer:
     def _command(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "poke":
+            with self._lock:
+                self._poke_pending = False
             return
         ident = cmd[1]
         if kind in ("start", "resume", "branch"):
