@@ -10,16 +10,19 @@ import torch.nn.functional as F
 from engine.bench import build_bench_world, first_image, scripted_controls
 from engine.errors import InputError
 from engine.fast import apply_fast_paths
+from engine.fast.frames import pixels_to_frames_fast, restore_plain_frames
 from engine.fast.refiner_rope import restore_plain_rope
 from engine.fast.vae_pad import reflect_pad_hw1, restore_plain_pad, use_fast_reflect_pad
 from engine.presets import get_preset
 from engine.rollout import Rollout
+from engine.vae.pixels import pixels_to_frames
 from engine.vae.stream import StreamingDecoder
 from engine.world import WorldPipeline
+from kernels.frames import reflect_pad_hw1_triton, to_uint8_frames_reference, to_uint8_frames_triton
 from kernels.rope import rope_split_reference, rope_split_triton
 
 CHUNKS = 5  # chunks 0 and 1 run eagerly (first sight of their shapes); later chunks capture and replay graphs
-GRAPHS = ("stage1-graph", "refiner-graph", "refiner-rope", "vae-pad")
+GRAPHS = ("stage1-graph", "refiner-graph", "refiner-rope", "vae-pad", "frames")
 
 
 def tiny_split_rope():
@@ -71,6 +74,7 @@ def test_graphs_equal_eager(dtype, tol, quality):
     finally:
         restore_plain_rope()
         restore_plain_pad(world.vae)
+        restore_plain_frames()
     assert set(applied) == set(GRAPHS)
     runner = pipe.stream.runner
     assert runner.replays >= 5 * (CHUNKS - 2) - 2 and len(runner.graphs) >= 2  # graphs really replayed
@@ -106,6 +110,45 @@ def test_triton_rope_equals_reference(dtype, tol, lead, H, N, D):
         xt = torch.randn(*lead, N, H, D, device="cuda", generator=g).to(dtype).transpose(-2, -3)
         out = rope_split_triton(xt, cos, sin)
         assert out.shape == xt.shape and rel(out, rope_split_reference(xt, cos, sin)) <= tol
+
+
+def tie_pixels(shape, dtype, device, seed):
+    """Random pixels in [-1.3, 1.3] with every 7th value on a rounding tie or an exact edge value."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.rand(shape, device=device, generator=g) * 2.6 - 1.3).to(dtype)
+    k = torch.randint(0, 255, shape, device=device, generator=g).float()
+    ties = ((k + 0.5) / 255 * 2 - 1).to(dtype)
+    sel = torch.arange(x.numel(), device=device).reshape(shape) % 7 == 0
+    x = torch.where(sel, ties, x)
+    x.view(-1)[:3] = torch.tensor([-1.0, 0.0, 1.0], device=device, dtype=dtype)
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 24, 704, 1280), (3, 1, 5, 7), (3, 9, 33, 300)])
+def test_triton_frames_bit_equal(dtype, shape):
+    x = tie_pixels(shape, dtype, "cuda", seed=shape[1])
+    want = to_uint8_frames_reference(x)
+    assert torch.equal(to_uint8_frames_triton(x), want)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # other strides
+    assert torch.equal(to_uint8_frames_triton(xt), want)
+    assert torch.equal(pixels_to_frames_fast(x[None]), pixels_to_frames(x[None]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 2, 2, 2), (2, 5, 3, 7, 11), (1, 128, 26, 176, 320)])
+def test_triton_reflect_pad_equals_f_pad(dtype, shape):
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    want = F.pad(x, (1, 1, 1, 1, 0, 0), mode="reflect")
+    assert torch.equal(reflect_pad_hw1_triton(x), want)
+
+
+def test_frames_reference_equals_pixels_to_frames():
+    x = tie_pixels((3, 2, 9, 13), torch.float32, "cpu", seed=1)
+    assert torch.equal(to_uint8_frames_reference(x), pixels_to_frames(x))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2, 2), (2, 5, 3, 7, 11), (1, 4, 1, 22, 40)])

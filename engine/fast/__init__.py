@@ -7,7 +7,8 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-tf32-scans`: TF32 matmuls inside the GDN / camera scans (engine/fast/scans.py; not bit-equal);
 - `refiner-graph`: CUDA-graph replay of the AR refiner's block forwards (engine/fast/refiner_graph.py);
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
-- `vae-pad`: cheap reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py; any device).
+- `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
+- `frames`: decoded pixels -> uint8 frames in one Triton pass (engine/fast/frames.py, kernels/frames.py).
 
 `all` names every one of them.
 """
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "refiner-rope", "vae-pad")
-CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-rope")
+FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "refiner-rope", "vae-pad", "frames")
+CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-rope", "frames")
 
 
 def apply_fast_paths(pipe, names) -> dict[str, str]:
@@ -50,6 +51,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             use_triton_rope()
             done[name] = "engine.refiner.{model,ar}.apply_rope -> kernels.rope.rope_split (process-wide)"
+        elif name == "frames":
+            from engine.fast.frames import use_fast_frames
+
+            use_fast_frames()
+            done[name] = "engine.world.pixels_to_frames -> one-pass Triton conversion (process-wide)"
         elif name == "vae-pad":
             from engine.fast.vae_pad import use_fast_reflect_pad
 

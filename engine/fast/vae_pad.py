@@ -2,7 +2,7 @@
 `padding_mode="reflect"`, whose `reflection_pad3d` kernel took a quarter of the release decode's GPU time).
 
 `reflect_pad_hw1(x)` pads `[B, C, T, H, W]` by one pixel on each side of H and W, reflecting (edge pixel not
-repeated), as two concatenations (W, then H): two coalesced bandwidth-bound passes.
+repeated): one Triton pass on a CUDA tensor (`kernels.frames.reflect_pad_hw1`), two concatenations elsewhere.
 `use_fast_reflect_pad(vae)` points every reflect-padded `CausalConv3d` of the decoder at
 `fast_causal_conv_forward` (an instance attribute, so `restore_plain_pad(vae)` undoes it); other padding modes
 keep the plain path.
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.vae.model import TEMPORAL_CONTEXT, CausalConv3d
+from kernels.frames import reflect_pad_hw1 as _pad
 
 
 def reflect_pad_hw1(x: torch.Tensor) -> torch.Tensor:
     """`[B, C, T, H, W]` -> `[B, C, T, H+2, W+2]`, reflect padding of 1 on H and W (H, W >= 2)."""
-    x = torch.cat([x[..., 1:2], x, x[..., -2:-1]], dim=-1)
-    return torch.cat([x[..., 1:2, :], x, x[..., -2:-1, :]], dim=-2)
+    return _pad(x)
 
 
 def fast_causal_conv_forward(self: CausalConv3d, x: torch.Tensor, causal: bool, cache=None) -> torch.Tensor:
