@@ -41,6 +41,10 @@ def add_driver_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", default="preview", choices=["preview", "full"])
     p.add_argument("--keymap", default="v2", choices=["v1", "v2"])
+    p.add_argument("--connect", default=None, metavar="ADDRESS",
+                   help="drive a running engine (e.g. tcp://127.0.0.1:5555) instead of generating in-process")
+    p.add_argument("--out", default=None, help="with --connect: where to write the mp4 (default replay.mp4)")
+    p.add_argument("--curve-dir", default=None, help="with --connect: CURVE keys from `sana-wm keys`")
     _world_args(p)
 
     p = sub.add_parser("resume", help="continue a recorded session in place, or branch it, with scripted keys")
@@ -92,6 +96,8 @@ def run_driver(args) -> int:
     from engine.world import build_world
 
     progress = not args.quiet
+    if args.command == "replay" and args.connect:
+        return _replay_connected(args)
     if args.command == "demo":
         if not args.headless:
             print("sana-wm demo: the pygame window is not built yet (issue 6); running the scripted drive "
@@ -116,4 +122,45 @@ def run_driver(args) -> int:
                        steps=args.steps, shift=args.shift, guidance=args.guidance, out=args.out, progress=progress))
     elif args.command == "export":
         print(export(world, args.session, args.out, refine=args.refine, overlay=args.overlay, progress=progress))
+    return 0
+
+
+def _replay_connected(args) -> int:
+    """`replay --connect`: the same drive through a running engine (client side only: no torch here)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from client.headless import run_headless
+    from engine.controls import format_action
+    from engine.errors import InputError
+    from protocol.keys import controls_to_letters
+
+    if args.c2w:
+        raise InputError("replay --connect drives keys; explicit --c2w poses run in-process only")
+    if (args.session is None) == (args.action is None):
+        raise InputError("replay --connect takes exactly one of: a session directory, --action DSL")
+    image, prompt, action, keymap, seed = args.image, args.prompt, args.action, args.keymap, args.seed
+    intrinsics, quality = args.intrinsics, args.quality
+    if args.session is not None:
+        from engine.recording import SessionDir, frame_controls
+
+        sdir = SessionDir.open(args.session)
+        m = sdir.read_manifest()
+        held = frame_controls(sdir.scan_actions().records)
+        letters = (controls_to_letters(h, m.keymap) for h in held)
+        action = format_action("" if x == "none" else x for x in letters)
+        image, prompt, keymap, seed, intrinsics, quality = (sdir.first_frame_path.read_bytes(), m.prompt,
+                                                            m.keymap, m.seed, m.intrinsics, m.quality)
+    elif image is None:
+        from importlib import resources
+
+        image = resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
+    out = Path(args.out or "replay.mp4")
+    result = run_headless(args.connect, image, prompt, action, keymap=keymap, lossless=True, out_mp4=out,
+                          seed=seed, quality=quality, intrinsics=intrinsics, curve_dir=args.curve_dir,
+                          keep_frames=False)
+    np.save(out.with_suffix(".poses.npy"), result.pose_array)
+    print(f"session  {result.session_id} (on the engine)\nframes   {len(result.indices)}\n"
+          f"video    {out}\nposes    {out.with_suffix('.poses.npy')}")
     return 0

@@ -30,9 +30,12 @@ from engine.vae.pixels import pixels_to_frames
 from engine.world import World, WorldPipeline, build_world
 
 
+DEMO_IMAGE_PATH = Path(str(resources.files("engine").joinpath("assets/first_frame.png")))
+
+
 def demo_image() -> Image.Image:
     """The bundled first frame (a synthetic street, drawn once and shipped with the package)."""
-    with resources.files("engine").joinpath("assets/first_frame.png").open("rb") as f:
+    with open(DEMO_IMAGE_PATH, "rb") as f:
         return Image.open(f).convert("RGB")
 
 

@@ -763,6 +763,8 @@ class EngineServer:
                 raise ProtocolError("invalid_field", "chunk", "a running session resumes after its last chunk "
                                     f"({live.session.next_chunk_index - 1}); use branch for an earlier one")
             self._attach(live, ident)
+            if live.paused:
+                live.session.unpause()
             live.paused = False
             self._status(live, "running", "resumed")
             return
@@ -816,6 +818,8 @@ class EngineServer:
             live.paused = True
             self._status(live, "paused", "paused by the driver")
         elif msg.action == "resume":
+            if live.paused:
+                s.unpause()
             live.paused = False
             self._status(live, "running", "resumed by the driver")
         elif msg.action == "set_prompt":

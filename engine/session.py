@@ -195,6 +195,12 @@ class Session:
         self.save_snapshot()
         self._set_status("paused")
 
+    def unpause(self) -> None:
+        """Continue after `pause()`: a resume record in the action log, status back to recording."""
+        if self._log is not None:
+            self._log.append_resume(self.frames_emitted)
+        self._set_status("recording")
+
     def close(self, status: str = "stopped") -> None:
         """Final snapshot, status in the manifest, video and log closed. Safe to call twice."""
         if self.dir is None:

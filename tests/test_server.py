@@ -351,6 +351,8 @@ def test_driver_controls_pause_prompt_and_stop(engine):
     records = sdir.scan_actions().records
     assert {"t": "prompt", "i": 25, "prompt": "a beach at noon"} in records
     assert {"t": "pause", "i": 25} in records
+    assert {"t": "resume", "i": 25} in records
+    assert records.index({"t": "pause", "i": 25}) < records.index({"t": "resume", "i": 25})
     assert sdir.read_manifest().status == "stopped"
 
 
