@@ -29,7 +29,6 @@ from engine.session import Session, new_session_like, replay_controls
 from engine.vae.pixels import pixels_to_frames
 from engine.world import World, WorldPipeline, build_world
 
-
 DEMO_IMAGE_PATH = Path(str(resources.files("engine").joinpath("assets/first_frame.png")))
 
 
