@@ -211,6 +211,7 @@ class PlayApp:
         self._asked_quality: str | None = None  # Q pressed: the quality asked for
         self._fallback_quality: str | None = None  # restarting at another quality: the one to go back to
         self._just_shown: FrameHeader | None = None  # shown by this step, timed at the flip
+        self._resetting = False  # reset sent: the session's `ended` is expected, a new one follows
         self.running = True
         self.started_at = time.monotonic()
         pygame.joystick.init()
@@ -333,6 +334,7 @@ class PlayApp:
         elif action == "reset":
             if self.session_live:
                 self.link.send(Control(action="reset"))
+                self._resetting = True
                 self.hud.show_note("reset: a new session from the first image")
             elif self.welcome is not None:
                 self._start(self.quality)
@@ -490,6 +492,13 @@ class PlayApp:
 
     def _on_error(self, e: Error) -> None:
         self.log.errors.append(e)
+        if self._resetting and e.code == "bad_state" and e.field == "action":
+            # the engine resets only sessions begun with `start` (not a branch): stop it and start afresh
+            self._resetting = False
+            self.after_end = AfterEnd("start", quality=self.quality)
+            self.link.send(Control(action="stop"))
+            self.hud.show_note("reset: a new session from the first image")
+            return
         if e.field == "quality" and e.code == "bad_state" and self._asked_quality:
             # this engine fixes quality per session: restart from the first image at the new quality
             self.after_end = AfterEnd("start", quality=self._asked_quality)
@@ -518,8 +527,8 @@ class PlayApp:
             self.link.keys_on()
         elif after is not None and after.kind == "start":
             self._start(after.quality)
-        elif e.message.startswith("reset"):
-            pass  # the engine starts the new session itself
+        elif self._resetting:
+            self._resetting = False  # the engine starts the new session itself
         else:
             self.hud.show_note(f"session ended ({e.reason}) {e.message}; press R for a new one")
 

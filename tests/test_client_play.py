@@ -162,7 +162,7 @@ def test_window_drives_the_engine_and_the_hud_measures_it(engine):
     assert log.ended and log.ended[-1].reason == "stopped"  # closing the window stopped the session
 
 
-def test_pause_prompt_and_branch_from_the_window(engine):
+def test_pause_prompt_branch_reset_and_quality_from_the_window(engine):
     app = PlayApp(PlayConfig(address=engine, image=_png(), prompt=PROMPT, window_size=(640, 384), hud=False))
     d = Driver(app)
     try:
@@ -175,10 +175,18 @@ def test_pause_prompt_and_branch_from_the_window(engine):
         typed += [(0.2, pygame.TEXTINPUT, {"text": "a snowy forest"}), (0.3, pygame.KEYDOWN, pygame.K_RETURN)]
         d.run_until(lambda: app.hud.note == "prompt changed", 10, events=typed)
         assert app.prompt == "a snowy forest" and app.typing is None
+        # R on a started session: the engine itself ends it and starts a new one from the first image
+        d.run_until(
+            lambda: len(app.log.sessions) == 2 and app.current is not None,
+            60,
+            events=[(0.0, pygame.KEYDOWN, pygame.K_r)],
+        )
+        assert app.current.header.index < app.welcome.chunk_frames and app.log.errors == []
+        d.run_until(lambda: app.current.header.chunk >= 1, 60)
         first = app.session_id
         chunk = app.current.header.chunk
         d.run_until(
-            lambda: len(app.log.sessions) == 2 and app.current is not None,
+            lambda: len(app.log.sessions) == 3 and app.current is not None,
             60,
             events=[(0.0, pygame.KEYDOWN, pygame.K_b)],
         )
@@ -186,7 +194,27 @@ def test_pause_prompt_and_branch_from_the_window(engine):
         branched = app.current.header
         assert branched.session_id != first and branched.session_id == app.session_id
         assert branched.index > chunk * app.welcome.chunk_frames  # continues after the chunk on screen
-        assert app.log.ended[0].session_id == first
+        assert app.log.ended[-1].session_id == first
+
+        # R: a new session from the first image (frames from index 0); the engine refuses to reset a branched
+        # session, so the client stops it and starts afresh
+        d.run_until(
+            lambda: len(app.log.sessions) == 4 and app.current is not None,
+            60,
+            events=[(0.0, pygame.KEYDOWN, pygame.K_r)],
+        )
+        assert app.current.header.index < app.welcome.chunk_frames
+        assert [(e.code, e.field) for e in app.log.errors] == [("bad_state", "action")]
+        app.log.errors.clear()
+        # Q: this engine fixes quality per session and serves preview only: the client restarts in full, is
+        # refused, and goes back to preview in a fresh session
+        d.run_until(
+            lambda: len(app.log.sessions) == 5 and app.current is not None,
+            60,
+            events=[(0.0, pygame.KEYDOWN, pygame.K_q)],
+        )
+        assert [(e.code, e.field) for e in app.log.errors] == [("bad_state", "quality"), ("invalid_field", "quality")]
+        assert app.quality == "preview" and app.hud.state == "running"
     finally:
         app.close()
 
