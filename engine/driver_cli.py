@@ -28,6 +28,7 @@ def add_driver_commands(sub) -> None:
                    help="no window: drive a scripted key sequence, write a session and an mp4")
     p.add_argument("--action", default=DEMO_ACTION, help="the scripted drive of --headless (action DSL)")
     p.add_argument("--quality", default="preview", choices=["preview", "full"])
+    p.add_argument("--seconds", type=float, default=None, help="close the window after this many seconds")
     _world_args(p)
 
     p = sub.add_parser("replay", help="headless: regenerate a session, or run an action string or c2w poses")
@@ -99,9 +100,8 @@ def run_driver(args) -> int:
     if args.command == "replay" and args.connect:
         return _replay_connected(args)
     if args.command == "demo":
-        if not args.headless:
-            print("sana-wm demo: the pygame window is not built yet (issue 6); running the scripted drive "
-                  "headless instead (same as --headless).")
+        if not args.headless and _demo_window(args):
+            return 0
         _summary(demo_headless(record_root=args.record_root, device=args.device, progress=progress,
                                action=args.action, quality=args.quality))
         return 0
@@ -164,3 +164,56 @@ def _replay_connected(args) -> int:
     print(f"session  {result.session_id} (on the engine)\nframes   {len(result.indices)}\n"
           f"video    {out}\nposes    {out.with_suffix('.poses.npy')}")
     return 0
+
+
+def _demo_window(args) -> bool:
+    """The windowed demo: an engine subprocess on the tiny preset and the pygame client. False (after saying
+    why) when no window can be opened here, so the caller runs the headless drive instead."""
+    import subprocess
+    import sys
+    import threading
+    from importlib import resources
+
+    import os
+
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:
+        import pygame
+
+        from client.play import WindowError, run_demo_window
+    except ModuleNotFoundError as e:
+        print(f"sana-wm demo: no window ({e}); running the scripted drive headless instead")
+        return False
+    if not os.environ.get("SDL_VIDEODRIVER"):  # SDL falls back to an invisible window without a display
+        pygame.display.init()
+        driver = pygame.display.get_driver()
+        pygame.display.quit()
+        if driver in ("offscreen", "dummy"):
+            print("sana-wm demo: no display here, so no window; running the scripted drive headless instead")
+            return False
+    cmd = [sys.executable, "-m", "engine.cli", "engine", "--preset", "tiny", "--bind", "tcp://127.0.0.1:0",
+           "--device", args.device, "--record-root", args.record_root, "--quality", args.quality]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        address = None
+        for line in proc.stdout:
+            if "listening on" in line:
+                address = line.split("listening on ")[1].split()[0]
+                break
+        if address is None:
+            raise RuntimeError(f"the demo engine did not start (exit {proc.wait()})")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        image = resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
+        print(f"sana-wm demo: engine on {address}; WASD/IJKL/arrows move, H toggles the HUD, Esc quits")
+        try:
+            log = run_demo_window(address, image_bytes=image, prompt=DEMO_PROMPT, quality=args.quality,
+                                  seconds=args.seconds)
+        except WindowError as e:
+            print(f"sana-wm demo: no window ({e}); running the scripted drive headless instead")
+            return False
+        for sid in log.sessions:
+            print(f"session  {args.record_root}/{sid}")
+        return True
+    finally:
+        proc.terminate()
+        proc.wait(30)
