@@ -169,12 +169,11 @@ def _replay_connected(args) -> int:
 def _demo_window(args) -> bool:
     """The windowed demo: an engine subprocess on the tiny preset and the pygame client. False (after saying
     why) when no window can be opened here, so the caller runs the headless drive instead."""
+    import os
     import subprocess
     import sys
     import threading
     from importlib import resources
-
-    import os
 
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     try:
