@@ -4,8 +4,9 @@ A refined block runs the refiner 4 times (3 sigma steps + the sigma = 0 capture 
 K/V window writes the block's K/V into slots that depend only on how much history it holds. So each
 (latent shape, window history, open block) combination is captured once and replayed with static inputs:
 latents `[B, C, n, h, w]`, sigma `[B]` fp64, the RoPE table of the block's frames (computed eagerly, once per
-block) and the prompt's per-layer cross-attention K/V (copied in when the prompt changes). The sink pass and the
-first sight of a shape run the plain forward.
+block) and the prompt's per-layer cross-attention K/V (copied in when the prompt changes). The sink pass, the
+blocks before the history window is full (each of those shapes occurs once per session) and the first sight of a
+steady shape run the plain forward.
 
 `GraphedRefinerModel(model)` stands in for the model inside an `ARRefiner` (`ar.model = GraphedRefinerModel(...)`):
 attribute access goes to the wrapped model, calls go through the graphs. CUDA only.
@@ -98,6 +99,8 @@ class GraphedRefinerModel:
         if not isinstance(kv, RefinerKVWindow) or frame_positions is None or torch.is_tensor(sigma):
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         key = (tuple(latents.shape), kv.history_len, kv.active_len, id(kv))
+        if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
+            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         if key not in self.seen:
             self.seen.add(key)
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)

@@ -11,8 +11,11 @@ replayed with its inputs copied into static buffers:
 - static prompt K/V (copied in when the prompt changes);
 - the caches are the stream's own preallocated buffers (written in place by the write graph).
 
-The first time a shape key is seen the plain eager forward runs (warm-up); the second time it is captured.
-Python-side cache counters (softmax window fill, frames written) are advanced exactly as the eager pass does.
+Only steady-state keys are captured (the stream past its first chunk, the softmax window holding a sink and a
+recent chunk): the first two chunks of a session run eagerly, so no graph is made that one session uses once
+(that would cost time to first frame). The first time a steady key is seen the plain eager forward runs
+(warm-up); the second time it is captured. Python-side cache counters (softmax window fill, frames written) are
+advanced exactly as the eager pass does.
 `GraphedStage1Stream.from_stream(stream)` swaps a `Stage1Stream` for one that uses this; CUDA only.
 """
 
@@ -66,6 +69,11 @@ class Stage1GraphRunner:
             if isinstance(b, SoftmaxBlockCache):
                 return b.sink_len, b.recent_len
         return None
+
+    def steady(self) -> bool:
+        """Past the first chunk, and the softmax window (if any) holds both its sink and a recent chunk."""
+        fill = self._window_fill()
+        return self.cache.frames_written > 0 and (fill is None or (fill[0] > 0 and fill[1] > 0))
 
     def _counters(self) -> list[tuple[int, int]]:
         return [(b.sink_len, b.recent_len) for b in self.cache.blocks if isinstance(b, SoftmaxBlockCache)]
@@ -153,8 +161,9 @@ class Stage1GraphRunner:
                  camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool) -> torch.Tensor:
         B, _, T, h, w = hidden_states.shape
         key = (tuple(hidden_states.shape), write_cache, self._window_fill())
-        if key not in self.seen:  # first sight: the plain eager pass (warm-up; validates the inputs)
-            self.seen.add(key)
+        if not self.steady() or key not in self.seen:  # start-up, or first sight: the plain eager pass
+            if self.steady():
+                self.seen.add(key)
             return self.model.forward_cached(hidden_states, timestep, text, camera_conditions, chunk_plucker,
                                              self.cache, write_cache=write_cache, mode=self.mode)
         self._sync_text(text)
