@@ -62,6 +62,11 @@ def _add_engine_commands(sub) -> None:
                    help="ZeroMQ endpoint (default tcp://127.0.0.1:5555; port 0 picks a free one); a non-loopback "
                         "address needs --curve-dir")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--weights", default=None, help="weights directory (layout in engine/world.py); default: the "
+                                                   "preset's seeded random weights")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="model dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--fast", default="", help="comma-separated fast paths (engine/fast: stage1-graph, ... or all)")
     p.add_argument("--record-root", default="recordings", help="where sessions are recorded ('none': not at all)")
     p.add_argument("--curve-dir", default=None, help="CURVE keys from `sana-wm keys DIR` (encrypts, admits DIR/*.key)")
     p.add_argument("--quality", default="full", choices=["preview", "full"],
@@ -91,7 +96,8 @@ def _run_engine_command(args) -> int:
         curve_dir=args.curve_dir, qualities=("preview",) if args.quality == "preview" else ("preview", "full"),
         heartbeat_timeout_s=args.heartbeat_timeout, max_sessions=args.max_sessions,
         snapshot_every=args.snapshot_every, sndhwm=args.sndhwm, max_queued_frames=args.max_queued_frames)
-    server.serve(preset=args.preset, device=args.device, config=config, announce=lambda s: print(s, flush=True))
+    server.serve(preset=args.preset, device=args.device, config=config, announce=lambda s: print(s, flush=True),
+                 weights=args.weights, dtype=args.dtype, fast=tuple(f for f in args.fast.split(",") if f))
     return 0
 
 

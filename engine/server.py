@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import zmq
 from PIL import Image
 
@@ -1048,7 +1049,7 @@ class EngineServer:
 
 
 def serve(*, preset: str = "tiny", device: str = "cpu", config: ServerConfig | None = None,
-          announce=print) -> None:
+          announce=print, weights: str | None = None, dtype: str | None = None, fast: tuple[str, ...] = ()) -> None:
     """Build the world and serve until interrupted (`sana-wm engine`)."""
     import signal
 
@@ -1059,7 +1060,13 @@ def serve(*, preset: str = "tiny", device: str = "cpu", config: ServerConfig | N
     check_bind(config.bind, config.curve_dir)  # before the (slow) model build
     if config.curve_dir is not None:
         _load_server_keys(config.curve_dir)
-    world = build_world(preset, device=device, with_refiner="full" in config.qualities)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise InputError(f"dtype {dtype!r} is not accepted; use one of {sorted(dtypes)}")
+    torch_dtype = dtypes[dtype] if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    world = build_world(preset, device=device, dtype=torch_dtype, with_refiner="full" in config.qualities,
+                        weights=weights)
+    world.fast = tuple(fast)
     server = EngineServer(world, config)
     address = server.start()
     announce(f"sana-wm engine: listening on {address} (preset {world.preset.name}, {world.preset.pixel_hw[1]}x"

@@ -74,6 +74,7 @@ class World:
     text: object  # engine.text.TextStack
     device: torch.device
     dtype: torch.dtype
+    fast: tuple[str, ...] = ()  # fast paths (engine.fast) every pipeline of this world switches on
 
 
 def build_world(
@@ -136,6 +137,10 @@ class WorldPipeline:
         self.decoder = StreamingDecoder(world.vae, 1, *self.latent_hw)
         self.anchor: torch.Tensor | None = None  # [1, C, 1, h, w] clean latent of the first image
         self.quality = "preview"
+        if world.fast:
+            from engine.fast import apply_fast_paths
+
+            apply_fast_paths(self, world.fast)
 
     def _sync(self) -> float:
         if self.world.device.type == "cuda":
