@@ -170,9 +170,6 @@ def _demo_window(args) -> bool:
     """The windowed demo: an engine subprocess on the tiny preset and the pygame client. False (after saying
     why) when no window can be opened here, so the caller runs the headless drive instead."""
     import os
-    import subprocess
-    import sys
-    import threading
     from importlib import resources
 
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -190,18 +187,11 @@ def _demo_window(args) -> bool:
         if driver in ("offscreen", "dummy"):
             print("sana-wm demo: no display here, so no window; running the scripted drive headless instead")
             return False
-    cmd = [sys.executable, "-m", "engine.cli", "engine", "--preset", "tiny", "--bind", "tcp://127.0.0.1:0",
-           "--device", args.device, "--record-root", args.record_root, "--quality", args.quality]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from engine.spawn import spawn_engine
+
+    proc, address = spawn_engine(["--preset", "tiny", "--bind", "tcp://127.0.0.1:0", "--device", args.device,
+                                  "--record-root", args.record_root, "--quality", args.quality], cwd=None)
     try:
-        address = None
-        for line in proc.stdout:
-            if "listening on" in line:
-                address = line.split("listening on ")[1].split()[0]
-                break
-        if address is None:
-            raise RuntimeError(f"the demo engine did not start (exit {proc.wait()})")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
         image = resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
         print(f"sana-wm demo: engine on {address}; WASD/IJKL/arrows move, H toggles the HUD, Esc quits")
         try:

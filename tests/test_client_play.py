@@ -6,9 +6,6 @@ the HUD's data (latency samples, buffer depth, pose trail) and the frame headers
 import io
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ os.environ["SDL_AUDIODRIVER"] = "dummy"
 import pygame  # noqa: E402
 
 from client.play import PlayApp, PlayConfig, run_demo_window  # noqa: E402
+from engine.spawn import spawn_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a quiet street at dusk"
@@ -37,14 +35,8 @@ def _png(hw=(150, 260)) -> bytes:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """Address of `python -m engine.cli engine --preset tiny` in a subprocess (records to a temp dir)."""
-    if not (ROOT / "engine" / "server.py").is_file():
-        pytest.skip("engine/server.py does not exist yet: no engine to drive")
     root = tmp_path_factory.mktemp("recordings")
     cmd = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "engine",
         "--preset",
         "tiny",
         "--bind",
@@ -54,16 +46,7 @@ def engine(tmp_path_factory):
         "--quality",
         "preview",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    address = None
-    for line in proc.stdout:
-        if "listening on" in line:
-            address = line.split("listening on ")[1].split()[0]
-            break
-    if address is None:
-        proc.kill()
-        pytest.fail(f"engine did not start: {proc.stdout.read()}")
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    proc, address = spawn_engine(cmd)
     yield address
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0

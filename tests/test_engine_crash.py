@@ -5,9 +5,6 @@ frames equal an uninterrupted run, at most the chunk in flight is lost, the part
 import io
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +16,9 @@ from engine.cli import main
 from engine.recording import SessionDir, committed_chunks, iter_video
 from engine.rollout import ScriptedControls
 from engine.session import Session
+from engine.spawn import spawn_engine
 from engine.world import build_world
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a harbour at noon"
 ACTION = "w-24,jw-24,ik-24,l-24,s-24"  # 5 chunks, keys change on chunk boundaries
 
@@ -34,15 +31,8 @@ def png() -> bytes:
 
 
 def start_engine(record_root: Path):
-    cmd = [sys.executable, "-m", "engine.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--record-root",
-           str(record_root), "--quality", "preview", "--snapshot-every", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if "listening on" in line:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc, line.split("listening on ")[1].split()[0]
-    proc.kill()
-    pytest.fail("engine did not start")
+    return spawn_engine(["--bind", "tcp://127.0.0.1:0", "--record-root", str(record_root), "--quality", "preview",
+                         "--snapshot-every", "2"])
 
 
 class Killed(Exception):

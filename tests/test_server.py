@@ -5,11 +5,8 @@ import io
 import os
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import av
 import msgpack
@@ -25,6 +22,7 @@ from engine.recording import SessionDir, frame_controls
 from engine.rollout import ScriptedControls
 from engine.server import EngineServer, JitPolicy, ServerConfig, check_bind, generate_keys, is_loopback
 from engine.session import Session
+from engine.spawn import spawn_engine
 from engine.world import build_world
 from protocol import (
     PROTOCOL_VERSION,
@@ -60,20 +58,10 @@ def _png(seed=0, hw=(150, 260)) -> bytes:
 def engine(tmp_path_factory):
     """(address, record_root) of `sana-wm engine` running in a subprocess."""
     root = tmp_path_factory.mktemp("recordings")
-    cmd = [sys.executable, "-m", "engine.cli", "engine", "--bind", "tcp://127.0.0.1:0", "--record-root", str(root),
+    cmd = ["--bind", "tcp://127.0.0.1:0", "--record-root", str(root),
            "--quality", "preview", "--heartbeat-timeout", str(HEARTBEAT_S), "--sndhwm", "4",
            "--max-queued-frames", "16", "--max-sessions", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    address = None
-    for line in proc.stdout:
-        if "listening on" in line:
-            address = line.split("listening on ")[1].split()[0]
-            break
-    if address is None:
-        proc.kill()
-        pytest.fail(f"engine did not start: {proc.stdout.read()}")
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe drained
+    proc, address = spawn_engine(cmd)
     yield address, root
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
