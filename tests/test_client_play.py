@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ import pygame  # noqa: E402
 from client.play import PlayApp, PlayConfig, run_demo_window  # noqa: E402
 from engine.spawn import spawn_engine  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a quiet street at dusk"
 
 
