@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import msgpack
 import numpy as np
 import torch
@@ -468,7 +467,10 @@ class VideoWriter:
             raise InputError(f"video size {width}x{height}: H.264 yuv420p needs positive even width and height")
         self.path, self.width, self.height = Path(path), width, height
         self.frames_written = 0
+        import av  # PyAV only where video is written or read: logs, latents and snapshots work without it
+
         self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - unbuffered: a kill loses nothing written
+        self._av = av
         self._container = av.open(self._file, "w", format="mp4", options=_MP4_OPTIONS)
         rate = _fps_fraction(fps)
         self._stream = self._container.add_stream(
@@ -488,7 +490,7 @@ class VideoWriter:
                 f"video frames {frames.dtype} {list(frames.shape)}: expected uint8 [F, {self.height}, {self.width}, 3]"
             )
         for frame in frames:
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             vf.pts = self.frames_written
             self._container.mux(self._stream.encode(vf))
             self.frames_written += 1
@@ -519,6 +521,8 @@ def _fps_fraction(fps: float):
 
 def iter_video(path: str | Path, limit: int | None = None) -> Iterator[np.ndarray]:
     """Decoded frames [H, W, 3] uint8 of an mp4 (complete or cut short by a crash), at most `limit`."""
+    import av
+
     with av.open(str(path)) as container:
         for n, frame in enumerate(container.decode(video=0)):
             if limit is not None and n >= limit:
@@ -548,6 +552,8 @@ def resume_video(path: str | Path, width: int, height: int, fps: float, keep_fra
     the copy leaves `.prev.mp4`, which the next call uses again. Compare `frames_written` with
     `keep_frames`: a video cut short by a crash may hold fewer (the driver re-emits what is missing).
     """
+    import av
+
     path = Path(path)
     prev = path.with_name(path.stem + ".prev" + path.suffix)
     if not prev.exists() and path.exists():

@@ -179,3 +179,34 @@ def test_cuda_only_paths_refused_on_cpu():
         apply_fast_paths(WorldPipeline(world), ["stage1-graph"])
     with pytest.raises(InputError, match="unknown fast path"):
         apply_fast_paths(WorldPipeline(world), ["warp-drive"])
+
+
+@pytest.mark.gpu
+def test_world_fast_paths_reach_every_session_pipeline():
+    """`sana-wm engine --fast all`: a world's `fast` names are switched on in each session's pipeline."""
+    import numpy as np
+
+    from engine.rollout import ScriptedControls
+    from engine.session import Session
+
+    worlds = []
+
+    def frames(fast):
+        world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=1)
+        world.fast = fast
+        worlds.append(world)
+        s = Session.create(world, first_image=np.full((96, 160, 3), 90, np.uint8), prompt="a street", seed=2,
+                           record_root=None, controls=ScriptedControls.from_action("w-48,jw-48,l-72"))
+        graphed = type(s.pipeline.stream).__name__
+        out = [c.latents for c in iter(s.step, None)]
+        return graphed, torch.cat(out, dim=2)
+
+    try:
+        name_fast, fast = frames(GRAPHS)
+        name_plain, plain = frames(())
+    finally:
+        restore_plain_rope()
+        restore_plain_frames()
+        restore_plain_pad(worlds[0].vae)
+    assert name_fast == "GraphedStage1Stream" and name_plain == "Stage1Stream"
+    assert rel(fast, plain) <= 1e-4
