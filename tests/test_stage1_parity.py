@@ -43,6 +43,19 @@ def test_fixture_parity(path):
     assert err.mean() <= MEAN_ABS, f"mean abs {err.mean():.3g}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", fixture_params("stage1_tiny.safetensors"))
+def test_fixture_parity_on_gpu(path):
+    """The same plain path on CUDA (fp32, TF32 off) meets the same tolerance."""
+    cfg, weights, inputs, expected = load_fixture(path)
+    model = Stage1Transformer(cfg).eval()
+    load_stage1_weights(model, weights)
+    out = run_fixture(model.cuda(), {k: v.cuda() for k, v in inputs.items()}).cpu()
+    err = (out - expected).abs()
+    assert err.max() <= MAX_ABS, f"max abs {err.max():.3g}"
+    assert err.mean() <= MEAN_ABS, f"mean abs {err.mean():.3g}"
+
+
 @pytest.mark.parametrize("path", fixture_params("stage1_tiny.safetensors"))
 def test_fixture_detects_wrong_camera_renorm(path):
     """The fixture is variant R; variant T must fail the tolerance (the flag is really wired)."""
