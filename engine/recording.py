@@ -189,7 +189,7 @@ class Manifest:
     keymap: str = "v2"
     controls: dict = field(default_factory=dict)  # speeds: translation_speed, rotation_speed_deg, ...
     quality: str = "preview"
-    first_image_sha256: str = ""  # of the image bytes the session was started from
+    first_image_sha256: str = ""  # of the first image's RGB pixels (uint8, row-major [H, W, 3])
     parent: dict | None = None  # a branch: {"session_id": ..., "chunk": k}
     extra: dict = field(default_factory=dict)  # free-form, for the engine's own bookkeeping
     format_version: int = FORMAT_VERSION

@@ -64,6 +64,11 @@ def load_image(image) -> Image.Image:
         raise InputError(f"cannot read the first image ({e}); give a PNG/JPEG file, bytes or a uint8 array") from e
 
 
+def image_digest(image: Image.Image) -> str:
+    """Hex SHA-256 of the image's RGB pixels (uint8, row-major), whatever file format carried them."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(image.convert("RGB"))).tobytes()).hexdigest()
+
+
 def default_intrinsics(world: World, image: Image.Image) -> list[float]:
     """The preset's default field of view, expressed in the image's own pixels (centred principal point)."""
     fx, fy, _, _ = world.preset.default_intrinsics
@@ -117,8 +122,6 @@ class Session:
                                pitch_limit_deg=pitch_limit_deg)
         k_in = list(map(float, intrinsics)) if intrinsics is not None else default_intrinsics(world, image)
         pixels, k_crop, _ = prepare_image(image, k_in, world.preset.pixel_hw)
-        png = io.BytesIO()
-        image.save(png, format="PNG")
         h, w = world.preset.pixel_hw
         manifest = Manifest(
             session_id=new_session_id(), created=dt.datetime.now(dt.UTC).isoformat(), status="recording",
@@ -126,7 +129,7 @@ class Session:
             width=w, height=h, prompt=prompt, intrinsics=[float(x) for x in k_in], keymap=params.name,
             controls={"translation_speed": params.translation_speed, "rotation_speed_deg": params.rotation_speed_deg,
                       "pitch_limit_deg": params.pitch_limit_deg, "smooth": params.smooth},
-            quality=quality, first_image_sha256=hashlib.sha256(png.getvalue()).hexdigest(),
+            quality=quality, first_image_sha256=image_digest(image),
         )
         pipeline = WorldPipeline(world)
         pipeline.start(pixels, prompt, quality)

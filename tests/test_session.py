@@ -182,3 +182,14 @@ def test_long_session_is_bounded_and_resumes_from_an_old_snapshot(world, tmp_pat
     assert nxt.index == 150
     assert torch.equal(nxt.latents, SessionDir.open(s.dir.path).load_latents(150)[0])
     shutil.rmtree(tmp_path / "fork")
+
+
+def test_manifest_digest_is_of_the_stored_first_image(world, tmp_path):
+    import hashlib
+
+    with create(world, tmp_path) as s:
+        generate(s, 1)
+    sdir = SessionDir.open(s.dir.path)
+    pixels = sdir.load_first_frame()
+    assert np.array_equal(pixels, image(world))
+    assert sdir.read_manifest().first_image_sha256 == hashlib.sha256(pixels.tobytes()).hexdigest()
