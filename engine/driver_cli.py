@@ -91,9 +91,8 @@ def _summary(result) -> None:
 
 
 def run_driver(args) -> int:
-    from PIL import Image
-
     from engine.drivers import demo_headless, export, generate, replay, resume_headless
+    from engine.session import load_image
     from engine.world import build_world
 
     progress = not args.quiet
@@ -107,7 +106,7 @@ def run_driver(args) -> int:
         return 0
     world = build_world(args.preset, device=args.device)
     if args.command == "replay":
-        image = Image.open(args.image).convert("RGB") if args.image else None
+        image = load_image(args.image) if args.image else None
         _summary(replay(world, session=args.session, action=args.action, c2w=args.c2w, image=image,
                         prompt=args.prompt, seed=args.seed, quality=args.quality, keymap=args.keymap,
                         intrinsics=args.intrinsics, record_root=args.record_root, progress=progress))
@@ -116,7 +115,7 @@ def run_driver(args) -> int:
         _summary(resume_headless(world, args.session, args.action, branch_from_chunk=args.branch_from_chunk,
                                  record_root=root, progress=progress))
     elif args.command == "generate":
-        image = Image.open(args.image).convert("RGB") if args.image else None
+        image = load_image(args.image) if args.image else None
         print(generate(world, image=image, prompt=args.prompt, action=args.action, c2w=args.c2w,
                        intrinsics=args.intrinsics, num_frames=args.frames, keymap=args.keymap, seed=args.seed,
                        steps=args.steps, shift=args.shift, guidance=args.guidance, out=args.out, progress=progress))

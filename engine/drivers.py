@@ -25,7 +25,15 @@ from engine.driver_cli import DEMO_ACTION, DEMO_PROMPT
 from engine.errors import InputError
 from engine.recording import SessionDir, VideoWriter, committed_chunks, frame_controls
 from engine.rollout import PoseControls, ScriptedControls, chunk_noise, chunk_plan
-from engine.session import Session, new_session_like, replay_controls
+from engine.session import (
+    Session,
+    load_image,
+    manifest_params,
+    new_session_like,
+    prompt_schedule,
+    recorded_controls,
+    replay_controls,
+)
 from engine.vae.pixels import pixels_to_frames
 from engine.world import World, WorldPipeline, build_world
 
@@ -70,6 +78,25 @@ def run_session(session: Session, *, progress: bool = True, max_chunks: int | No
                      dict(session.stats))
 
 
+def check_preset(world: World, manifest) -> None:
+    if manifest.preset != world.preset.name:
+        raise InputError(f"session {manifest.session_id} was recorded with preset {manifest.preset!r}; this world "
+                         f"is {world.preset.name!r} (pass --preset {manifest.preset})")
+
+
+def load_poses(c2w) -> np.ndarray:
+    """`[N+1, 4, 4]` camera-to-world poses from a .npy path or an array, with a clear error otherwise."""
+    if isinstance(c2w, (str, Path)):
+        try:
+            c2w = np.load(c2w, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read poses from {str(c2w)!r} ({e}); expected a .npy of [N+1, 4, 4] floats") from e
+    poses = np.asarray(c2w, dtype=np.float32)
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4) or len(poses) < 2:
+        raise InputError(f"poses of shape {poses.shape} are not accepted; expected [N+1, 4, 4] with N >= 1")
+    return poses
+
+
 def _frames_in(action: str) -> int:
     from engine.controls import parse_action
 
@@ -86,16 +113,18 @@ def replay(world: World, *, session: str | Path | None = None, action: str | Non
         raise InputError("replay takes exactly one of: a session directory, --action DSL, --c2w FILE")
     if session is not None:
         manifest, frames, prompts, first = replay_controls(session)
-        controls = ScriptedControls(frames, manifest.keymap)
+        check_preset(world, manifest)
+        controls = recorded_controls(SessionDir.open(session), manifest, frames)
         s = new_session_like(world, manifest, first, controls, record_root)
         s.pending_prompts = dict(prompts)
-        return run_session(s, progress=progress, total_chunks=len(frames) // chunk_plan(1).pixel_count)
+        steps = len(controls.c2w) - 1 if isinstance(controls, PoseControls) else len(frames)
+        return run_session(s, progress=progress, total_chunks=steps // chunk_plan(1).pixel_count)
     img = demo_image() if image is None else image
     if action is not None:
         controls = ScriptedControls.from_action(action, keymap)
         total = _frames_in(action) // chunk_plan(1).pixel_count
     else:
-        poses = np.load(c2w) if isinstance(c2w, (str, Path)) else np.asarray(c2w)
+        poses = load_poses(c2w)
         controls = PoseControls(poses)
         total = (len(poses) - 1) // chunk_plan(1).pixel_count
     s = Session.create(world, first_image=img, prompt=prompt, intrinsics=intrinsics, seed=seed, quality=quality,
@@ -148,6 +177,7 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
         raise InputError(f"overlay {overlay!r} is not accepted; use 'keys' or nothing")
     sdir = SessionDir.open(path)
     m = sdir.read_manifest()
+    check_preset(world, m)
     records = sdir.scan_actions().records
     chunks = committed_chunks(records)
     if not chunks:
@@ -163,7 +193,7 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
     pipe.start(pixels, m.prompt, "full" if refine else "preview")
     out = Path(out) if out is not None else sdir.path / ("export_refined.mp4" if refine else "export.mp4")
     h, w = world.preset.pixel_hw
-    prompts = {int(r["i"]): r["prompt"] for r in records if r["t"] == "prompt"}
+    prompts = prompt_schedule(records)
     with VideoWriter(out, w, h, m.fps) as writer:
         for k in tqdm(chunks, unit="chunk", disable=not progress, desc=f"export {sdir.session_id}"):
             plan = chunk_plan(k)
@@ -186,17 +216,17 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
             if quality == "full" and k == 0:
                 frames, start = frames[1:], 1
             if overlay == "keys":
-                frames = np.stack([overlay_keys(f, controls[start + j - 1] if start + j >= 1 else frozenset(),
-                                                start + j) for j, f in enumerate(frames)])
+                frames = np.stack([overlay_keys(f, held_at(controls, start + j), start + j)
+                                   for j, f in enumerate(frames)])
             writer.append(frames)
-    poses = recorded_poses(m, controls)
+    poses = recorded_poses(m, controls, sdir)
     first_frame = 1 if quality == "full" else 0
     n_frames = committed_frames_end(records) - first_frame
     meta = {
         "session": sdir.session_id, "refine": refine, "overlay": overlay, "chunks": len(chunks), "fps": m.fps,
         "keymap": m.keymap, "pose_convention": "camera-to-world 4x4 row-major, OpenCV axes, relative to frame 0",
         "frames": [{"i": i, "pose": poses[i].reshape(-1).tolist(),
-                    "held": sorted(controls[i - 1]) if i >= 1 else []}
+                    "held": sorted(held_at(controls, i))}
                    for i in range(first_frame, first_frame + n_frames)],
     }
     out.with_suffix(".json").write_text(json.dumps(meta))
@@ -208,14 +238,20 @@ def committed_frames_end(records) -> int:
     return max(r["end"] for r in records if r["t"] == "chunk")
 
 
-def recorded_poses(manifest, controls) -> np.ndarray:
-    """Poses `[N+1, 4, 4]` the recorded per-frame controls integrate to (pose 0 = the first image)."""
-    from engine.controls import CameraIntegrator, keymap_params
+def held_at(controls: list[frozenset[str]], frame: int) -> frozenset[str]:
+    """Controls applied to pixel frame `frame` (frame 0 is the first image; pose-driven sessions have none)."""
+    return controls[frame - 1] if 1 <= frame <= len(controls) else frozenset()
 
-    params = keymap_params(manifest.keymap, **{k: v for k, v in manifest.controls.items()
-                                               if k in ("translation_speed", "rotation_speed_deg",
-                                                        "pitch_limit_deg", "smooth")})
-    integrator = CameraIntegrator(params)
+
+def recorded_poses(manifest, controls, sdir: SessionDir) -> np.ndarray:
+    """Poses `[N+1, 4, 4]` of a recorded session (pose 0 = the first image): its explicit trajectory, or what
+    its recorded per-frame controls integrate to."""
+    from engine.controls import CameraIntegrator
+
+    source = recorded_controls(sdir, manifest, controls)
+    if isinstance(source, PoseControls):
+        return source.c2w
+    integrator = CameraIntegrator(manifest_params(manifest))
     return np.stack([integrator.state.c2w()] + [integrator.step_controls(c) for c in controls])
 
 
@@ -230,13 +266,12 @@ def generate(world: World, *, image=None, prompt: str = DEMO_PROMPT, action: str
     Writes `out` (mp4) and `out` with `.json` (per-frame poses)."""
     from engine.camera import num_latent_frames, prepare_camera, snap_num_frames
     from engine.controls import action_to_c2w
-    from engine.session import default_intrinsics, load_image
+    from engine.session import default_intrinsics
     from engine.stage1.sampler import sample_offline
 
     if (action is None) == (c2w is None):
         raise InputError("generate takes exactly one of --action DSL or --c2w FILE")
-    poses = action_to_c2w(action, keymap) if action is not None else (
-        np.load(c2w) if isinstance(c2w, (str, Path)) else np.asarray(c2w, dtype=np.float32))
+    poses = action_to_c2w(action, keymap) if action is not None else load_poses(c2w)
     f = snap_num_frames(min(num_frames or len(poses), len(poses)), upper=len(poses))
     poses = poses[:f]
     img = load_image(demo_image() if image is None else image)

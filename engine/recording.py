@@ -359,7 +359,9 @@ class ActionLog:
         self._appended = True
 
     def discard_uncommitted(self) -> int:
-        """Drop the records after the last `chunk` record (the chunk in flight at a crash); returns how many.
+        """Drop the `frame` records after the last `chunk` record (the chunk in flight at a crash); returns
+        how many. Prompt changes, pauses and resumes recorded after the last commit are what the user did and
+        are kept (they apply from the next chunk on).
 
         Call right after opening, before resuming a session in place, so that the new chunk's records
         follow the last committed chunk.
@@ -367,13 +369,19 @@ class ActionLog:
         if self._appended:
             raise RuntimeError("discard_uncommitted must be called before anything is appended")
         last = max((i for i, r in enumerate(self.records) if r["t"] == "chunk"), default=-1)
-        cut = self._ends[last] if last >= 0 else len(LOG_HEADER)
-        dropped = len(self.records) - (last + 1)
+        tail = self.records[last + 1:]
+        kept = [r for r in tail if r["t"] != "frame"]
+        dropped = len(tail) - len(kept)
         if dropped:
+            cut = self._ends[last] if last >= 0 else len(LOG_HEADER)
             self._file.truncate(cut)
             self._file.seek(0, os.SEEK_END)
+            ends = self._ends[: last + 1]
+            for r in kept:
+                self._file.write(encode_record(r))
+                ends.append(self._file.tell())
             self._sync()
-            self.records, self._ends = self.records[: last + 1], self._ends[: last + 1]
+            self.records, self._ends = self.records[: last + 1] + kept, ends
         return dropped
 
     def append_frame(self, index: int, held: Iterable[str], keys_seq: int = -1) -> None:

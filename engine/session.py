@@ -5,8 +5,9 @@ commits it to the session directory (latents, the controls actually applied per 
 full snapshot every `snapshot_every` chunks). `Session.resume` continues a recorded session exactly where
 it stopped, also after a crash: it restores the nearest snapshot and replays the cache-write passes of the
 later committed chunks from their stored latents (no denoising). `Session.branch` forks a new session
-from chunk k. `replay_frames` / `Session.replay_controls` give the per-frame controls a recorded session
-applied, so a headless replay drives the same integrator the live session did.
+from chunk k. `replay_controls` gives the per-frame controls a recorded session applied (and
+`manifest_params` its integrator settings), so a headless replay drives the same integrator the live
+session did.
 
 Knows nothing about sockets or pygame; the server and the CLI drivers sit on top of it.
 """
@@ -25,12 +26,13 @@ from PIL import Image
 
 from engine import __version__
 from engine.camera import prepare_image
-from engine.controls import keymap_params
+from engine.controls import CameraIntegrator, keymap_params
 from engine.errors import InputError
 from engine.recording import (
     Manifest,
     SessionDir,
     VideoWriter,
+    atomic_write_bytes,
     branch_session,
     committed_chunks,
     frame_controls,
@@ -41,6 +43,7 @@ from engine.rollout import (
     Chunk,
     ControlSource,
     LiveControls,
+    PoseControls,
     Rollout,
     ScriptedControls,
     chunk_plan,
@@ -64,6 +67,12 @@ def load_image(image) -> Image.Image:
         raise InputError(f"cannot read the first image ({e}); give a PNG/JPEG file, bytes or a uint8 array") from e
 
 
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"prompt {prompt!r} is not accepted; give a non-empty text")
+    return prompt
+
+
 def image_digest(image: Image.Image) -> str:
     """Hex SHA-256 of the image's RGB pixels (uint8, row-major), whatever file format carried them."""
     return hashlib.sha256(np.ascontiguousarray(np.asarray(image.convert("RGB"))).tobytes()).hexdigest()
@@ -76,6 +85,14 @@ def default_intrinsics(world: World, image: Image.Image) -> list[float]:
     w, h = image.size
     scale = max(th / h, tw / w)  # the crop's resize factor (camera.md §7)
     return [fx / scale, fy / scale, w / 2.0, h / 2.0]
+
+
+def manifest_params(manifest: Manifest):
+    """The integrator settings a session was recorded with (key map, speeds, smoothing)."""
+    c = manifest.controls
+    return keymap_params(manifest.keymap, translation_speed=c.get("translation_speed"),
+                         rotation_speed_deg=c.get("rotation_speed_deg"), pitch_limit_deg=c.get("pitch_limit_deg"),
+                         smooth=c.get("smooth"))
 
 
 def prompt_schedule(records) -> dict[int, str]:
@@ -102,6 +119,7 @@ class Session:
         self._log = sdir.open_actions() if sdir is not None else None
         self._video: VideoWriter | None = None
         self._last_snapshot = -1
+        self._last_committed = -1  # the last chunk whose commit record is in the action log
 
     # ------------------------------------------------------------------------------ properties
     id = property(lambda self: self.manifest.session_id)
@@ -115,11 +133,12 @@ class Session:
     @classmethod
     def create(cls, world: World, *, first_image, prompt: str, intrinsics=None, seed: int = 0,
                quality: str = "preview", keymap: str = "v2", translation_speed=None, rotation_speed_deg=None,
-               pitch_limit_deg=None, record_root: str | Path | None = "recordings", snapshot_every: int = 8,
-               controls: ControlSource | None = None) -> Session:
+               pitch_limit_deg=None, smooth=None, record_root: str | Path | None = "recordings",
+               snapshot_every: int = 8, controls: ControlSource | None = None) -> Session:
+        check_prompt(prompt)
         image = load_image(first_image)
         params = keymap_params(keymap, translation_speed=translation_speed, rotation_speed_deg=rotation_speed_deg,
-                               pitch_limit_deg=pitch_limit_deg)
+                               pitch_limit_deg=pitch_limit_deg, smooth=smooth)
         k_in = list(map(float, intrinsics)) if intrinsics is not None else default_intrinsics(world, image)
         pixels, k_crop, _ = prepare_image(image, k_in, world.preset.pixel_hw)
         h, w = world.preset.pixel_hw
@@ -130,15 +149,27 @@ class Session:
             controls={"translation_speed": params.translation_speed, "rotation_speed_deg": params.rotation_speed_deg,
                       "pitch_limit_deg": params.pitch_limit_deg, "smooth": params.smooth},
             quality=quality, first_image_sha256=image_digest(image),
+            extra={"control_source": "c2w"} if isinstance(controls, PoseControls) else {},
         )
+        if controls is None:
+            controls = LiveControls(params)
+        elif hasattr(controls, "integrator"):  # the session's integrator settings are the ones recorded
+            if controls.integrator.params.name != params.name:
+                raise InputError(f"the control source reads keys with key map {controls.integrator.params.name!r}, "
+                                 f"the session says {params.name!r}; build both with the same key map")
+            controls.integrator = CameraIntegrator(params)
         pipeline = WorldPipeline(world)
         pipeline.start(pixels, prompt, quality)
-        rollout = Rollout(pipeline, controls if controls is not None else LiveControls(params),
+        rollout = Rollout(pipeline, controls,
                           intrinsics_px=k_crop, seed=seed, quality=quality)
         sdir = None
         if record_root is not None:
             sdir = SessionDir.create(record_root, manifest)
             sdir.save_first_frame(np.asarray(image))
+            if isinstance(controls, PoseControls):  # explicit poses: the trajectory is the session's controls
+                buf = io.BytesIO()
+                np.save(buf, controls.c2w)
+                atomic_write_bytes(sdir.path / C2W_NAME, buf.getvalue())
         session = cls(world, rollout, manifest, sdir, snapshot_every)
         if sdir is not None:
             session._video = VideoWriter(sdir.video_path, w, h, manifest.fps)
@@ -167,14 +198,16 @@ class Session:
                 self._log.append_frame(plan.pixel_start + j, held, -1 if chunk.key_seq is None else chunk.key_seq)
         self._video.append(chunk.frames)
         self._log.flush_chunk(chunk.index, chunk.frame_start, chunk.frame_start + chunk.frames.shape[0])
+        self._last_committed = chunk.index
         self.stats["record_s"] = time.perf_counter() - t0
         if (chunk.index + 1) % self.snapshot_every == 0:
             self.save_snapshot()
 
     def save_snapshot(self) -> None:
-        """A full snapshot of the state after the last generated chunk (atomic on disk)."""
+        """A full snapshot of the state after the last committed chunk (atomic on disk). A chunk whose
+        commit failed is never snapshotted: a resume regenerates it."""
         k = self.rollout.next_index - 1
-        if self.dir is None or k < 0 or k == self._last_snapshot:
+        if self.dir is None or k < 0 or k == self._last_snapshot or k != self._last_committed:
             return
         t0 = time.perf_counter()
         tensors, meta = self.rollout.snapshot()
@@ -185,8 +218,7 @@ class Session:
 
     def set_prompt(self, prompt: str) -> None:
         """Change the prompt from the next chunk on (recorded in the action log)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"prompt {prompt!r} is not accepted; give a non-empty text")
+        check_prompt(prompt)
         self.pipeline.set_prompt(prompt)
         if self._log is not None:
             self._log.append_prompt(chunk_plan(self.rollout.next_index).pixel_start, prompt)
@@ -247,13 +279,11 @@ class Session:
         records = log.records
         log.close()
         done = committed_chunks(records)
-        params = keymap_params(manifest.keymap, **{k: v for k, v in manifest.controls.items()
-                                                   if k in ("translation_speed", "rotation_speed_deg",
-                                                            "pitch_limit_deg", "smooth")})
+        params = manifest_params(manifest)
         image = Image.fromarray(sdir.load_first_frame())
         pixels, k_crop, _ = prepare_image(image, manifest.intrinsics, world.preset.pixel_hw)
         pipeline = WorldPipeline(world)
-        recorded = ScriptedControls(frame_controls(records), params)
+        recorded = recorded_controls(sdir, manifest, frame_controls(records))
         rollout = Rollout(pipeline, recorded, intrinsics_px=k_crop, seed=manifest.seed, quality=manifest.quality)
         t0 = time.perf_counter()
         last = done[-1] if done else -1
@@ -280,12 +310,18 @@ class Session:
             pipeline.set_prompt(prompts[due[-1]])
             for f in due:
                 prompts.pop(f)
-        # From here on the integrator continues from the recorded state under the live (or given) source.
-        live = controls if controls is not None else LiveControls(params)
-        live.restore(recorded.snapshot())
-        rollout.controls = live
+        # From here on the integrator continues from the recorded state under the live (or given) source;
+        # a session driven by explicit poses continues along its recorded trajectory.
+        if isinstance(recorded, PoseControls):
+            if controls is not None:
+                raise InputError(f"session {sdir.session_id} follows recorded camera poses; it takes no other controls")
+        else:
+            live = controls if controls is not None else LiveControls(params)
+            live.restore(recorded.snapshot())
+            rollout.controls = live
         session = cls(world, rollout, manifest, sdir, snapshot_every)
         session._last_snapshot = snap if snap is not None else -1
+        session._last_committed = last
         session.pending_prompts = {f: p for f, p in prompts.items()}
         commits = [r for r in records if r["t"] == "chunk"]
         kept = commits[-1]["end"] - commits[0]["start"] if commits else 0
@@ -302,6 +338,20 @@ class Session:
         """A new session sharing `path`'s history through chunk `chunk`, continued from there."""
         new = branch_session(path, chunk, root=record_root)
         return cls.resume(world, new.path, controls=controls, snapshot_every=snapshot_every)
+
+
+C2W_NAME = "c2w.npy"  # the trajectory of a session driven by explicit poses (`replay --c2w`)
+
+
+def recorded_controls(sdir: SessionDir, manifest: Manifest, frames: list[frozenset[str]]) -> ControlSource:
+    """The control source that reproduces a recorded session: its explicit poses, or its applied keys."""
+    if manifest.extra.get("control_source") == "c2w":
+        try:
+            return PoseControls(np.load(sdir.path / C2W_NAME, allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise InputError(f"session {sdir.session_id} was driven by explicit poses but {C2W_NAME} "
+                             f"cannot be read: {e}") from e
+    return ScriptedControls(frames, manifest_params(manifest))
 
 
 def replay_controls(path: str | Path) -> tuple[Manifest, list[frozenset[str]], dict[int, str], np.ndarray]:
@@ -321,11 +371,11 @@ def replay_controls(path: str | Path) -> tuple[Manifest, list[frozenset[str]], d
 def new_session_like(world: World, manifest: Manifest, first_image: np.ndarray, controls: ControlSource,
                      record_root: str | Path | None) -> Session:
     """A fresh session with the settings of a recorded one (a replay)."""
-    c = manifest.controls
+    p = manifest_params(manifest)
     return Session.create(world, first_image=first_image, prompt=manifest.prompt, intrinsics=manifest.intrinsics,
-                          seed=manifest.seed, quality=manifest.quality, keymap=manifest.keymap,
-                          translation_speed=c.get("translation_speed"),
-                          rotation_speed_deg=c.get("rotation_speed_deg"),
-                          pitch_limit_deg=c.get("pitch_limit_deg"), record_root=record_root, controls=controls)
+                          seed=manifest.seed, quality=manifest.quality, keymap=p.name,
+                          translation_speed=p.translation_speed, rotation_speed_deg=p.rotation_speed_deg,
+                          pitch_limit_deg=p.pitch_limit_deg, smooth=p.smooth, record_root=record_root,
+                          controls=controls)
 
 

@@ -101,3 +101,35 @@ def test_generate_offline_clip(tmp_path):
     video = frames_of(out)
     assert video.shape == (17, 192, 320, 3)  # 21 poses snap to 8k+1 = 17
     assert len(json.loads(out.with_suffix(".json").read_text())["poses"]) == 17
+
+
+def test_sessions_driven_by_explicit_poses_export_resume_and_replay(tmp_path):
+    from engine.controls import action_to_c2w
+
+    c2w = action_to_c2w("w-30,jw-30,l-36", "v1")  # 97 poses = 4 chunks
+    offset = np.eye(4, dtype=np.float32)
+    offset[:3, 3] = [0.5, 0.0, -1.0]
+    np.save(tmp_path / "traj.npy", offset @ c2w)
+    rec = tmp_path / "rec"
+    assert main(["replay", "--quiet", "--c2w", str(tmp_path / "traj.npy"), "--record-root", str(rec)]) == 0
+    (s,) = sessions(rec)
+    assert np.allclose(np.load(s / "poses.npy"), c2w, atol=1e-5)
+    out = tmp_path / "e.mp4"
+    assert main(["export", str(s), "--quiet", "--overlay", "keys", "--out", str(out)]) == 0
+    import json
+
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert np.allclose(np.array([f["pose"] for f in meta["frames"]]).reshape(-1, 4, 4), c2w, atol=1e-5)
+    again = tmp_path / "again"
+    assert main(["replay", str(s), "--quiet", "--record-root", str(again)]) == 0
+    (s2,) = sessions(again)
+    for k in range(4):
+        assert torch.equal(SessionDir.open(s).load_latents(k)[0], SessionDir.open(s2).load_latents(k)[0])
+
+
+def test_bad_files_are_clear_errors(tmp_path, capsys):
+    assert main(["replay", "--quiet", "--action", "w-24", "--image", str(tmp_path / "no.png"),
+                 "--record-root", str(tmp_path)]) == 2
+    assert "cannot read the first image" in capsys.readouterr().err
+    assert main(["replay", "--quiet", "--c2w", str(tmp_path / "no.npy"), "--record-root", str(tmp_path)]) == 2
+    assert "cannot read poses" in capsys.readouterr().err

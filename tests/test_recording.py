@@ -254,6 +254,24 @@ def test_discard_uncommitted_before_resuming_in_place(tmp_path):
     assert empty.read_bytes() == R.LOG_HEADER
 
 
+def test_discard_uncommitted_keeps_what_the_user_did_after_the_last_commit(tmp_path):
+    path = tmp_path / "actions.log"
+    records = write_log(path, chunks=2)
+    with R.ActionLog(path) as log:  # after chunk 1: a prompt change, a pause, then frames of a chunk in flight
+        log.append_prompt(10, "a snowy forest")
+        log.append_frame(10, {"forward"})
+        log.append_pause(10)
+        log.append_frame(11, {"forward"})
+    with R.ActionLog(path) as log:
+        assert log.discard_uncommitted() == 2
+        tail = [{"t": "prompt", "i": 10, "prompt": "a snowy forest"}, {"t": "pause", "i": 10}]
+        assert log.records == records + tail
+        log.append_frame(10, {"back"})
+        log.flush_chunk(2, 10, 11)
+    after = R.scan_actions(path).records
+    assert after[: len(records) + 2] == records + tail and R.committed_chunks(after) == [0, 1, 2]
+
+
 def test_action_log_header_checks(tmp_path):
     path = tmp_path / "actions.log"
     path.write_bytes(R.LOG_HEADER[:3])  # torn while creating

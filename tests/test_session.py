@@ -193,3 +193,58 @@ def test_manifest_digest_is_of_the_stored_first_image(world, tmp_path):
     pixels = sdir.load_first_frame()
     assert np.array_equal(pixels, image(world))
     assert sdir.read_manifest().first_image_sha256 == hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def test_prompt_change_after_the_last_chunk_survives_a_resume(world, tmp_path):
+    with create(world, None) as ref:
+        generate(ref, 1)
+        ref.set_prompt("a snowy forest")
+        want = generate(ref, 1)[0]
+    s = create(world, tmp_path)
+    generate(s, 1)
+    s.set_prompt("a snowy forest")
+    s.close()  # stopped before any chunk used the new prompt
+    r = Session.resume(world, tmp_path / s.id, controls=ScriptedControls.from_action(ACTION))
+    got = r.step()
+    r.close()
+    assert got.index == 1 and torch.equal(got.latents, want.latents)
+    _, _, prompts, _ = replay_controls(tmp_path / s.id)
+    assert list(prompts.values()) == ["a snowy forest"]
+
+
+def test_replay_uses_the_recorded_speeds(world, tmp_path):
+    s = create(world, tmp_path, translation_speed=0.1, rotation_speed_deg=2.0)
+    live = generate(s)
+    s.close()
+    manifest, frames, prompts, first = replay_controls(tmp_path / s.id)
+    from engine.session import manifest_params
+
+    r = new_session_like(world, manifest, first, ScriptedControls(frames, manifest_params(manifest)), None)
+    replayed = generate(r)
+    assert np.array_equal(np.concatenate([c.poses for c in replayed]), np.concatenate([c.poses for c in live]))
+    assert r.manifest.controls == s.manifest.controls
+
+
+def test_pose_driven_session_resumes_along_its_trajectory(world, tmp_path):
+    from engine.controls import action_to_c2w
+    from engine.rollout import PoseControls
+
+    c2w = action_to_c2w("w-30,jw-30,l-36", "v1")  # 4 chunks
+
+    def start(root):
+        return Session.create(world, first_image=image(world), prompt="a quiet street", seed=7, record_root=root,
+                              controls=PoseControls(c2w))
+
+    with start(None) as ref:
+        whole = generate(ref)
+    s = start(tmp_path)
+    generate(s, 2)
+    s.close()
+    r = Session.resume(world, tmp_path / s.id)
+    rest = generate(r)
+    r.close()
+    assert [c.index for c in rest] == [2, 3]
+    for a, b in zip(rest, whole[2:], strict=True):
+        assert torch.equal(a.latents, b.latents)
+    with pytest.raises(InputError, match="poses"):
+        Session.resume(world, tmp_path / s.id, controls=ScriptedControls.from_action(ACTION))
