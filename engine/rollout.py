@@ -228,8 +228,9 @@ class Pipeline(Protocol):
     def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs: ...
 
     def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
-                     camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> None:
-        """Rebuild the caches after a chunk from its stored latents: cache-write passes only, no denoising."""
+                     camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> np.ndarray:
+        """Rebuild the caches after a chunk from its stored latents: cache-write passes only, no denoising.
+        Returns the chunk's decoded frames `[F, H, W, 3]` uint8."""
 
     def set_prompt(self, prompt: str) -> None: ...
 
@@ -308,10 +309,7 @@ class Rollout:
             t1 = time.perf_counter()
             out = self.pipeline.run_chunk(
                 ChunkInputs(plan, cam["camera_conditions"], cam["chunk_plucker"], noise, ref_noise), self.quality)
-            frames = out.frames
-            frame_start = plan.decoded_start
-            if self.quality == "full" and plan.index == 0:
-                frames, poses, frame_start = frames[1:], poses[1:], 1  # the refiner drops the anchor frame
+            frame_start, frames, poses = self._emitted(plan, out.frames, poses)
             if frames.shape[0] != poses.shape[0]:
                 raise RuntimeError(f"chunk {plan.index}: {frames.shape[0]} frames decoded for {poses.shape[0]} poses")
             self.next_index += 1
@@ -320,11 +318,18 @@ class Rollout:
             yield Chunk(plan.index, frame_start, frames, poses, ctl.controls, ctl.key_seq, out.latents,
                         out.refined, timings)
 
-    def replay(self, latents: torch.Tensor, refined: torch.Tensor | None = None) -> ChunkControls:
+    def _emitted(self, plan: ChunkPlan, frames: np.ndarray, poses: np.ndarray):
+        """(first frame index, frames, poses) a chunk shows: the refiner path drops the anchor frame (camera.md §10)."""
+        if self.quality == "full" and plan.index == 0:
+            return 1, frames[1:], poses[1:]
+        return plan.decoded_start, frames, poses
+
+    def replay(self, latents: torch.Tensor, refined: torch.Tensor | None = None) -> tuple[int, np.ndarray]:
         """Advance over the next chunk from its stored latents without denoising (resume after a snapshot).
 
         The control source gives the chunk's controls again (they decide the camera tensors the cache-write
-        passes see); the pipeline runs only its cache-write / capture / decode passes."""
+        passes see); the pipeline runs only its cache-write / capture / decode passes. Returns the chunk's
+        shown frames as `(index of the first, frames [F, H, W, 3] uint8)`, equal to what it showed live."""
         plan = chunk_plan(self.next_index)
         ctl = self.controls.next_chunk(plan)
         if ctl is None:
@@ -333,10 +338,11 @@ class Rollout:
         if plan.index == 0:
             poses = np.concatenate([np.eye(4, dtype=np.float32)[None], poses])
         cam = self._camera(plan, poses)
-        self.pipeline.replay_chunk(plan, latents, refined, cam["camera_conditions"], cam["chunk_plucker"],
-                                   self.quality)
+        frames = self.pipeline.replay_chunk(plan, latents, refined, cam["camera_conditions"], cam["chunk_plucker"],
+                                            self.quality)
         self.next_index += 1
-        return ctl
+        frame_start, frames, _ = self._emitted(plan, frames, poses)
+        return frame_start, frames
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-safe meta) that `restore` turns back into this exact state."""

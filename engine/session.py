@@ -285,9 +285,17 @@ class Session:
         pipeline = WorldPipeline(world)
         recorded = recorded_controls(sdir, manifest, frame_controls(records))
         rollout = Rollout(pipeline, recorded, intrinsics_px=k_crop, seed=manifest.seed, quality=manifest.quality)
+        # The video first: a killed engine's mp4 may lack its last frame(s). Those chunks are replayed (their
+        # decode gives the very frames they showed) and the frames go back into the video.
+        commits = [r for r in records if r["t"] == "chunk"]
+        kept = commits[-1]["end"] - commits[0]["start"] if commits else 0
+        video = resume_video(sdir.video_path, manifest.width, manifest.height, manifest.fps, kept)
+        first_missing = commits[0]["start"] + video.frames_written if video.frames_written < kept else None
         t0 = time.perf_counter()
         last = done[-1] if done else -1
-        snap = sdir.nearest_snapshot(last) if last >= 0 else None
+        replay_from = last if first_missing is None else min(
+            r["chunk"] for r in commits if r["end"] > first_missing)
+        snap = sdir.nearest_snapshot(replay_from - 1 if first_missing is not None else last) if last >= 0 else None
         prompts = prompt_schedule(records)
         if snap is not None:
             tensors, meta = sdir.load_snapshot(snap)
@@ -300,7 +308,10 @@ class Session:
             for frame in sorted(f for f in prompts if f <= plan.pixel_start):
                 pipeline.set_prompt(prompts.pop(frame))
             latents, refined = sdir.load_latents(k)
-            rollout.replay(latents, refined)
+            start, frames = rollout.replay(latents, refined)
+            if first_missing is not None and start + len(frames) > first_missing:
+                video.append(frames[max(0, first_missing - start):])
+                first_missing = start + len(frames)
             replayed += 1
         replay_s = time.perf_counter() - t0
         # The prompt in effect for the next chunk (a snapshot holds the one of its own chunk).
@@ -323,10 +334,8 @@ class Session:
         session._last_snapshot = snap if snap is not None else -1
         session._last_committed = last
         session.pending_prompts = {f: p for f, p in prompts.items()}
-        commits = [r for r in records if r["t"] == "chunk"]
-        kept = commits[-1]["end"] - commits[0]["start"] if commits else 0
         session.frames_emitted = commits[-1]["end"] if commits else 0
-        session._video = resume_video(sdir.video_path, manifest.width, manifest.height, manifest.fps, kept)
+        session._video = video
         session.stats.update({"resume_replayed_chunks": float(replayed), "resume_s": replay_s,
                               "resume_replay_s_per_chunk": replay_s / replayed if replayed else 0.0})
         session._set_status("recording")

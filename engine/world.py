@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.errors import InputError
@@ -213,8 +214,9 @@ class WorldPipeline:
 
     @torch.no_grad()
     def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
-                     camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> None:
-        """Caches after `plan` from its stored latents: stage-1 t=0 pass, refiner capture pass, VAE decode."""
+                     camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> np.ndarray:
+        """Caches after `plan` from its stored latents: stage-1 t=0 pass, refiner capture pass, VAE decode.
+        Returns the decoded frames `[F, H, W, 3]` uint8 (the decode is needed for the VAE's conv cache anyway)."""
         first = plan.index == 0
         clean, cc, cp = self._to_model(latents, camera_conditions, chunk_plucker)
         self.stream.write_cache(clean, cc, cp)
@@ -225,7 +227,7 @@ class WorldPipeline:
             (ref,) = self._to_model(refined)
             self.refiner.replay_capture(ref[:, :, 1:] if first else ref)
             decode_input = ref
-        self.decoder.decode_block(decode_input)
+        return pixels_to_frames(self.decoder.decode_block(decode_input)).numpy()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         if self.anchor is None:

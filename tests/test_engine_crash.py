@@ -83,6 +83,8 @@ def test_kill_restart_resume_equals_uninterrupted(tmp_path, reference):
     for i, f in zip(result.indices, result.frames, strict=True):
         assert np.array_equal(f, reference[i]), i
     assert committed_chunks(sdir.scan_actions().records) == [0, 1, 2, 3, 4]
+    video = list(iter_video(sdir.video_path))  # the resume put back any frame the kill cost the mp4
+    assert len(video) == 121
 
 
 def test_replay_connect_drives_a_running_engine(tmp_path, reference):
