@@ -39,9 +39,8 @@ from engine.rollout import QUALITIES, Rollout, ScriptedControls
 from engine.stage1.model import Stage1Transformer
 from engine.text import PromptEmbeds
 from engine.vae.model import VideoVAE
-from engine.world import World, WorldPipeline
+from engine.world import DTYPES, World, WorldPipeline
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ACTION_UNIT = "w-24,jw-24,wd-24,ik-24,s-24,l-24"  # repeated as needed: 24 control steps per chunk
 
 

@@ -9,13 +9,26 @@ from __future__ import annotations
 DEMO_PROMPT = "a sunny city street with colourful buildings, photorealistic"
 DEMO_ACTION = "w-24,jw-24,l-24,ik-12,w-12,dw-24,s-24"  # 144 frames = 6 chunks = 9 s
 
+
+def demo_image_bytes() -> bytes:
+    """The bundled first frame (a synthetic street, drawn once and shipped with the package), as PNG bytes."""
+    from importlib import resources
+
+    return resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
+
 # --------------------------------------------------------------------------------------------- CLI
 
 DRIVER_COMMANDS = ("demo", "replay", "resume", "export", "generate")
 
 
-def _world_args(p) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+def _world_args(p, preset: bool = True) -> None:
+    if preset:
+        p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+        p.add_argument("--weights", default=None, help="weights directory (layout in engine/world.py); default: the "
+                                                       "preset's seeded random weights")
+        p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                       help="model dtype (default bf16 on cuda, fp32 on cpu)")
+        p.add_argument("--fast", default="", help="comma-separated fast paths (engine/fast), e.g. all (CUDA)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--record-root", default="recordings", help="where sessions are written (default recordings/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -29,7 +42,7 @@ def add_driver_commands(sub) -> None:
     p.add_argument("--action", default=DEMO_ACTION, help="the scripted drive of --headless (action DSL)")
     p.add_argument("--quality", default="preview", choices=["preview", "full"])
     p.add_argument("--seconds", type=float, default=None, help="close the window after this many seconds")
-    _world_args(p)
+    _world_args(p, preset=False)
 
     p = sub.add_parser("replay", help="headless: regenerate a session, or run an action string or c2w poses")
     p.add_argument("session", nargs="?", help="a recorded session directory to regenerate")
@@ -93,7 +106,6 @@ def _summary(result) -> None:
 def run_driver(args) -> int:
     from engine.drivers import demo_headless, export, generate, replay, resume_headless
     from engine.session import load_image
-    from engine.world import build_world
 
     progress = not args.quiet
     if args.command == "replay" and args.connect:
@@ -104,7 +116,7 @@ def run_driver(args) -> int:
         _summary(demo_headless(record_root=args.record_root, device=args.device, progress=progress,
                                action=args.action, quality=args.quality))
         return 0
-    world = build_world(args.preset, device=args.device)
+    world = _build_world(args)
     if args.command == "replay":
         image = load_image(args.image) if args.image else None
         _summary(replay(world, session=args.session, action=args.action, c2w=args.c2w, image=image,
@@ -125,7 +137,8 @@ def run_driver(args) -> int:
 
 
 def _replay_connected(args) -> int:
-    """`replay --connect`: the same drive through a running engine (client side only: no torch here)."""
+    """`replay --connect`: the same drive through a running engine. With `--action` this side needs no torch;
+    reading a recorded session's files does (they hold tensors)."""
     from pathlib import Path
 
     import numpy as np
@@ -141,24 +154,41 @@ def _replay_connected(args) -> int:
         raise InputError("replay --connect takes exactly one of: a session directory, --action DSL")
     image, prompt, action, keymap, seed = args.image, args.prompt, args.action, args.keymap, args.seed
     intrinsics, quality = args.intrinsics, args.quality
+    speeds = {}
     if args.session is not None:
-        from engine.recording import SessionDir, frame_controls
+        from engine.session import manifest_params, replay_controls
 
-        sdir = SessionDir.open(args.session)
-        m = sdir.read_manifest()
-        held = frame_controls(sdir.scan_actions().records)
+        m, held, prompts, first = replay_controls(args.session)  # committed chunks only
+        per_chunk = 24
+        if m.extra.get("control_source") == "c2w":
+            raise InputError("a session driven by explicit poses replays in-process only (drop --connect)")
+        if prompts:
+            raise InputError("this session changes its prompt; replay it in-process (drop --connect)")
+        changes = [i for i in range(len(held)) if i % per_chunk and held[i] != held[i - 1]]
+        if changes:
+            raise InputError(f"this session changes keys inside a chunk (frame {changes[0] + 1}); an engine applies "
+                             "keys per chunk, so replay it in-process (drop --connect)")
+        p = manifest_params(m)
+        if p.smooth != (p.name == "v2"):
+            raise InputError("this session's smoothing setting cannot be sent over the wire; replay it in-process")
+        speeds = {"translation_speed": p.translation_speed, "rotation_speed_deg": p.rotation_speed_deg,
+                  "pitch_limit_deg": p.pitch_limit_deg}
         letters = (controls_to_letters(h, m.keymap) for h in held)
         action = format_action("" if x == "none" else x for x in letters)
-        image, prompt, keymap, seed, intrinsics, quality = (sdir.first_frame_path.read_bytes(), m.prompt,
-                                                            m.keymap, m.seed, m.intrinsics, m.quality)
-    elif image is None:
-        from importlib import resources
+        import io
 
-        image = resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(first).save(buf, format="PNG")
+        image, prompt, keymap, seed, intrinsics, quality = (buf.getvalue(), m.prompt, m.keymap, m.seed,
+                                                            m.intrinsics, m.quality)
+    elif image is None:
+        image = demo_image_bytes()
     out = Path(args.out or "replay.mp4")
     result = run_headless(args.connect, image, prompt, action, keymap=keymap, lossless=True, out_mp4=out,
                           seed=seed, quality=quality, intrinsics=intrinsics, curve_dir=args.curve_dir,
-                          keep_frames=False)
+                          keep_frames=False, **speeds)
     np.save(out.with_suffix(".poses.npy"), result.pose_array)
     print(f"session  {result.session_id} (on the engine)\nframes   {len(result.indices)}\n"
           f"video    {out}\nposes    {out.with_suffix('.poses.npy')}")
@@ -169,7 +199,6 @@ def _demo_window(args) -> bool:
     """The windowed demo: an engine subprocess on the tiny preset and the pygame client. False (after saying
     why) when no window can be opened here, so the caller runs the headless drive instead."""
     import os
-    from importlib import resources
 
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     try:
@@ -186,12 +215,12 @@ def _demo_window(args) -> bool:
         if driver in ("offscreen", "dummy"):
             print("sana-wm demo: no display here, so no window; running the scripted drive headless instead")
             return False
-    from engine.spawn import spawn_engine
+    from engine.spawn import spawn_engine, stop_engine
 
     proc, address = spawn_engine(["--preset", "tiny", "--bind", "tcp://127.0.0.1:0", "--device", args.device,
                                   "--record-root", args.record_root, "--quality", args.quality], cwd=None)
     try:
-        image = resources.files("engine").joinpath("assets/first_frame.png").read_bytes()
+        image = demo_image_bytes()
         print(f"sana-wm demo: engine on {address}; WASD/IJKL/arrows move, H toggles the HUD, Esc quits")
         try:
             log = run_demo_window(address, image_bytes=image, prompt=DEMO_PROMPT, quality=args.quality,
@@ -203,5 +232,13 @@ def _demo_window(args) -> bool:
             print(f"session  {args.record_root}/{sid}")
         return True
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_engine(proc)
+
+
+def _build_world(args):
+    from engine.world import build_world, resolve_dtype
+
+    world = build_world(args.preset, device=args.device, dtype=resolve_dtype(args.dtype, args.device),
+                        weights=args.weights)
+    world.fast = tuple(f for f in args.fast.split(",") if f)
+    return world

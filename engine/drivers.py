@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from engine.camera import prepare_image
-from engine.driver_cli import DEMO_ACTION, DEMO_PROMPT
+from engine.driver_cli import DEMO_ACTION, DEMO_PROMPT, demo_image_bytes
 from engine.errors import InputError
 from engine.recording import SessionDir, VideoWriter, committed_chunks, frame_controls
 from engine.rollout import PoseControls, ScriptedControls, chunk_noise, chunk_plan
@@ -37,13 +36,10 @@ from engine.session import (
 from engine.vae.pixels import pixels_to_frames
 from engine.world import World, WorldPipeline, build_world
 
-DEMO_IMAGE_PATH = Path(str(resources.files("engine").joinpath("assets/first_frame.png")))
-
 
 def demo_image() -> Image.Image:
-    """The bundled first frame (a synthetic street, drawn once and shipped with the package)."""
-    with open(DEMO_IMAGE_PATH, "rb") as f:
-        return Image.open(f).convert("RGB")
+    """The bundled first frame as a PIL image."""
+    return load_image(demo_image_bytes())
 
 
 @dataclass
@@ -60,17 +56,19 @@ def run_session(session: Session, *, progress: bool = True, max_chunks: int | No
                 total_chunks: int | None = None) -> RunResult:
     """Step a session until its control source is exhausted; close it; write `poses.npy` beside the video."""
     poses, times, n = [], [], 0
-    with tqdm(total=total_chunks, unit="chunk", disable=not progress, desc=f"session {session.id}") as bar:
-        while max_chunks is None or n < max_chunks:
-            chunk = session.step()
-            if chunk is None:
-                break
-            poses.append(chunk.poses)
-            times.append(chunk.timings.get("total", 0.0))
-            n += 1
-            bar.update(1)
-            bar.set_postfix(frames=session.frames_emitted, s_per_chunk=f"{times[-1]:.2f}")
-    session.close("stopped")
+    try:
+        with tqdm(total=total_chunks, unit="chunk", disable=not progress, desc=f"session {session.id}") as bar:
+            while max_chunks is None or n < max_chunks:
+                chunk = session.step()
+                if chunk is None:
+                    break
+                poses.append(chunk.poses)
+                times.append(chunk.timings.get("total", 0.0))
+                n += 1
+                bar.update(1)
+                bar.set_postfix(frames=session.frames_emitted, s_per_chunk=f"{times[-1]:.2f}")
+    finally:  # also on an error or Ctrl-C: what was generated stays committed and playable
+        session.close("stopped")
     all_poses = np.concatenate(poses) if poses else np.zeros((0, 4, 4), np.float32)
     if session.dir is not None:
         np.save(session.dir.path / "poses.npy", all_poses)

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import zmq
 from PIL import Image
 
@@ -1053,19 +1052,15 @@ def serve(*, preset: str = "tiny", device: str = "cpu", config: ServerConfig | N
     """Build the world and serve until interrupted (`sana-wm engine`)."""
     import signal
 
-    from engine.world import build_world
+    from engine.world import build_world, resolve_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = config or ServerConfig()
     check_bind(config.bind, config.curve_dir)  # before the (slow) model build
     if config.curve_dir is not None:
         _load_server_keys(config.curve_dir)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise InputError(f"dtype {dtype!r} is not accepted; use one of {sorted(dtypes)}")
-    torch_dtype = dtypes[dtype] if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    world = build_world(preset, device=device, dtype=torch_dtype, with_refiner="full" in config.qualities,
-                        weights=weights)
+    world = build_world(preset, device=device, dtype=resolve_dtype(dtype, device),
+                        with_refiner="full" in config.qualities, weights=weights)
     world.fast = tuple(fast)
     server = EngineServer(world, config)
     address = server.start()

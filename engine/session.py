@@ -240,14 +240,17 @@ class Session:
         """Final snapshot, status in the manifest, video and log closed. Safe to call twice."""
         if self.dir is None:
             return
-        if self._video is not None:
-            self.save_snapshot()
-            self._video.close()
-            self._video = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._set_status(status)
+        try:
+            if self._video is not None:
+                self.save_snapshot()
+        finally:
+            if self._video is not None:
+                self._video.close()
+                self._video = None
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            self._set_status(status)
 
     def _set_status(self, status: str) -> None:
         if self.dir is not None:
@@ -284,6 +287,8 @@ class Session:
         pixels, k_crop, _ = prepare_image(image, manifest.intrinsics, world.preset.pixel_hw)
         pipeline = WorldPipeline(world)
         recorded = recorded_controls(sdir, manifest, frame_controls(records))
+        if isinstance(recorded, PoseControls) and controls is not None:
+            raise InputError(f"session {sdir.session_id} follows recorded camera poses; it takes no other controls")
         rollout = Rollout(pipeline, recorded, intrinsics_px=k_crop, seed=manifest.seed, quality=manifest.quality)
         # The video first: a killed engine's mp4 may lack its last frame(s). Those chunks are replayed (their
         # decode gives the very frames they showed) and the frames go back into the video.
@@ -323,10 +328,7 @@ class Session:
                 prompts.pop(f)
         # From here on the integrator continues from the recorded state under the live (or given) source;
         # a session driven by explicit poses continues along its recorded trajectory.
-        if isinstance(recorded, PoseControls):
-            if controls is not None:
-                raise InputError(f"session {sdir.session_id} follows recorded camera poses; it takes no other controls")
-        else:
+        if not isinstance(recorded, PoseControls):
             live = controls if controls is not None else LiveControls(params)
             live.restore(recorded.snapshot())
             rollout.controls = live

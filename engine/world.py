@@ -30,6 +30,17 @@ from engine.vae.model import VideoVAE
 from engine.vae.pixels import pixels_to_frames
 from engine.vae.stream import StreamingDecoder
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """A model dtype by name; None = bf16 on CUDA, fp32 elsewhere."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"dtype {name!r} is not accepted; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
 
 def seeded_init_(module: torch.nn.Module, seed: int) -> None:
     """Deterministic random weights for a preset without released weights (the fixtures' recipe).
