@@ -199,8 +199,13 @@ def _demo_window(args) -> bool:
     """The windowed demo: an engine subprocess on the tiny preset and the pygame client. False (after saying
     why) when no window can be opened here, so the caller runs the headless drive instead."""
     import os
+    import sys
 
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    if (sys.platform.startswith("linux") and not os.environ.get("SDL_VIDEODRIVER")
+            and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))):
+        print("sana-wm demo: no display here, so no window; running the scripted drive headless instead")
+        return False
     try:
         import pygame
 
