@@ -198,15 +198,8 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
             for f in sorted(f for f in prompts if f <= plan.pixel_start):
                 pipe.set_prompt(prompts.pop(f))
             stage1, refined = sdir.load_latents(k)
-            if refine:
-                shape = tuple(stage1.shape)
-                noise = chunk_noise(m.seed, k, shape, stream=1).to(world.device, world.dtype)
-                block = stage1.to(world.device, world.dtype)
-                if k == 0:  # the anchor frame is the refiner's sink and stays as it is
-                    ref = pipe.refiner.refine_block(block[:, :, 1:], noise[:, :, 1:])
-                    latents = torch.cat([pipe.anchor, ref], dim=2)
-                else:
-                    latents = pipe.refiner.refine_block(block, noise)
+            if refine:  # the noise a live `full` session draws for this chunk
+                latents = pipe.refine(k, stage1, chunk_noise(m.seed, k, tuple(stage1.shape), stream=1))
             else:
                 latents = (refined if refined is not None else stage1).to(world.device, world.dtype)
             frames = pixels_to_frames(pipe.decoder.decode_block(latents)).numpy()

@@ -301,9 +301,7 @@ class Rollout:
             ctl = self.controls.next_chunk(plan)
             if ctl is None:
                 return
-            poses = ctl.poses
-            if plan.index == 0:
-                poses = np.concatenate([np.eye(4, dtype=np.float32)[None], poses])
+            poses = self._plan_poses(plan, ctl)
             cam = self._camera(plan, poses)
             noise, ref_noise = self._noise(plan)
             t1 = time.perf_counter()
@@ -317,6 +315,13 @@ class Rollout:
             timings = {"controls_camera": t1 - t0, **out.timings, "total": time.perf_counter() - t0}
             yield Chunk(plan.index, frame_start, frames, poses, ctl.controls, ctl.key_seq, out.latents,
                         out.refined, timings)
+
+    @staticmethod
+    def _plan_poses(plan: ChunkPlan, ctl: ChunkControls) -> np.ndarray:
+        """Poses of every pixel frame the chunk decodes: chunk 0 also decodes frame 0, the identity anchor."""
+        if plan.index == 0:
+            return np.concatenate([np.eye(4, dtype=np.float32)[None], ctl.poses])
+        return ctl.poses
 
     def _emitted(self, plan: ChunkPlan, frames: np.ndarray, poses: np.ndarray):
         """(first frame index, frames, poses) a chunk shows: the refiner path drops the anchor frame (camera.md §10)."""
@@ -334,9 +339,7 @@ class Rollout:
         ctl = self.controls.next_chunk(plan)
         if ctl is None:
             raise InputError(f"cannot replay chunk {plan.index}: the control source has no controls for it")
-        poses = ctl.poses
-        if plan.index == 0:
-            poses = np.concatenate([np.eye(4, dtype=np.float32)[None], poses])
+        poses = self._plan_poses(plan, ctl)
         cam = self._camera(plan, poses)
         frames = self.pipeline.replay_chunk(plan, latents, refined, cam["camera_conditions"], cam["chunk_plucker"],
                                             self.quality)

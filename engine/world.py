@@ -206,13 +206,7 @@ class WorldPipeline:
         clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
         self.stream.write_cache(clean, cc, cp)
         t1 = self._sync()
-        refined = None
-        if quality == "full":
-            (rnoise,) = self._to_model(inputs.refiner_noise)
-            block, rnoise = (clean[:, :, 1:], rnoise[:, :, 1:]) if first else (clean, rnoise)
-            refined = self.refiner.refine_block(block, rnoise)
-            if first:
-                refined = torch.cat([self.anchor, refined], dim=2)
+        refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
         t2 = self._sync()
         pixels = self.decoder.decode_block(refined if refined is not None else clean)
         frames = pixels_to_frames(pixels)
@@ -222,6 +216,15 @@ class WorldPipeline:
             timings["refiner"] = t2 - t1
         return ChunkOutputs(clean.float().cpu(), None if refined is None else refined.float().cpu(),
                             frames.numpy(), timings)
+
+    @torch.no_grad()
+    def refine(self, chunk_index: int, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The AR refiner on one chunk's stage-1 latents `[1, C, n, h, w]` from its seeded noise (same shape).
+        Chunk 0's first frame is the anchor, the refiner's sink: it is returned as it is, not refined."""
+        clean, noise = self._to_model(clean, noise)
+        if chunk_index == 0:
+            return torch.cat([self.anchor, self.refiner.refine_block(clean[:, :, 1:], noise[:, :, 1:])], dim=2)
+        return self.refiner.refine_block(clean, noise)
 
     @torch.no_grad()
     def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
