@@ -156,3 +156,13 @@ def test_invalid_dsl_always_raises_input_error(segments, junk, where):
     good.insert(min(where, len(good)), junk)
     with pytest.raises(InputError):
         parse_action(",".join(good))
+
+
+def test_sample_action_strings_parse():
+    from pathlib import Path
+
+    samples = sorted((Path(__file__).resolve().parents[1] / "recordings" / "samples").glob("*.dsl"))
+    assert samples
+    for path in samples:
+        c2w = action_to_c2w(path.read_text(), "v2")
+        assert len(c2w) > 24, path.name  # at least one chunk
