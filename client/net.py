@@ -153,8 +153,9 @@ class EngineLink:
 
     def _run(self) -> None:
         ctx = zmq.Context()
-        sock = connect(self.address, curve_dir=self.curve_dir, context=ctx)
-        try:
+        sock = None
+        try:  # a bad address or a missing key file is reported to the window like any other failure
+            sock = connect(self.address, curve_dir=self.curve_dir, context=ctx)
             while not self._stop.is_set():
                 now = time.monotonic()
                 while True:
@@ -181,7 +182,8 @@ class EngineLink:
             self.error = e
             self._in.put((e, None))
         finally:
-            sock.close(0)
+            if sock is not None:
+                sock.close(0)
             ctx.term()
 
     @staticmethod

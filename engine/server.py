@@ -73,6 +73,7 @@ SERVER_NAME = f"sana-wm-engine/{__version__}"
 SUPPORTED_ENCODINGS = ("rgb24", "jpeg")  # h264 is in the protocol but not served yet
 MAX_IMAGE_SIDE = 8192  # a first image larger than this on a side is refused before decoding
 MAX_OUTBOX_REPLIES = 1024  # replies (errors, welcome) queued for a client that does not read them
+MAX_OUTSTANDING_CREDIT = 1 << 20  # lossless: frames a client may have granted ahead (the rest is ignored)
 HEARTBEAT_BACKLOG = 64  # a client with more messages queued than this (not reading) gets no heartbeat status
 KEYS_MEMORY = 256  # recent keys messages per client whose client_time is echoed in frame headers
 
@@ -462,6 +463,10 @@ class EngineServer:
                 self._handle(client, msg, now)
             except ProtocolError as e:
                 self._reply(client, error_from(e))
+            except Exception as e:  # noqa: BLE001 - one client's message must never take the IO thread down
+                log.exception("handling a message from client %s failed", ident.hex())
+                self._reply(client, Error(code="internal", field=WHOLE_MESSAGE,
+                                          message=f"the engine failed on this message: {type(e).__name__}: {e}"[:1000]))
 
     def _handle(self, client: Client, msg: Message, now: float) -> None:
         """Dispatch one valid message (IO thread, lock held). Raises ProtocolError for a refused one."""
@@ -498,7 +503,7 @@ class EngineServer:
         if isinstance(msg, Credit):
             if client.delivery != "lossless":
                 raise ProtocolError("bad_state", "frames", "credit applies only to lossless delivery (see hello)")
-            client.credit = min(client.credit + msg.frames, 1 << 40)
+            client.credit = min(client.credit + msg.frames, MAX_OUTSTANDING_CREDIT)
             self._poke()
             return
         if isinstance(msg, (Start, Resume, Branch)):
@@ -911,7 +916,9 @@ class EngineServer:
                 if c is None or c.gone:
                     continue
                 if c.delivery == "lossless":
-                    if c.credit >= self._next_chunk_frames(live):
+                    need = self._next_chunk_frames(live)
+                    # credit it has not read yet does not count: frames wait in memory only up to a bound
+                    if c.credit >= need and c.queued_frames + need <= max(self.config.max_queued_frames, need):
                         due.append(live)
                     continue
                 shown = c.keys.last_shown_frame if c.keys is not None else -1
@@ -979,7 +986,10 @@ class EngineServer:
                             if c is not None and not (heartbeat and len(c.outbox) > HEARTBEAT_BACKLOG):
                                 c.outbox.append(Outgoing([encode(Status(dropped=c.dropped_total, **fields))]))
                 else:
-                    self._deliver_chunk(*item[1:])
+                    try:
+                        self._deliver_chunk(*item[1:])
+                    except Exception:  # noqa: BLE001 - one chunk's delivery must not stop every later one
+                        log.exception("delivering a chunk failed; its frames are still in the recording")
                 try:
                     wake.send(b"", zmq.NOBLOCK)
                 except zmq.Again:  # the IO thread has wake-ups pending already
@@ -999,7 +1009,9 @@ class EngineServer:
 
         with self._lock:
             clients = [self._clients[i] for i in idents if i in self._clients]
-            encodings = {c.encoding for c in clients}
+            # each client's encoding as of now: a `hello` arriving while this chunk encodes must not change it
+            chosen = {c.ident: c.encoding for c in clients}
+            encodings = set(chosen.values())
             key_time = 0.0
             if driver is not None and driver in self._clients and chunk.key_seq is not None:
                 key_time = self._clients[driver].key_times.get(chunk.key_seq, 0.0)
@@ -1022,7 +1034,7 @@ class EngineServer:
         limit = max(self.config.max_queued_frames, n)  # a chunk arrives whole: its frames always get a chance
         with self._lock:
             for c in clients:
-                for j, parts in enumerate(per_encoding[c.encoding]):
+                for j, parts in enumerate(per_encoding[chosen[c.ident]]):
                     c.outbox.append(Outgoing(parts, chunk.frame_start + j))
                     c.queued_frames += 1
                 if c.delivery == "live" and c.queued_frames > limit:

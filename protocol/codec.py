@@ -57,6 +57,9 @@ def unpack(data) -> dict:
         raise ProtocolError("malformed", WHOLE_MESSAGE, f"not a valid msgpack message ({e})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", WHOLE_MESSAGE, f"expected a msgpack map, got {type(obj).__name__}")
+    bad = next((k for k in obj if not isinstance(k, str)), None)  # strict_map_key still admits bin keys
+    if bad is not None:
+        raise ProtocolError("malformed", WHOLE_MESSAGE, f"map key {bad!r:.40} is not a string")
     return obj
 
 

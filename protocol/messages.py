@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from protocol import limits as L
-from protocol.errors import ERROR_CODES, ProtocolError
+from protocol.errors import ERROR_CODES, WHOLE_MESSAGE, ProtocolError
 from protocol.fields import Bool, Bytes, Controls, Float, Int, Optional, Str, Tuple, spec
 from protocol.keys import KEYMAPS
 
@@ -265,4 +265,5 @@ class Dropped(Message):
 
 def error_from(exc: ProtocolError) -> Error:
     """The `error` reply for a ProtocolError (message text truncated to fit)."""
-    return Error(code=exc.code, field=exc.field[: L.MAX_NAME_CHARS], message=exc.message[: L.MAX_TEXT_CHARS])
+    return Error(code=exc.code, field=str(exc.field)[: L.MAX_NAME_CHARS] or WHOLE_MESSAGE,
+                 message=str(exc.message)[: L.MAX_TEXT_CHARS])

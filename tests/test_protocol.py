@@ -466,3 +466,14 @@ def test_limits_are_consistent():
     # the largest valid start message still encodes under MAX_MESSAGE_BYTES
     big = P.Start(image=b"\x00" * P.MAX_IMAGE_BYTES, prompt="\U0001f600" * L.MAX_PROMPT_CHARS)
     assert P.decode(P.encode(big)) == big
+
+
+def test_binary_and_integer_map_keys_are_malformed():
+    import msgpack
+
+    for key in (b"x", 3):
+        data = msgpack.packb({"type": "hello", "v": P.PROTOCOL_VERSION, key: 1}, use_bin_type=True)
+        with pytest.raises(P.ProtocolError) as info:
+            P.decode(data)
+        assert info.value.code == "malformed" and info.value.field == "message"
+        assert P.error_from(info.value).field == "message"

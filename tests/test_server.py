@@ -422,6 +422,20 @@ def test_curve_handshake_on_loopback(world, tmp_path):
         server.stop()
 
 
+def test_a_binary_map_key_gets_an_error_and_the_engine_keeps_serving(engine):
+    """msgpack's strict_map_key still admits bin keys: such a message once killed the IO thread."""
+    address, _ = engine
+    sock, other = connect(address), connect(address)
+    try:
+        e = _raw(sock, [msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION, b"x": 1}, use_bin_type=True)])
+        assert e.code == "malformed" and e.field == "message"
+        other.send(encode(Hello()))
+        assert isinstance(recv_message(other, 10)[0], Welcome)
+    finally:
+        sock.close()
+        other.close()
+
+
 def test_engine_keeps_serving_after_fuzz(engine):
     """Random bytes and random maps: each gets one error reply, and the engine still answers hello."""
     hypothesis = pytest.importorskip("hypothesis")
@@ -434,6 +448,9 @@ def test_engine_keeps_serving_after_fuzz(engine):
         st.binary(max_size=64),
         st.dictionaries(st.sampled_from(["type", "v", "seq", "held", "image", "frames", "x"]), values, max_size=4)
         .map(lambda d: msgpack.packb(d, use_bin_type=True)),
+        st.dictionaries(st.one_of(st.binary(max_size=4), st.integers(0, 9)), values, min_size=1, max_size=3)
+        .map(lambda d: msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION, **d}, use_bin_type=True,
+                                     strict_types=False)),
         st.builds(lambda t, d: msgpack.packb({"type": t, "v": PROTOCOL_VERSION, **d}, use_bin_type=True),
                   st.sampled_from(["start", "keys", "control", "credit", "watch", "frame", "resume", "branch"]),
                   st.dictionaries(st.sampled_from(["seq", "held", "action", "frames", "session_id", "chunk"]),
