@@ -73,6 +73,7 @@ SERVER_NAME = f"sana-wm-engine/{__version__}"
 SUPPORTED_ENCODINGS = ("rgb24", "jpeg")  # h264 is in the protocol but not served yet
 MAX_IMAGE_SIDE = 8192  # a first image larger than this on a side is refused before decoding
 MAX_OUTBOX_REPLIES = 1024  # replies (errors, welcome) queued for a client that does not read them
+MAX_COMMANDS_PER_PASS = 64  # engine loop: commands handled before the due sessions get their next chunk
 MAX_OUTSTANDING_CREDIT = 1 << 20  # lossless: frames a client may have granted ahead (the rest is ignored)
 HEARTBEAT_BACKLOG = 64  # a client with more messages queued than this (not reading) gets no heartbeat status
 KEYS_MEMORY = 256  # recent keys messages per client whose client_time is echoed in frame headers
@@ -473,6 +474,8 @@ class EngineServer:
         if isinstance(msg, (Welcome, FrameHeader, Status, Error, Ended, Dropped)):
             raise ProtocolError("bad_state", "type", f"{msg.TYPE!r} is sent by the engine, not by a client")
         if isinstance(msg, Hello):
+            if client.session_id is not None and client.role == "driver" and client.ident not in self._controls:
+                client.session_id = None  # a driver detached while silent starts afresh (`resume` gets it back)
             if client.session_id is not None or client.pending:
                 raise ProtocolError("bad_state", "type", "hello again while attached to a session; stop it first")
             client.encoding = self._choose_encoding(msg.encodings)
@@ -604,12 +607,16 @@ class EngineServer:
                     cmd = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
+                handled = 0
                 while cmd is not None:
                     if cmd[0] == "shutdown":
                         for live in list(self._sessions.values()):
                             self._end(live, "shutdown", "the engine is shutting down")
                         return
                     self._command(cmd)
+                    handled += 1
+                    if handled >= MAX_COMMANDS_PER_PASS:  # a flood of controls must not starve the sessions
+                        break
                     try:
                         cmd = self._commands.get_nowait()
                     except queue.Empty:
@@ -878,7 +885,7 @@ class EngineServer:
         if live is not None and live.driver is None:
             self._attach(live, ident)
             self._status(live, "paused", "driver back; send control resume to continue")
-        elif live is None and c is not None:
+        elif c is not None and (live is None or live.driver != ident):  # ended, or another client drives it now
             with self._lock:
                 c.session_id = None
 
@@ -976,14 +983,15 @@ class EngineServer:
                     with self._lock:
                         for ident in idents:
                             c = self._clients.get(ident)
-                            if c is not None:
+                            if c is not None and len(c.outbox) < MAX_OUTBOX_REPLIES + self.config.max_queued_frames:
                                 c.outbox.append(Outgoing([data]))
                 elif item[0] == "status":
                     _, idents, fields, heartbeat = item
                     with self._lock:
                         for ident in idents:
                             c = self._clients.get(ident)
-                            if c is not None and not (heartbeat and len(c.outbox) > HEARTBEAT_BACKLOG):
+                            full = len(c.outbox) >= MAX_OUTBOX_REPLIES + self.config.max_queued_frames if c else True
+                            if c is not None and not full and not (heartbeat and len(c.outbox) > HEARTBEAT_BACKLOG):
                                 c.outbox.append(Outgoing([encode(Status(dropped=c.dropped_total, **fields))]))
                 else:
                     try:

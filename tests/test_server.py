@@ -475,3 +475,37 @@ def test_engine_keeps_serving_after_fuzz(engine):
         assert isinstance(recv_message(sock, 10)[0], Welcome)
     finally:
         sock.close()
+
+
+def test_a_driver_back_after_its_session_was_taken_can_start_again(engine):
+    """A silent driver's session is paused; another client resumes it; the first driver, back, is free."""
+    from protocol import Resume
+
+    address, _ = engine
+    first, second = connect(address), connect(address)
+
+    def until(sock, kind, timeout=30.0, ok=lambda m: True):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            msg, _ = recv_message(sock, 0.2)
+            if isinstance(msg, kind) and ok(msg):
+                return msg
+        raise AssertionError(f"no {kind}")
+
+    try:
+        first.send(encode(Hello()))
+        until(first, Welcome)
+        first.send(encode(Start(image=_png(5), prompt=PROMPT)))
+        sid = until(first, Status, ok=lambda m: m.session_id is not None).session_id
+        time.sleep(HEARTBEAT_S * 2.5)  # silent: the engine pauses the session and detaches the driver
+        second.send(encode(Hello()))
+        until(second, Welcome)
+        second.send(encode(Resume(session_id=sid)))
+        until(second, Status, ok=lambda m: m.session_id == sid)
+        first.send(encode(Hello()))  # back: its old session has another driver now
+        assert isinstance(until(first, (Welcome, Error)), Welcome)
+        second.send(encode(Control(action="stop")))
+        until(second, Ended)
+    finally:
+        first.close()
+        second.close()
