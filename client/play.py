@@ -25,6 +25,7 @@ import io
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ from protocol import (  # noqa: E402
 DEFAULT_PROMPT = "a sunlit street in an old town, cobblestones, shops on both sides"
 DEFAULT_IMAGE = Path(__file__).resolve().parents[1] / "engine" / "assets" / "first_frame.png"
 QUALITY_ORDER = ("preview", "full")
+LOG_LIMIT = 100_000  # frame headers / key changes PlayLog keeps (about 1.7 h of frames at 16 fps)
 
 
 @dataclass
@@ -145,7 +147,8 @@ class PlayLog:
     sessions: list[str] = field(default_factory=list)
     errors: list[Error] = field(default_factory=list)
     ended: list[Ended] = field(default_factory=list)
-    received: list[FrameHeader] = field(default_factory=list)  # every frame header that arrived
+    # the latest frame headers that arrived and key changes posted (bounded: a session can run for hours)
+    received: deque[FrameHeader] = field(default_factory=lambda: deque(maxlen=LOG_LIMIT))
     posted: dict[int, frozenset[str]] = field(default_factory=dict)  # seq -> held set of each key change
 
 
@@ -394,6 +397,8 @@ class PlayApp:
             self.hud.held = held
             return
         self.log.posted[seq] = held
+        if len(self.log.posted) > LOG_LIMIT:
+            del self.log.posted[next(iter(self.log.posted))]  # oldest first (insertion order)
         self.hud.on_key_change(seq, held, now)
         if self.reprojector is not None:
             self.reprojector.on_keys(held, seq)
