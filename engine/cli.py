@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine import __version__
-from engine.driver_cli import DRIVER_COMMANDS, add_driver_commands, run_driver
+from engine.driver_cli import DRIVER_COMMANDS, add_driver_commands, add_model_args, run_driver
 from engine.errors import InputError
 
 # Subcommands whose issue has not landed yet: they say so instead of pretending.
@@ -57,16 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_engine_commands(sub) -> None:
     p = sub.add_parser("engine", help="the engine server: serve sessions over ZeroMQ (loopback by default)")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    add_model_args(p)
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint (default tcp://127.0.0.1:5555; port 0 picks a free one); a non-loopback "
                         "address needs --curve-dir")
-    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--weights", default=None, help="weights directory (layout in engine/world.py); default: the "
-                                                   "preset's seeded random weights")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="model dtype (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--fast", default="", help="comma-separated fast paths (engine/fast: stage1-graph, ... or all)")
     p.add_argument("--record-root", default="recordings", help="where sessions are recorded ('none': not at all)")
     p.add_argument("--curve-dir", default=None, help="CURVE keys from `sana-wm keys DIR` (encrypts, admits DIR/*.key)")
     p.add_argument("--quality", default="full", choices=["preview", "full"],

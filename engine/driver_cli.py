@@ -21,15 +21,22 @@ def demo_image_bytes() -> bytes:
 DRIVER_COMMANDS = ("demo", "replay", "resume", "export", "generate")
 
 
+def add_model_args(p) -> None:
+    """Which models a command builds: preset, weights, dtype, fast paths, device (engine and drivers alike)."""
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--weights", default=None, help="weights directory (layout in engine/world.py); default: the "
+                                                   "preset's seeded random weights")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="model dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--fast", default="", help="comma-separated fast paths (engine/fast: stage1-graph, ... or all)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+
+
 def _world_args(p, preset: bool = True) -> None:
     if preset:
-        p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-        p.add_argument("--weights", default=None, help="weights directory (layout in engine/world.py); default: the "
-                                                       "preset's seeded random weights")
-        p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                       help="model dtype (default bf16 on cuda, fp32 on cpu)")
-        p.add_argument("--fast", default="", help="comma-separated fast paths (engine/fast), e.g. all (CUDA)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+        add_model_args(p)
+    else:
+        p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--record-root", default="recordings", help="where sessions are written (default recordings/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -445,11 +445,9 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build().eval()
 
 
-def tiny_gemma2(vocab_size: int, *, hidden_size=64, num_layers=2, heads=2, head_dim=32, seed=0) -> nn.Module:
-    """Seeded random `Gemma2Model` (fp32, CPU)."""
-    from transformers import Gemma2Config, Gemma2Model
-
-    config = Gemma2Config(
+def _tiny_gemma_config(vocab_size: int, hidden_size: int, num_layers: int, heads: int, head_dim: int) -> dict:
+    """Config fields the tiny Gemma-2 and Gemma-3 share (special-token ids as in `TINY_SPECIAL_TOKENS`)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -458,12 +456,19 @@ def tiny_gemma2(vocab_size: int, *, hidden_size=64, num_layers=2, heads=2, head_
         num_key_value_heads=1,
         head_dim=head_dim,
         max_position_embeddings=2048,
-        sliding_window=64,
         initializer_range=0.2,  # larger than release init so hidden states differ visibly between prompts
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
     )
+
+
+def tiny_gemma2(vocab_size: int, *, hidden_size=64, num_layers=2, heads=2, head_dim=32, seed=0) -> nn.Module:
+    """Seeded random `Gemma2Model` (fp32, CPU)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(**_tiny_gemma_config(vocab_size, hidden_size, num_layers, heads, head_dim),
+                          sliding_window=64)
     return _seeded(seed, lambda: Gemma2Model(config))
 
 
@@ -471,21 +476,8 @@ def tiny_gemma3(vocab_size: int, *, hidden_size=64, num_layers=2, heads=2, head_
     """Seeded random `Gemma3TextModel` (fp32, CPU); it yields `num_layers + 1` hidden states."""
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=1,
-        head_dim=head_dim,
-        max_position_embeddings=2048,
-        sliding_window=16,
-        initializer_range=0.2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
+    config = Gemma3TextConfig(**_tiny_gemma_config(vocab_size, hidden_size, num_layers, heads, head_dim),
+                              sliding_window=16)
     return _seeded(seed, lambda: Gemma3TextModel(config))
 
 

@@ -83,16 +83,20 @@ def test_pose_controls_use_explicit_poses(world):
     assert np.allclose(np.concatenate([c.poses for c in chunks]), c2w, atol=1e-5)
 
 
+def run_then_restore(world, quality):
+    """Chunk 0, then its snapshot restored into a fresh pipeline and control source, as after a restart."""
+    ro, first = run(world, ScriptedControls.from_action(ACTION), quality, n=1)
+    tensors, meta = ro.snapshot()
+    resumed = Rollout(WorldPipeline(world), ScriptedControls.from_action(ACTION),
+                      intrinsics_px=world.preset.default_intrinsics, quality=quality)
+    resumed.restore(tensors, meta)
+    return first, resumed
+
+
 @pytest.mark.parametrize("quality", ["preview", "full"])
 def test_snapshot_restore_equals_uninterrupted(world, quality):
     _, whole = run(world, ScriptedControls.from_action(ACTION), quality)
-    ro, first = run(world, ScriptedControls.from_action(ACTION), quality, n=1)
-    tensors, meta = ro.snapshot()
-    # a fresh pipeline and control source, as after a restart
-    pipe = WorldPipeline(world)
-    resumed = Rollout(pipe, ScriptedControls.from_action(ACTION), intrinsics_px=world.preset.default_intrinsics,
-                      quality=quality)
-    resumed.restore(tensors, meta)
+    first, resumed = run_then_restore(world, quality)
     rest = list(resumed.chunks())
     assert [c.index for c in rest] == [1, 2]
     for x, y in zip(first + rest, whole, strict=True):
@@ -104,12 +108,7 @@ def test_snapshot_restore_equals_uninterrupted(world, quality):
 def test_replaying_stored_latents_rebuilds_the_caches(world, quality):
     """Resume = snapshot at chunk 0 + cache-write replay of chunk 1 from its stored latents."""
     _, whole = run(world, ScriptedControls.from_action(ACTION), quality)
-    ro, first = run(world, ScriptedControls.from_action(ACTION), quality, n=1)
-    tensors, meta = ro.snapshot()
-    pipe = WorldPipeline(world)
-    resumed = Rollout(pipe, ScriptedControls.from_action(ACTION), intrinsics_px=world.preset.default_intrinsics,
-                      quality=quality)
-    resumed.restore(tensors, meta)
+    _, resumed = run_then_restore(world, quality)
     resumed.replay(whole[1].latents, whole[1].refined)
     (last,) = list(resumed.chunks())
     assert last.index == 2
