@@ -1082,6 +1082,13 @@ def serve(*, preset: str = "tiny", device: str = "cpu", config: ServerConfig | N
     world = build_world(preset, device=device, dtype=resolve_dtype(dtype, device),
                         with_refiner="full" in config.qualities, weights=weights)
     world.fast = tuple(fast)
+    if world.fast:
+        from engine.fast import warm_compiled
+
+        t0 = time.perf_counter()
+        if warmed := warm_compiled(world, config.qualities):
+            announce(f"sana-wm engine: compiled fast paths warmed ({', '.join(warmed)}) in "
+                     f"{time.perf_counter() - t0:.0f} s")
     server = EngineServer(world, config)
     address = server.start()
     announce(f"sana-wm engine: listening on {address} (preset {world.preset.name}, {world.preset.pixel_hw[1]}x"

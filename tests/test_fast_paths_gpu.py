@@ -87,6 +87,32 @@ def test_graphs_equal_eager(dtype, tol, quality):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol,quality", [(torch.float32, 1e-4, "preview"), (torch.bfloat16, 3e-2, "full")])
+def test_compiled_graphs_equal_eager(dtype, tol, quality):
+    """`stage1-compile` / `refiner-compile` inside the CUDA graphs: same chunks as the plain eager path, the same
+    replay counts (first sight of a steady kind runs the compiled blocks eagerly, outside any capture)."""
+    names = GRAPHS + ("stage1-compile", "refiner-compile")
+    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
+    _, _, plain, snap_plain = rollout(world, (), quality)
+    try:
+        pipe, applied, fast, snap_fast = rollout(world, names, quality)
+    finally:
+        restore_plain_rope()
+        restore_plain_pad(world.vae)
+        restore_plain_frames()
+    assert set(applied) == set(names)
+    runner = pipe.stream.runner
+    assert runner.block_fn is not None
+    assert runner.replays == 3 + 5 * (CHUNKS - 3) and len(runner.graphs) == 2
+    if quality == "full":
+        assert pipe.refiner.model.parts is not None
+        assert pipe.refiner.model.replays == 3 + 4 * (CHUNKS - 5) and len(pipe.refiner.model.graphs) == 1
+    err = compare(fast, plain, snap_fast, snap_plain, quality)
+    print(f"compiled graphs {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
+    assert err <= tol
+
+
+@pytest.mark.gpu
 def test_tf32_scans_close_to_fp32():
     world = build_bench_world("tiny", device="cuda", dtype=torch.float32, seed=2)
     _, _, plain, snap_plain = rollout(world, (), "preview", chunks=3)

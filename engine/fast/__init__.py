@@ -4,8 +4,12 @@
 tests/test_fast_paths_gpu.py compares each with the plain path.
 
 - `stage1-graph`: CUDA-graph replay of the streaming stage-1 forwards (engine/fast/stage1_graph.py);
+- `stage1-compile`: the stage-1 blocks through one `torch.compile`d block call (engine/fast/stage1_compile.py;
+  with `stage1-graph`, in the graphs' steady state);
 - `stage1-tf32-scans`: TF32 matmuls inside the GDN / camera scans (engine/fast/scans.py; not bit-equal);
 - `refiner-graph`: CUDA-graph replay of the AR refiner's block forwards (engine/fast/refiner_graph.py);
+- `refiner-compile`: the refiner blocks' halves `torch.compile`d, in the graphs' steady state
+  (engine/fast/refiner_compile.py; needs `refiner-graph`);
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
 - `frames`: decoded pixels -> uint8 frames in one Triton pass (engine/fast/frames.py, kernels/frames.py).
@@ -17,17 +21,19 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-tf32-scans", "refiner-graph", "refiner-rope", "vae-pad", "frames")
-CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-rope", "frames")
+FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "refiner-graph", "refiner-compile",
+              "refiner-rope", "vae-pad", "frames")
+CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-compile", "refiner-rope", "frames")
 
 
 def apply_fast_paths(pipe, names) -> dict[str, str]:
     """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
     names = list(FAST_PATHS) if "all" in names else list(names)
-    done = {}
     for name in names:
         if name not in FAST_PATHS:
             raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all'")
+    done = {}
+    for name in sorted(set(names), key=FAST_PATHS.index):  # a fixed order: e.g. the graphs before the compile
         if name in CUDA_ONLY and pipe.world.device.type != "cuda":
             raise InputError(f"fast path {name!r} needs a CUDA device")
         if name == "stage1-graph":
@@ -35,6 +41,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             pipe.stream = GraphedStage1Stream.from_stream(pipe.stream)
             done[name] = "WorldPipeline.stream -> GraphedStage1Stream"
+        elif name == "stage1-compile":
+            from engine.fast.stage1_compile import use_compiled_blocks
+
+            done[name] = use_compiled_blocks(pipe)
         elif name == "stage1-tf32-scans":
             from engine.fast.scans import tf32_scan_ops
 
@@ -46,6 +56,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             if pipe.refiner is not None and not isinstance(pipe.refiner.model, GraphedRefinerModel):
                 pipe.refiner.model = GraphedRefinerModel(pipe.refiner.model)
                 done[name] = "ARRefiner.model -> GraphedRefinerModel"
+        elif name == "refiner-compile":
+            from engine.fast.refiner_compile import use_compiled_refiner_blocks
+
+            if (what := use_compiled_refiner_blocks(pipe)) is not None:
+                done[name] = what
         elif name == "refiner-rope":
             from engine.fast.refiner_rope import use_triton_rope
 
@@ -60,4 +75,30 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             from engine.fast.vae_pad import use_fast_reflect_pad
 
             done[name] = f"{use_fast_reflect_pad(pipe.world.vae)} decoder convs -> reflect_pad_hw1"
+    return done
+
+
+COMPILED = ("stage1-compile", "refiner-compile")
+
+
+def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6) -> list[str]:
+    """Compile the `torch.compile` fast paths of `world.fast` ahead of the first session: a throwaway session of
+    `chunks` chunks per quality (random first image, scripted keys) runs each steady-state kind once. The compiled
+    code is process-wide, so later sessions only capture their CUDA graphs. Returns the qualities warmed."""
+    if not any(name in COMPILED for name in (FAST_PATHS if "all" in world.fast else world.fast)):
+        return []
+    from engine.bench import first_image, scripted_controls
+    from engine.rollout import Rollout
+    from engine.world import WorldPipeline
+
+    done = []
+    for quality in qualities:
+        if quality == "full" and world.refiner is None:
+            continue
+        pipe = WorldPipeline(world)
+        pipe.start(first_image(world.preset, 0), "warm-up", quality)
+        ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality=quality)
+        for _ in ro.chunks(chunks):
+            pass
+        done.append(quality)
     return done

@@ -37,6 +37,7 @@ class GraphedRefinerModel:
         self._text_src: RefinerText | None = None
         self._rope_key: tuple | None = None
         self.replays = 0
+        self.parts: tuple | None = None  # steady-state block halves (None = plain; engine.fast.refiner_compile)
 
     def __getattr__(self, name: str):  # cfg, proj_in, num_layers, video_rope, prepare_text, ...
         return getattr(self.__dict__["model"], name)
@@ -79,7 +80,7 @@ class GraphedRefinerModel:
         emb, temb = m.time_embed(timestep, dtype)
         x = m.proj_in(st["latents"].permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
         for i, blk in enumerate(m.transformer_blocks):
-            x = blk(x, temb, rope, self.text.k[i], self.text.v[i], self.text.bias, i, kv)
+            x = blk(x, temb, rope, self.text.k[i], self.text.v[i], self.text.bias, i, kv, parts=self.parts)
         shift = m.scale_shift_table[0] + emb
         scale = m.scale_shift_table[1] + emb
         out = m.proj_out(m.norm_out(x) * (1 + scale) + shift)
@@ -101,9 +102,11 @@ class GraphedRefinerModel:
         key = (tuple(latents.shape), kv.history_len, kv.active_len, id(kv))
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
-        if key not in self.seen:
+        first_sight = key not in self.seen
+        if first_sight:
             self.seen.add(key)
-            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+            if self.parts is None:
+                return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         self._sync_text(text)
         b, c, n, h, w = latents.shape
         rope_key = (tuple(frame_positions.tolist()), b, h, w, fps)
@@ -117,6 +120,8 @@ class GraphedRefinerModel:
             st = self.statics[tuple(latents.shape)]
         st["latents"].copy_(latents)
         st["sigma"].fill_(float(sigma))
+        if first_sight:  # compiled block halves: run (and so compile) them once outside any capture
+            return self._body(st, self.model.cfg.rope_type, kv).clone()
         if key not in self.graphs:
             self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv)
         graph, out = self.graphs[key]

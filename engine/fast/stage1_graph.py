@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.stage1.cache import SoftmaxBlockCache, Stage1Cache
-from engine.stage1.model import Stage1Transformer, TextContext
+from engine.stage1.model import Stage1Transformer, TextContext, call_block
 from engine.stage1.stream import Stage1Stream
 from engine.stage1.temporal import AttentionMode, FrameContext
 
@@ -62,6 +62,7 @@ class Stage1GraphRunner:
         self._ctx_key: tuple | None = None
         self._ctx_cams: torch.Tensor | None = None
         self.replays = 0
+        self.block_fn = None  # steady-state block call (None = plain; engine.fast.stage1_compile sets a compiled one)
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _window_fill(self) -> tuple[int, int] | None:
@@ -137,8 +138,9 @@ class Stage1GraphRunner:
         x = m.x_embedder(st.x)
         p_emb = m.plucker_embedder(st.plucker)
         t_emb, mod = m.embed_timestep(st.t, B, T)
+        block_fn = self.block_fn or call_block
         for i, block in enumerate(m.blocks):
-            x = block(x, mod, p_emb, self.text.kv[i], self.text.bias, ctx, self.cache.blocks[i])
+            x = block_fn(block, x, mod, p_emb, self.text.kv[i], self.text.bias, ctx, self.cache.blocks[i])
         out = m.final_layer(x, t_emb)
         return out.transpose(1, 2).reshape(B, -1, T, h, w)
 
@@ -161,11 +163,13 @@ class Stage1GraphRunner:
                  camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool) -> torch.Tensor:
         B, _, T, h, w = hidden_states.shape
         key = (tuple(hidden_states.shape), write_cache, self._window_fill())
-        if not self.steady() or key not in self.seen:  # start-up, or first sight: the plain eager pass
-            if self.steady():
+        if not self.steady() or key not in self.seen:  # start-up, or first sight: an eager pass
+            block_fn = None
+            if self.steady():  # first sight runs (and so compiles, outside any capture) the steady block call
                 self.seen.add(key)
+                block_fn = self.block_fn
             return self.model.forward_cached(hidden_states, timestep, text, camera_conditions, chunk_plucker,
-                                             self.cache, write_cache=write_cache, mode=self.mode)
+                                             self.cache, write_cache=write_cache, mode=self.mode, block_fn=block_fn)
         self._sync_text(text)
         ctx = self._context(camera_conditions, T, h, w)
         st = self._statics_for(hidden_states, chunk_plucker, ctx)
@@ -196,6 +200,7 @@ class GraphedStage1Stream(Stage1Stream):
         new = cls.__new__(cls)
         new.__dict__.update(stream.__dict__)
         new.runner = Stage1GraphRunner(stream.model, stream.cache, stream.mode)
+        new.runner.block_fn, new.block_fn = stream.block_fn, None  # a compiled block call serves the steady state
         return new
 
     def _velocity(self, camera_conditions, chunk_plucker):

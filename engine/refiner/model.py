@@ -224,24 +224,39 @@ class RefinerBlock(nn.Module):
         text_bias: Tensor,
         layer: int,
         kv: SelfAttentionKV | None,
+        parts: tuple | None = None,
     ) -> Tensor:
-        """`x [B, N, C]`, `temb [B, 1 or N, 6·C]` -> `[B, N, C]`."""
-        mod = self.scale_shift_table + temb.unflatten(-1, (6, -1))  # [B, 1|N, 6, C]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(dim=2)
-
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        q = apply_rope(self.attn1.query(h), rope)
-        k_pre, v = self.attn1.key_value(h)
-        k = apply_rope(k_pre, rope)
+        """`x [B, N, C]`, `temb [B, 1 or N, 6·C]` -> `[B, N, C]`. The block is two functions around the K/V window:
+        `parts = (attention_inputs, attention_outputs)` by default (fast paths pass compiled versions)."""
+        inputs, outputs = parts or (attention_inputs, attention_outputs)
+        h, q, k_pre, k, v, mod = inputs(self, x, temb, rope)
         if kv is not None:
             k, v = kv.attend(layer, k_pre, k, v)
-        x = x + self.attn1.output(q, k, v, h) * gate_msa
+        return outputs(self, x, h, q, k, v, mod, text_k, text_v, text_bias)
 
-        h = self.norm2(x)
-        x = x + self.attn2.output(self.attn2.query(h), text_k, text_v, h, text_bias)
 
-        h = self.norm3(x) * (1 + scale_mlp) + shift_mlp
-        return x + self.ff(h) * gate_mlp
+def attention_inputs(blk: RefinerBlock, x: Tensor, temb: Tensor, rope: Rope):
+    """First half of a block: modulation, the self-attention input `h`, rotated query, pre-RoPE key, rotated key and
+    value (`[B, H, N, D]` each), and the modulation rows `mod [B, 1|N, 6, C]`."""
+    mod = blk.scale_shift_table + temb.unflatten(-1, (6, -1))  # [B, 1|N, 6, C]
+    shift_msa, scale_msa = mod[:, :, 0], mod[:, :, 1]
+    h = blk.norm1(x) * (1 + scale_msa) + shift_msa
+    q = apply_rope(blk.attn1.query(h), rope)
+    k_pre, v = blk.attn1.key_value(h)
+    return h, q, k_pre, apply_rope(k_pre, rope), v, mod
+
+
+def attention_outputs(blk: RefinerBlock, x: Tensor, h: Tensor, q: Tensor, k: Tensor, v: Tensor, mod: Tensor,
+                      text_k: Tensor, text_v: Tensor, text_bias: Tensor) -> Tensor:
+    """Second half: self-attention over the window `k, v`, the gated residual, cross-attention, the modulated FFN."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+    x = x + blk.attn1.output(q, k, v, h) * gate_msa
+
+    h = blk.norm2(x)
+    x = x + blk.attn2.output(blk.attn2.query(h), text_k, text_v, h, text_bias)
+
+    h = blk.norm3(x) * (1 + scale_mlp) + shift_mlp
+    return x + blk.ff(h) * gate_mlp
 
 
 class RefinerTransformer(nn.Module):

@@ -159,6 +159,11 @@ class Stage1Block(nn.Module):
         return x + (gate_mlp * per_frame(self.mlp(m, ctx, cache))).reshape(B, N, C)
 
 
+def call_block(block: Stage1Block, x, mod, p_emb, text_kv, text_bias, ctx: FrameContext, cache=None) -> torch.Tensor:
+    """The plain block call of `Stage1Transformer.run` (a function, so fast paths can compile one for all blocks)."""
+    return block(x, mod, p_emb, text_kv, text_bias, ctx, cache)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, config: Stage1Config) -> None:
         super().__init__()
@@ -280,8 +285,10 @@ class Stage1Transformer(nn.Module):
         cache: Stage1Cache | None = None,
         frame_offset: int = 0,
         write_cache: bool = False,
+        block_fn=None,
     ) -> torch.Tensor:
-        """The one forward all modes share; returns the velocity `[B, C, T, H, W]`."""
+        """The one forward all modes share; returns the velocity `[B, C, T, H, W]`. `block_fn(block, *args)`
+        replaces the plain block call (`call_block`), e.g. with a compiled version of it."""
         B, T, h, w = self._check_inputs(hidden_states, camera_conditions, chunk_plucker)
         segments = ((0, T),) if segments is None else tuple(segments)
         check_segments(segments, T)
@@ -289,8 +296,9 @@ class Stage1Transformer(nn.Module):
         x = self.x_embedder(hidden_states.to(self.dtype))
         p_emb = self.plucker_embedder(chunk_plucker.to(self.dtype))
         t_emb, mod = self.embed_timestep(timestep, B, T)
+        block_fn = block_fn or call_block
         for i, block in enumerate(self.blocks):
-            x = block(x, mod, p_emb, text.kv[i], text.bias, ctx, None if cache is None else cache.blocks[i])
+            x = block_fn(block, x, mod, p_emb, text.kv[i], text.bias, ctx, None if cache is None else cache.blocks[i])
         out = self.final_layer(x, t_emb)  # [B, N, Cout]
         return out.transpose(1, 2).reshape(B, -1, T, h, w)
 
@@ -343,13 +351,14 @@ class Stage1Transformer(nn.Module):
         *,
         write_cache: bool = False,
         mode: AttentionMode | None = None,
+        block_fn=None,
     ) -> torch.Tensor:
         """One streaming chunk whose first frame is video frame `cache.frames_written`; reads the cache,
         and on a cache-write pass stores this chunk's state and advances `cache.frames_written`."""
         T = hidden_states.shape[2]
         mode = mode or streaming_mode(self.config.linear_head_dim)
         out = self.run(hidden_states, timestep, text, camera_conditions, chunk_plucker, mode=mode,
-                       cache=cache, frame_offset=cache.frames_written, write_cache=write_cache)
+                       cache=cache, frame_offset=cache.frames_written, write_cache=write_cache, block_fn=block_fn)
         if write_cache:
             cache.frames_written += T
         return out

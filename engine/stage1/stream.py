@@ -53,6 +53,7 @@ class Stage1Stream:
         self.cache = Stage1Cache(model.config, batch, height, width, first_chunk_frames=first_chunk_frames,
                                  chunk_frames=chunk_frames, dtype=param.dtype, device=param.device)
         self.text: TextContext | None = None
+        self.block_fn = None  # replaces the plain block call when set (engine.fast.stage1_compile)
 
     # session state -------------------------------------------------------------------------------
     def reset(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> None:
@@ -93,7 +94,7 @@ class Stage1Stream:
     def _velocity(self, camera_conditions, chunk_plucker):
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.model.forward_cached(x, t, self.text, camera_conditions, chunk_plucker, self.cache,
-                                             mode=self.mode)
+                                             mode=self.mode, block_fn=self.block_fn)
 
         return velocity
 
@@ -121,4 +122,4 @@ class Stage1Stream:
         self._check(clean, camera_conditions, chunk_plucker)
         t = torch.zeros(clean.shape[0], 1, clean.shape[2], device=clean.device)
         self.model.forward_cached(clean, t, self.text, camera_conditions, chunk_plucker, self.cache,
-                                  write_cache=True, mode=self.mode)
+                                  write_cache=True, mode=self.mode, block_fn=self.block_fn)

@@ -1,0 +1,55 @@
+"""The compiled stage-1 block call (engine/fast/stage1_compile.py) against the plain eager path, on the CPU (inductor's
+C++ backend; the GPU comparison inside the CUDA graphs is in tests/test_fast_paths_gpu.py)."""
+
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from engine.bench import build_bench_world, first_image, scripted_controls
+from engine.fast import apply_fast_paths
+from engine.rollout import Rollout
+from engine.world import WorldPipeline
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                                reason="inductor's CPU backend needs a C++ compiler")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run(world, fast, chunks, graphs_after=None):
+    """Roll `chunks` chunks; with `graphs_after`, also the number of dynamo graphs made up to each chunk."""
+    pipe = WorldPipeline(world)
+    applied = apply_fast_paths(pipe, fast)
+    pipe.start(first_image(world.preset, 0), "a street", "preview")
+    ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, seed=5,
+                 quality="preview")
+    out = []
+    for chunk in ro.chunks(chunks):
+        out.append(chunk)
+        if graphs_after is not None:
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    return applied, out, pipe.snapshot()
+
+
+def test_compiled_blocks_equal_plain_and_share_graphs():
+    world = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=3, with_refiner=False)
+    _, plain, snap_plain = run(world, (), 5)
+    graphs = [counters["stats"]["unique_graphs"]]
+    applied, fast, snap_fast = run(world, ("stage1-compile",), 5, graphs)
+    assert "stage1-compile" in applied
+    # one compiled function for all blocks: (GDN, softmax) x (read, write) per cache state of the first three
+    # chunks (4 frames, no sink; 3 frames, sink only; the full window), not one graph per block instance; the
+    # steady chunks after that compile nothing
+    made = [b - a for a, b in zip(graphs[:-1], graphs[1:], strict=True)]
+    assert made[0] > 0 and sum(made) <= 12 and made[3:] == [0, 0], made
+    for a, b in zip(fast, plain, strict=True):
+        assert a.frame_start == b.frame_start
+        assert rel(a.latents, b.latents) <= 1e-4
+    for k, v in snap_plain.items():
+        if k.startswith("stage1.") and v.is_floating_point() and v.abs().max() > 0:
+            assert rel(snap_fast[k], v) <= 1e-4, k
