@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.bench (see `sana-wm bench --help`)")
 
+    # options parsed by engine.latency (imported only when run)
+    p = sub.add_parser("latency", help="keypress -> generated frame latency through the real engine server "
+                       "(GPU; --preset tiny --device cpu on CPU)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of engine.latency (see `sana-wm latency --help`)")
+
     _add_engine_commands(sub)
 
     # options parsed by client.play (imported only when run: pygame stays out of the CLI's import)
@@ -125,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["latency"]:
+        from engine.latency import main as latency_main
+
+        return latency_main(argv[1:])
     if argv[:1] == ["play"]:  # the client's own options (client/play.py add_arguments)
         try:
             from client.play import main as play_main
