@@ -131,6 +131,9 @@ def build_served_world(cfg: LatencyConfig):
     world = build_bench_world(cfg.preset, device=cfg.device, dtype=resolve_dtype(cfg.dtype, cfg.device),
                               seed=cfg.seed, with_refiner=cfg.quality == "full")
     world.fast = tuple(cfg.fast)
+    from engine.fast import warm_compiled
+
+    warm_compiled(world, (cfg.quality,))  # as `sana-wm engine` does: torch.compile fast paths compile before serving
     return world
 
 
