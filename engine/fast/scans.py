@@ -1,9 +1,11 @@
-"""TF32 tensor-core matmuls inside the stage-1 GDN / camera scans (the plain path: the same scans in strict fp32).
+"""Fast versions of the stage-1 GDN / camera scans (the plain path: kernels/gdn.py in strict fp32).
 
 The frame-wise delta-rule scans run in fp32 with many small batched matmuls; with strict fp32 they fall on a
 SIMT (CUDA-core) GEMM, the largest single kernel of the release stage-1 forward. `tf32_scan_ops()` returns a
 `ScanOps` whose functions are the reference scans run with TF32 matmuls allowed (~1e-3 relative on the scan,
-under the bf16 model's own rounding); the flag is restored after each call.
+under the bf16 model's own rounding); the flag is restored after each call. `triton_scan_ops()` returns the
+Triton scans of kernels/gdn_triton.py (one launch per call, numerator and normaliser fused; CUDA only), in the
+chosen tl.dot precision.
 """
 
 from __future__ import annotations
@@ -32,3 +34,17 @@ def tf32_scan_ops(base: ScanOps | None = None) -> ScanOps:
     b = base or ScanOps()
     return ScanOps(gdn_forward=with_tf32(b.gdn_forward), gdn_backward=with_tf32(b.gdn_backward),
                    camera_forward=with_tf32(b.camera_forward), camera_backward=with_tf32(b.camera_backward))
+
+
+def triton_scan_ops(precision: str | None = None) -> ScanOps:
+    """`ScanOps` running kernels/gdn_triton.py; precision "ieee", "tf32x3" or "tf32" (None = the module's
+    default, see gdn_triton.DEFAULT_PRECISION). Needs Triton and CUDA tensors at call time."""
+    from kernels import gdn_triton as gt
+
+    precision = precision or gt.DEFAULT_PRECISION
+    if precision not in gt.PRECISIONS:
+        raise ValueError(f"precision {precision!r}; accepted: {gt.PRECISIONS}")
+    bind = lambda fn: functools.partial(fn, precision=precision)
+    return ScanOps(gdn_forward=bind(gt.gdn_forward_triton), gdn_backward=bind(gt.gdn_backward_triton),
+                   camera_forward=bind(gt.camera_scan_forward_triton),
+                   camera_backward=bind(gt.camera_scan_backward_triton))
