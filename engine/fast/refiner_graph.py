@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.fast.stage1_graph import no_recompile
 from engine.refiner.ar import RefinerKVWindow
 from engine.refiner.model import RefinerText, RefinerTransformer
 from engine.refiner.rope import Rope
@@ -90,7 +91,7 @@ class GraphedRefinerModel:
         s = self.capture_stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=s):
+        with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
             out = self._body(st, layout, kv)
         return g, out
 

@@ -31,6 +31,11 @@ from engine.stage1.stream import Stage1Stream
 from engine.stage1.temporal import AttentionMode, FrameContext
 
 
+def no_recompile():
+    """Inside a capture a compile would break it (allocations, syncs): make any recompile a clear error instead."""
+    return torch.compiler.set_stance("fail_on_recompile")
+
+
 @dataclass
 class _Statics:
     """Static input buffers of one chunk size T (shared by the read and the write graphs)."""
@@ -153,7 +158,7 @@ class Stage1GraphRunner:
                 self._body(st, False, h, w)
             torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=s):
+        with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
             out = self._body(st, write, h, w)
         self._set_counters(counters)  # capture ran the Python side of the cache writes; nothing executed
         return g, out
@@ -163,13 +168,12 @@ class Stage1GraphRunner:
                  camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool) -> torch.Tensor:
         B, _, T, h, w = hidden_states.shape
         key = (tuple(hidden_states.shape), write_cache, self._window_fill())
-        if not self.steady() or key not in self.seen:  # start-up, or first sight: an eager pass
-            block_fn = None
-            if self.steady():  # first sight runs (and so compiles, outside any capture) the steady block call
-                self.seen.add(key)
-                block_fn = self.block_fn
+        first_sight = self.steady() and key not in self.seen
+        if first_sight:
+            self.seen.add(key)
+        if not self.steady() or (first_sight and self.block_fn is None):  # start-up, or first sight: plain eager
             return self.model.forward_cached(hidden_states, timestep, text, camera_conditions, chunk_plucker,
-                                             self.cache, write_cache=write_cache, mode=self.mode, block_fn=block_fn)
+                                             self.cache, write_cache=write_cache, mode=self.mode)
         self._sync_text(text)
         ctx = self._context(camera_conditions, T, h, w)
         st = self._statics_for(hidden_states, chunk_plucker, ctx)
@@ -179,6 +183,11 @@ class Stage1GraphRunner:
         st.x.copy_(hidden_states)
         st.t.copy_(torch.as_tensor(timestep, device=self.device).reshape(B, 1, T))
         st.plucker.copy_(chunk_plucker)
+        if first_sight:  # a compiled block call: run it eagerly on the very buffers the graph will read, so it
+            out = self._body(st, write_cache, h, w)  # compiles here (same guards), never inside the capture
+            if write_cache:  # the eager body advanced the softmax counters itself (cache.append)
+                self.cache.frames_written += T
+            return out.clone()
         if key not in self.graphs:
             self.graphs[key] = self._capture(st, write_cache, h, w)
         graph, out = self.graphs[key]
