@@ -411,11 +411,22 @@ def run_bench(cfg: BenchConfig) -> dict:
                         if m is not None}
     if dev.type == "cuda":
         report["weights_gb"] = round(torch.cuda.memory_allocated(dev) / 1e9, 3)
+    if "refiner-fp8" in cfg.fast and world.refiner is not None:  # the accuracy cost, measured before the swap
+        from engine.fast.refiner_fp8 import refiner_fp8_quality
+
+        report["fp8_quality"] = refiner_fp8_quality(world, seed=cfg.seed)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     pipe = WorldPipeline(world)
     if cfg.fast:
         from engine.fast import apply_fast_paths
 
         report["fast"] = apply_fast_paths(pipe, cfg.fast)
+        from engine.fast import warm_compiled
+
+        t0 = _sync(dev)  # as `sana-wm engine` does before serving: torch.compile paths compile ahead of a session
+        if warmed := warm_compiled(world, cfg.qualities):
+            report["compile_warm"] = {"qualities": warmed, "s": round(_sync(dev) - t0, 1)}
     report["qualities"] = {}
     for q in cfg.qualities:
         try:
@@ -470,6 +481,12 @@ def format_table(report: dict) -> str:
         if "replay" in r:
             extra.append(f"replay {r['replay']['median_ms']} ms/chunk")
         lines.append(f"{q:<8} " + " | ".join(extra))
+    if "compile_warm" in report:
+        lines.append(f"torch.compile warm-up before the sessions: {report['compile_warm']['s']} s")
+    if "fp8_quality" in report:
+        f = report["fp8_quality"]
+        lines.append(f"refiner fp8 vs bf16: forward rel err max {f['forward_rel_err_max']:.3e}, "
+                     f"block rel err max {f['block_rel_err_max']:.3e}")
     if report.get("gemm"):
         g = report["gemm"]
         lines.append(f"GEMM {g['n']}^3 {g['dtype']}: {g['tflops']} TFLOP/s")

@@ -11,27 +11,37 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `refiner-compile`: the refiner blocks' halves `torch.compile`d, in the graphs' steady state
   (engine/fast/refiner_compile.py; needs `refiner-graph`);
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
+- `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py);
+- `refiner-fp8`: e4m3 weights and per-token e4m3 activations in the refiner blocks' GEMMs (engine/fast/refiner_fp8.py;
+  changes the numerics: opt-in by name, never part of `all`);
+- `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
+  padding, cudnn autotuning (engine/fast/vae_fast.py, kernels/vae_norm.py);
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
 - `frames`: decoded pixels -> uint8 frames in one Triton pass (engine/fast/frames.py, kernels/frames.py).
 
-`all` names every one of them.
+`all` names the ones in `ALL`.
 """
 
 from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "refiner-graph", "refiner-compile",
-              "refiner-rope", "vae-pad", "frames")
-CUDA_ONLY = ("stage1-graph", "refiner-graph", "refiner-compile", "refiner-rope", "frames")
+FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "refiner-graph",
+              "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames")
+# `all`: every path that keeps the bf16 model's numerics (fp8 is opt-in by name), minus the superseded ones
+# (the Triton scans replace the TF32 ones; vae-fast's folded padding replaces vae-pad)
+ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
+       "vae-fast", "frames")
+CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
+             "refiner-fp8", "frames")
 
 
 def apply_fast_paths(pipe, names) -> dict[str, str]:
     """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
-    names = list(FAST_PATHS) if "all" in names else list(names)
+    names = [n for n in names if n != "all"] + (list(ALL) if "all" in names else [])
     for name in names:
         if name not in FAST_PATHS:
-            raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all'")
+            raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all' (= {', '.join(ALL)})")
     done = {}
     for name in sorted(set(names), key=FAST_PATHS.index):  # a fixed order: e.g. the graphs before the compile
         if name in CUDA_ONLY and pipe.world.device.type != "cuda":
@@ -50,6 +60,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             pipe.world.stage1.scan_ops = tf32_scan_ops()
             done[name] = "Stage1Transformer.scan_ops -> TF32 scans"
+        elif name == "stage1-triton-scans":
+            from engine.fast.scans import triton_scan_ops
+
+            pipe.world.stage1.scan_ops = triton_scan_ops()
+            done[name] = "Stage1Transformer.scan_ops -> Triton scans (kernels/gdn_triton.py)"
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 
@@ -71,6 +86,16 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             use_fast_frames()
             done[name] = "engine.world.pixels_to_frames -> one-pass Triton conversion (process-wide)"
+        elif name == "refiner-fp8":
+            from engine.fast.refiner_fp8 import use_fp8_linears
+
+            if pipe.refiner is not None:
+                model = getattr(pipe.refiner.model, "model", pipe.refiner.model)  # under a GraphedRefinerModel
+                done[name] = f"{use_fp8_linears(model)} refiner block linears -> Fp8Linear (world-wide, once)"
+        elif name == "vae-fast":
+            from engine.fast.vae_fast import use_all
+
+            done[name] = "; ".join(f"{k}: {v}" for k, v in use_all(pipe.world.vae).items())
         elif name == "vae-pad":
             from engine.fast.vae_pad import use_fast_reflect_pad
 
@@ -85,7 +110,7 @@ def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6) -> list
     """Compile the `torch.compile` fast paths of `world.fast` ahead of the first session: a throwaway session of
     `chunks` chunks per quality (random first image, scripted keys) runs each steady-state kind once. The compiled
     code is process-wide, so later sessions only capture their CUDA graphs. Returns the qualities warmed."""
-    if not any(name in COMPILED for name in (FAST_PATHS if "all" in world.fast else world.fast)):
+    if not any(name in COMPILED for name in (ALL if "all" in world.fast else world.fast)):
         return []
     from engine.bench import first_image, scripted_controls
     from engine.rollout import Rollout
