@@ -425,7 +425,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         from engine.fast import warm_compiled
 
         t0 = _sync(dev)  # as `sana-wm engine` does before serving: torch.compile paths compile ahead of a session
-        if warmed := warm_compiled(world, cfg.qualities):
+        if warmed := warm_compiled(world, cfg.qualities, names=cfg.fast):
             report["compile_warm"] = {"qualities": warmed, "s": round(_sync(dev) - t0, 1)}
     report["qualities"] = {}
     for q in cfg.qualities:

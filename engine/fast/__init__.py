@@ -106,11 +106,13 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 COMPILED = ("stage1-compile", "refiner-compile")
 
 
-def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6) -> list[str]:
-    """Compile the `torch.compile` fast paths of `world.fast` ahead of the first session: a throwaway session of
-    `chunks` chunks per quality (random first image, scripted keys) runs each steady-state kind once. The compiled
-    code is process-wide, so later sessions only capture their CUDA graphs. Returns the qualities warmed."""
-    if not any(name in COMPILED for name in (ALL if "all" in world.fast else world.fast)):
+def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6, names=None) -> list[str]:
+    """Compile the `torch.compile` fast paths among `names` (default `world.fast`) ahead of the first session: a
+    throwaway session of `chunks` chunks per quality (random first image, scripted keys) runs each steady-state kind
+    once. The compiled code is process-wide, so later sessions only capture their CUDA graphs. Returns the qualities
+    warmed."""
+    names = tuple(world.fast if names is None else names)
+    if not any(name in COMPILED for name in (ALL if "all" in names else names)):
         return []
     from engine.bench import first_image, scripted_controls
     from engine.rollout import Rollout
@@ -120,7 +122,9 @@ def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6) -> list
     for quality in qualities:
         if quality == "full" and world.refiner is None:
             continue
-        pipe = WorldPipeline(world)
+        pipe = WorldPipeline(world)  # switches on world.fast
+        if names != tuple(world.fast):
+            apply_fast_paths(pipe, names)
         pipe.start(first_image(world.preset, 0), "warm-up", quality)
         ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality=quality)
         for _ in ro.chunks(chunks):
