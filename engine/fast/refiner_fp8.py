@@ -1,0 +1,401 @@
+"""fp8 (e4m3) GEMMs for the refiner's transformer blocks: opt-in, never a default (plain path: bf16 `nn.Linear`).
+
+`use_fp8_linears(model)` swaps the block linears of a `RefinerTransformer` (attn1/attn2 q, k, v, out and the two
+FFN projections: ~99% of the refiner's GEMM FLOPs and weight bytes) for `Fp8Linear` in place and drops their
+bf16 weights, so the refiner's weights take about half the memory. `Fp8Linear` holds the weight as e4m3 with one
+fp32 scale per output channel (quantised once); each call quantises the activation per token (rowwise amax ->
+scale, on the GPU: no host sync, CUDA-graph capturable) and runs `torch._scaled_mm` with rowwise scales, the bias
+fused and a bf16 (the model's dtype) output. On a device without fp8 GEMMs (the CPU) the same module emulates the
+maths (e4m3 values, fp32 products and sums), so the quantisation is testable anywhere.
+
+Quantisation, per row r of an `[M, K]` operand (activation rows are tokens, weight rows output channels):
+
+    amax_r = max(max_k |x_rk|, 1e-12),   q_rk = e4m3(clamp(x_rk · (448 / amax_r), ±448)),   scale_r = amax_r / 448
+
+so x ≈ q · scale with a relative rounding error of at most 2^-4 per element (3 mantissa bits) in e4m3's normal
+range (|q| >= 2^-6) and an absolute one of at most 2^-10 · scale below it.
+
+What stays in the model's dtype, and why: `proj_in` (K = 128 latent channels) and `proj_out` (writes the velocity
+itself, N = 128), the timestep embedder and adaLN (one token per sample: no GEMM to speed up, and their outputs
+scale and gate every block's residual branches), `caption_projection` (once per prompt), the attention gates
+(`to_gate_logits`: N = heads, a per-head sigmoid) and every norm. Together they are < 1% of a forward's FLOPs.
+Linears whose K or N is not a multiple of 16 (`_scaled_mm`'s alignment) also stay.
+
+`fp8_quality_delta` / `refiner_fp8_quality` measure what the swap costs in accuracy (relative error of each block
+output and of a whole forward vs the unswapped model, same inputs) without changing the model, block by block, so
+a release-size refiner needs memory for one extra block only. Knows nothing of sessions or the bench's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from engine.errors import InputError
+from engine.refiner.model import ExplicitKV, RefinerTransformer, SelfAttentionKV
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch quantiser serves
+    triton = None
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+AMAX_FLOOR = 1e-12  # an all-zero row quantises to zeros with a finite scale
+SCALE_UNIT = 1.0 / E4M3_MAX  # scale = amax · fp32(1/448)
+ALIGN = 16  # _scaled_mm needs K and N multiples of 16
+# _scaled_mm's use_fast_accum: Hopper's fp8 tensor-core sums are never promoted to fp32. Default on: it adds ~3e-3
+# relative error at K = 16384 against ~3.7e-2 from the e4m3 rounding itself, and makes the GEMMs ~15% faster
+# (H100, release shapes; see tests/test_refiner_fp8.py).
+FAST_ACCUM = True
+
+# Linears of a RefinerBlock that may run in fp8, by their name inside the block (checkpoint layout).
+# attn2.to_k / to_v run once per prompt (prepare_text) but hold 1/8 of the block weights: swapped for the memory.
+BLOCK_LINEARS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2",
+)
+
+
+# ------------------------------------------------------------------------------------------ quantisation
+
+
+def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`x [M, K]` (any float dtype) -> (`q [M, K]` e4m3, `scale [M, 1]` fp32), x ≈ q·scale, in plain torch (fp32).
+    A NaN in a row makes that row's q NaN (it is not hidden)."""
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
+    # reciprocal then products, each rounded once in fp32: the Triton kernel does exactly these ops (bit-equal)
+    q = (x.float() * (amax.reciprocal() * E4M3_MAX)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, amax * SCALE_UNIT
+
+
+if triton is not None:
+
+    @triton.jit
+    def _max_keep_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
+                              FLOOR: tl.constexpr, UNIT: tl.constexpr):
+        # One program per row: pass 1 takes the row's amax, pass 2 (the row is in L1/L2 by then) scales and casts.
+        row = tl.program_id(0).to(tl.int64)
+        xr = x_ptr + row * stride_xm
+        qr = q_ptr + row * K
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(xr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        amax = tl.maximum(tl.reduce(acc, 0, _max_keep_nan), FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), amax) * FP8_MAX  # IEEE reciprocal, as torch's
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(xr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(qr + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+        tl.store(s_ptr + row, amax * UNIT)
+
+
+def quantize_rows_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows_reference` in one Triton pass over `x [M, K]` (CUDA; rows may be strided, columns dense)."""
+    if triton is None or not x.is_cuda:
+        raise RuntimeError("quantize_rows_triton needs Triton and a CUDA tensor")
+    if x.ndim != 2:
+        raise ValueError(f"x shape {tuple(x.shape)}; expected [M, K]")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=E4M3, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR,
+                                    UNIT=SCALE_UNIT, num_warps=8 if block >= 2048 else 4)
+    return q, scale
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rowwise e4m3 quantisation of `x [M, K]`: Triton on a CUDA tensor when Triton is importable, else torch."""
+    if triton is not None and x.is_cuda:
+        return quantize_rows_triton(x)
+    return quantize_rows_reference(x)
+
+
+def scaled_mm_emulated(qa: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, bias: Tensor | None,
+                       out_dtype: torch.dtype) -> Tensor:
+    """What `_scaled_mm(qa, qw.t(), sa, sw, bias)` computes, in fp32 on any device: `qa [M, K]`, `qw [N, K]` e4m3,
+    `sa [M, 1]`, `sw [1, N]` fp32, `bias [N]` -> `[M, N]` in `out_dtype`. Products of e4m3 values are exact in fp32."""
+    out = (qa.float() @ qw.float().t()) * sa * sw
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------ the module
+
+
+def fp8_eligible(linear: nn.Module) -> bool:
+    """An `nn.Linear` whose shape `_scaled_mm` takes (K and N multiples of 16)."""
+    return (type(linear) is nn.Linear and linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
+            and linear.weight.is_floating_point())
+
+
+class Fp8Linear(nn.Module):
+    """`y = x Wᵀ + b` with W in e4m3 (per-output-channel fp32 scales) and x quantised per token on each call.
+
+    Buffers: `weight [N, K]` e4m3, `weight_scale [1, N]` fp32, `bias [N]` in the output dtype (or None). Input
+    `[..., K]` in any float dtype -> `[..., N]` in `out_dtype` (the replaced linear's dtype). CUDA: `_scaled_mm`
+    (compute capability 8.9+); elsewhere: `scaled_mm_emulated`. Make it with `Fp8Linear.from_linear`, after the
+    model has its final device and dtype (a later `.to(dtype)` would cast the e4m3 buffers; forward refuses that).
+    """
+
+    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                 fast_accum: bool = FAST_ACCUM) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if weight.dtype != E4M3 or tuple(weight_scale.shape) != (1, n) or weight_scale.dtype != torch.float32:
+            raise InputError(f"Fp8Linear wants weight [N, K] e4m3 and weight_scale [1, N] fp32; got "
+                             f"{weight.dtype} {tuple(weight.shape)} and {weight_scale.dtype} "
+                             f"{tuple(weight_scale.shape)}")
+        if k % ALIGN or n % ALIGN:
+            raise InputError(f"Fp8Linear shape (out {n}, in {k}): both must be multiples of {ALIGN} for _scaled_mm")
+        self.in_features, self.out_features = k, n
+        self.out_dtype = out_dtype
+        self.fast_accum = fast_accum  # see FAST_ACCUM
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", weight_scale.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(out_dtype).contiguous())
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, *, fast_accum: bool = FAST_ACCUM) -> Fp8Linear:
+        if not fp8_eligible(linear):
+            shape = (getattr(linear, "out_features", None), getattr(linear, "in_features", None))
+            raise InputError(f"cannot make an Fp8Linear from {type(linear).__name__} (out, in) = {shape}: need an "
+                             f"nn.Linear with both sizes multiples of {ALIGN}")
+        q, scale = quantize_rows_reference(linear.weight)  # once per weight: the exact torch path
+        return cls(q, scale.reshape(1, -1), linear.bias, linear.weight.dtype, fast_accum=fast_accum)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"out_dtype={self.out_dtype}, fast_accum={self.fast_accum}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype != E4M3 or self.weight_scale.dtype != torch.float32:
+            raise RuntimeError(f"Fp8Linear buffers were cast (weight {self.weight.dtype}, scale "
+                               f"{self.weight_scale.dtype}): the module was moved with .to(dtype) after the fp8 "
+                               "swap; swap after the model has its final dtype")
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"Fp8Linear input {tuple(x.shape)}: last dim must be in_features={self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty((*lead, self.out_features), dtype=self.out_dtype)
+        qa, sa = quantize_rows(x2)
+        if not x.is_cuda:
+            out = scaled_mm_emulated(qa, sa, self.weight, self.weight_scale, self.bias, self.out_dtype)
+        elif self.out_dtype == torch.float32:  # _scaled_mm takes no bias with an fp32 output
+            out = torch._scaled_mm(qa, self.weight.t(), scale_a=sa, scale_b=self.weight_scale,
+                                   out_dtype=torch.float32, use_fast_accum=self.fast_accum)
+            if self.bias is not None:
+                out = out + self.bias
+        else:
+            out = torch._scaled_mm(qa, self.weight.t(), scale_a=sa, scale_b=self.weight_scale, bias=self.bias,
+                                   out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
+        return out.reshape(*lead, self.out_features)
+
+
+# ------------------------------------------------------------------------------------------ swapping
+
+
+def _check_include(include: Iterable[str]) -> tuple[str, ...]:
+    include = tuple(include)
+    unknown = [n for n in include if n not in BLOCK_LINEARS]
+    if unknown:
+        raise InputError(f"unknown refiner block linear {unknown[0]!r}; accepted: {list(BLOCK_LINEARS)}")
+    return include
+
+
+def _check_refiner(model) -> None:
+    if not isinstance(model, RefinerTransformer):
+        raise InputError(f"the fp8 swap takes a RefinerTransformer (unwrap a GraphedRefinerModel: .model); got "
+                         f"{type(model).__name__}")
+    dev = model.proj_in.weight.device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        raise InputError(f"fp8 GEMMs need CUDA compute capability 8.9+; {dev} has "
+                         f"{torch.cuda.get_device_capability(dev)}")
+
+
+def _swap_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace the block's eligible included linears by Fp8Linear; returns (parent, name, replaced) per swap."""
+    swapped = []
+    for name in include:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = block.get_submodule(parent_name)
+        old = getattr(parent, leaf)  # a ModuleList's children are attributes "0", "1", ... too
+        if not fp8_eligible(old):  # already fp8, or a shape _scaled_mm does not take: stays as it is
+            continue
+        setattr(parent, leaf, Fp8Linear.from_linear(old, fast_accum=fast_accum))
+        swapped.append((parent, leaf, old))
+    return swapped
+
+
+def use_fp8_linears(model: RefinerTransformer, *, include: Iterable[str] = BLOCK_LINEARS,
+                    fast_accum: bool = FAST_ACCUM) -> int:
+    """Swap the refiner's block linears named in `include` (names inside a block, see `BLOCK_LINEARS`) for
+    `Fp8Linear`, in place; their bf16 weights are dropped. Returns how many were swapped (0 when already done).
+
+    Call it once the model has its weights, device and dtype, before the session prepares its prompt (the prompt's
+    cross-attention K/V come from `attn2.to_k/to_v`). Not undone: rebuild the model to go back to bf16. The module
+    docstring says which layers stay in the model's dtype and why.
+    """
+    include = _check_include(include)
+    _check_refiner(model)
+    n = 0
+    for block in model.transformer_blocks:
+        n += len(_swap_block(block, include, fast_accum))
+    return n
+
+
+@contextlib.contextmanager
+def _fp8_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) -> Iterator[int]:
+    """The block with fp8 linears inside the `with`, its own linears back after it (even on an error)."""
+    swapped = _swap_block(block, include, fast_accum)
+    try:
+        yield len(swapped)
+    finally:
+        for parent, leaf, old in swapped:
+            setattr(parent, leaf, old)
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """||a − b|| / ||b|| (Frobenius, float64)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@torch.no_grad()
+def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, prompt_embeds: Tensor,
+                      mask: Tensor | None, *, fps: float, frame_positions: Tensor | None, kv: SelfAttentionKV | None,
+                      include: tuple[str, ...], fast_accum: bool) -> tuple[Tensor, Tensor, list[float], int]:
+    """`RefinerTransformer.forward` twice over the same inputs, block by block: as the model is (reference) and
+    with each block's linears in fp8 (swapped in for that block only). Returns (reference velocity, fp8 velocity,
+    per-block relative error of the fp8 block on the reference block's input, linears swapped)."""
+    m = model
+    b, c, n, h, w = latents.shape
+    dev, dtype = latents.device, m.proj_in.weight.dtype
+    if frame_positions is None:
+        frame_positions = torch.arange(n)
+    rope = m.video_rope(frame_positions, h, w, fps, device=dev)
+    timestep = (torch.full((b,), float(sigma), dtype=torch.float64, device=dev)
+                * m.cfg.timestep_scale_multiplier).to(torch.float32).reshape(b, -1)
+    emb, temb = m.time_embed(timestep, dtype)
+    text = m.prepare_text(prompt_embeds, mask)
+    txt = m.caption_projection(prompt_embeds.to(dtype))  # what prepare_text feeds attn2.key_value
+    x_ref = x_fp8 = m.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
+    errs, swapped = [], 0
+    for i, blk in enumerate(m.transformer_blocks):
+        y_ref = blk(x_ref, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
+        with _fp8_block(blk, include, fast_accum) as k:
+            swapped += k
+            tk, tv = blk.attn2.key_value(txt)
+            errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv), y_ref))
+            x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv)
+        x_ref = y_ref
+
+    shift = m.scale_shift_table[0] + emb
+    scale = m.scale_shift_table[1] + emb
+
+    def head(x: Tensor) -> Tensor:  # the same ops in the same order as RefinerTransformer.forward
+        out = m.proj_out(m.norm_out(x) * (1 + scale) + shift)
+        return out.reshape(b, n, h, w, -1).permute(0, 4, 1, 2, 3)
+
+    return head(x_ref), head(x_fp8), errs, swapped
+
+
+def fp8_quality_delta(model: RefinerTransformer, latents: Tensor, sigma: float, prompt_embeds: Tensor,
+                      mask: Tensor | None = None, *, fps: float, frame_positions: Tensor | None = None,
+                      kv: SelfAttentionKV | None = None, include: Iterable[str] = BLOCK_LINEARS,
+                      fast_accum: bool = FAST_ACCUM) -> dict:
+    """Accuracy cost of `use_fp8_linears(model, include=...)` on one forward, without changing `model` (unswapped).
+
+    Inputs are those of `RefinerTransformer.forward` (`latents [B, C, n, h, w]`, a float `sigma`, the connector
+    output `prompt_embeds [B, L, C_cap]` + `mask [B, L]`, `frame_positions [n]`, `kv`), except the prompt is given
+    raw (the fp8 model's text K/V come from its fp8 attn2.to_k/to_v). `kv.attend` is called three times per layer
+    (reference, fp8 on the reference input, fp8 chained), each result used at once: an `ExplicitKV(prefix)` or an
+    `RefinerKVWindow` with an open block both serve. Returns relative errors ||fp8 − ref|| / ||ref||:
+    `block_rel_err` per block (fp8 block vs reference block on the same input), their max and mean, and
+    `forward_rel_err` of the velocity of a whole fp8 forward.
+    """
+    include = _check_include(include)
+    _check_refiner(model)
+    if any(isinstance(mod, Fp8Linear) for mod in model.transformer_blocks.modules()):
+        raise InputError("fp8_quality_delta needs the model before use_fp8_linears (it compares against it)")
+    ref, fp8, errs, swapped = _compare_forwards(model, latents, sigma, prompt_embeds, mask, fps=fps,
+                                                frame_positions=frame_positions, kv=kv, include=include,
+                                                fast_accum=fast_accum)
+    return {"sigma": float(sigma), "tokens": latents.shape[2] * latents.shape[3] * latents.shape[4],
+            "linears_fp8": swapped, "forward_rel_err": rel_err(fp8, ref),
+            "block_rel_err_max": max(errs), "block_rel_err_mean": sum(errs) / len(errs),
+            "block_rel_err": [float(f"{e:.4g}") for e in errs]}
+
+
+class _RecordKV:
+    """`SelfAttentionKV` that keeps each layer's post-RoPE K and V (the history a block will attend to)."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+@torch.no_grad()
+def refiner_fp8_quality(world, *, seed: int = 0, prompt: str = "a quiet street at dusk, wet cobblestones",
+                        include: Iterable[str] = BLOCK_LINEARS, fast_accum: bool = FAST_ACCUM) -> dict:
+    """`fp8_quality_delta` at the AR refiner's steady shapes, for a world (`engine.world.World`) whose refiner is not
+    swapped yet: a block of `ar.block_size` random latent frames attending to `ar.kv_max_frames` frames of K/V
+    history (recorded by a sigma = 0 pass of the unswapped model over random latents, as the window's capture
+    passes make them), at each sigma of the AR schedule. The model is left unchanged.
+
+    Memory: the history K/V (release: 48 layers x 2 x 12320 tokens x 4096 bf16 ≈ 9.7 GB) plus one fp8 block.
+    """
+    model = world.refiner
+    if model is None:
+        raise InputError("refiner_fp8_quality needs a world built with the refiner")
+    p, dev, dtype = world.preset, world.device, world.dtype
+    s = world.vae.config.spatial_scale
+    h, w = p.pixel_hw[0] // s, p.pixel_hw[1] // s
+    ar, c = p.ar, model.cfg.in_channels
+    g = torch.Generator(device=dev).manual_seed(seed)
+    remb = world.text.refiner.encode(prompt)
+    embeds, mask = remb.embeds.to(dev, dtype), remb.mask.to(dev)
+    hist = torch.randn(1, c, ar.kv_max_frames, h, w, device=dev, generator=g).to(dtype)
+    block = torch.randn(1, c, ar.block_size, h, w, device=dev, generator=g).to(dtype)
+    rec = _RecordKV()
+    model(hist, 0.0, model.prepare_text(embeds, mask), fps=ar.fps, frame_positions=torch.arange(ar.kv_max_frames),
+          kv=rec)
+    kv = ExplicitKV(prefix=[rec.kv[i] for i in range(model.num_layers)])
+    del rec
+    positions = torch.arange(ar.kv_max_frames, ar.kv_max_frames + ar.block_size)
+    steps = [fp8_quality_delta(model, block, sigma, embeds, mask, fps=ar.fps, frame_positions=positions, kv=kv,
+                               include=include, fast_accum=fast_accum) for sigma in ar.sigmas]
+    return {
+        "block_frames": ar.block_size, "history_frames": ar.kv_max_frames, "latent_hw": [h, w],
+        "dtype": str(dtype).replace("torch.", ""), "fast_accum": fast_accum,
+        "forward_rel_err_max": max(r["forward_rel_err"] for r in steps),
+        "block_rel_err_max": max(r["block_rel_err_max"] for r in steps),
+        "steps": steps,
+    }
+
