@@ -116,11 +116,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def _atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tmp = _tmp_path(path)
     try:
-        # safetensors wants contiguous CPU tensors that share no storage with each other.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp, metadata)
+        save_file(_safetensors_ready(tensors), tmp, metadata)
         _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What safetensors writes: contiguous CPU tensors that share no storage with each other. A tensor that
+    is one already is written as it is (a snapshot's staging buffers are gigabytes; no second host copy)."""
+    out, storages = {}, set()
+    for k, v in tensors.items():
+        v = v.detach()
+        if v.device.type != "cpu" or not v.is_contiguous() or v.untyped_storage().data_ptr() in storages:
+            v = v.to("cpu").contiguous().clone()
+        storages.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

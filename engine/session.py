@@ -2,8 +2,9 @@
 
 `Session.create` starts a world from a first image and a prompt; `step()` generates the next chunk and
 commits it to the session directory (latents, the controls actually applied per frame, the video, and a
-full snapshot every `snapshot_every` chunks). `Session.resume` continues a recorded session exactly where
-it stopped, also after a crash: it restores the nearest snapshot and replays the cache-write passes of the
+full snapshot every `snapshot_every` chunks: the engine thread copies it to host memory, the session's
+`SnapshotWriter` thread writes the file). `Session.resume` continues a recorded session exactly where it
+stopped, also after a crash: it restores the nearest snapshot and replays the cache-write passes of the
 later committed chunks from their stored latents (no denoising). `Session.branch` forks a new session
 from chunk k. `replay_controls` gives the per-frame controls a recorded session applied (and
 `manifest_params` its integrator settings), so a headless replay drives the same integrator the live
@@ -14,11 +15,16 @@ Knows nothing about sockets or pygame; the server and the CLI drivers sit on top
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import hashlib
 import io
+import logging
 import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +55,8 @@ from engine.rollout import (
     chunk_plan,
 )
 from engine.world import World, WorldPipeline
+
+log = logging.getLogger("sana_wm.engine")
 
 
 def load_image(image) -> Image.Image:
@@ -100,6 +108,70 @@ def prompt_schedule(records) -> dict[int, str]:
     return {int(r["i"]): r["prompt"] for r in records if r["t"] == "prompt"}
 
 
+class SnapshotWriter:
+    """The one thread that writes a session's snapshots, so the engine thread never waits on the disk.
+
+    `submit` hands over one snapshot's tensors (the pipeline's staging buffers: untouched until written,
+    which is why the next snapshot, `close()` and every reader of the directory wait first) and returns at
+    once; at most one write is in flight. A failed write is logged when it fails and raised by the next
+    `wait()`. Each write's seconds go to `stats["snapshot_write_s"]`.
+    """
+
+    def __init__(self, sdir: SessionDir, stats: dict[str, float]) -> None:
+        self.sdir = sdir
+        self.stats = stats
+        self._pool: ThreadPoolExecutor | None = None  # started on the first snapshot
+        self._pending: Future | None = None
+        _WRITERS[sdir.path.resolve()] = self
+
+    def submit(self, chunk: int, tensors: dict, meta: dict) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"snapshot-{self.sdir.session_id}")
+        self._pending = self._pool.submit(self._write, chunk, tensors, meta)
+
+    def _write(self, chunk: int, tensors: dict, meta: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.sdir.save_snapshot(chunk, tensors, meta)
+        except Exception:
+            log.exception("session %s: writing the snapshot after chunk %d failed", self.sdir.session_id, chunk)
+            raise
+        self.stats["snapshot_write_s"] = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Until no write is in flight; raises the error of a failed write (once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def idle(self) -> None:
+        """Until no write is in flight, leaving a failure to be raised by `wait()` (for readers)."""
+        pending = self._pending
+        if pending is not None:
+            wait_futures([pending])
+
+    def close(self) -> None:
+        """Wait for the write in flight (raising its error) and stop the thread. Safe to call twice."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+_WRITERS: weakref.WeakValueDictionary[Path, SnapshotWriter] = weakref.WeakValueDictionary()  # by session dir
+
+
+def wait_for_snapshot_writes(path: str | Path) -> None:
+    """Until no snapshot of the session directory `path` is being written by this process (a reader's
+    first step: resume, branch). A write's failure is left to its session to raise."""
+    writer = _WRITERS.get(Path(path).resolve())
+    if writer is not None:
+        writer.idle()
+
+
 class Session:
     """A world being generated, and where it is recorded (`dir` is None when not recording)."""
 
@@ -117,6 +189,7 @@ class Session:
         self.pending_prompts: dict[int, str] = {}  # pixel frame -> prompt (scripted prompt changes)
         self.stats: dict[str, float] = {}
         self._log = sdir.open_actions() if sdir is not None else None
+        self._writer = SnapshotWriter(sdir, self.stats) if sdir is not None else None
         self._video: VideoWriter | None = None
         self._last_snapshot = -1
         self._last_committed = -1  # the last chunk whose commit record is in the action log
@@ -205,15 +278,23 @@ class Session:
 
     def save_snapshot(self) -> None:
         """A full snapshot of the state after the last committed chunk (atomic on disk). A chunk whose
-        commit failed is never snapshotted: a resume regenerates it."""
+        commit failed is never snapshotted: a resume regenerates it.
+
+        The engine thread waits for the previous snapshot's write (raising its error, if it failed; no new
+        snapshot is taken then) and copies the state to host memory; the writer thread writes the file.
+        `stats["snapshot_s"]` is the time the engine thread was held, `snapshot_wait_s` the part of it spent
+        waiting for the previous write."""
         k = self.rollout.next_index - 1
         if self.dir is None or k < 0 or k == self._last_snapshot or k != self._last_committed:
             return
         t0 = time.perf_counter()
+        self._writer.wait()  # the staging buffers are free again
+        t1 = time.perf_counter()
         tensors, meta = self.rollout.snapshot()
-        self.dir.save_snapshot(k, tensors, meta)
+        self._writer.submit(k, tensors, copy.deepcopy(meta))
         self._last_snapshot = k
         self.stats["snapshot_s"] = time.perf_counter() - t0
+        self.stats["snapshot_wait_s"] = t1 - t0
         self.stats["snapshot_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     def set_prompt(self, prompt: str) -> None:
@@ -237,12 +318,16 @@ class Session:
         self._set_status("recording")
 
     def close(self, status: str = "stopped") -> None:
-        """Final snapshot, status in the manifest, video and log closed. Safe to call twice."""
+        """Final snapshot, written before this returns (or its error raised), status in the manifest, video and
+        log closed. Safe to call twice."""
         if self.dir is None:
             return
         try:
-            if self._video is not None:
-                self.save_snapshot()
+            try:
+                if self._video is not None:
+                    self.save_snapshot()
+            finally:
+                self._writer.close()
         finally:
             if self._video is not None:
                 self._video.close()
@@ -272,6 +357,7 @@ class Session:
         State = the nearest snapshot + the cache-write replay of every later committed chunk from its
         stored latents, so the continuation equals an uninterrupted run (also after a crash, which leaves
         the chunk in flight uncommitted: it is discarded and generated again)."""
+        wait_for_snapshot_writes(path)
         sdir = SessionDir.open(path)
         manifest = sdir.read_manifest()
         if manifest.preset != world.preset.name:
@@ -347,6 +433,7 @@ class Session:
     def branch(cls, world: World, path: str | Path, chunk: int, *, record_root: str | Path | None = None,
                controls: ControlSource | None = None, snapshot_every: int = 8) -> Session:
         """A new session sharing `path`'s history through chunk `chunk`, continued from there."""
+        wait_for_snapshot_writes(path)
         new = branch_session(path, chunk, root=record_root)
         return cls.resume(world, new.path, controls=controls, snapshot_every=snapshot_every)
 

@@ -133,6 +133,46 @@ def build_world(
     return World(p, stage1, refiner, connectors, vae, text, device, dtype)
 
 
+class SnapshotStaging:
+    """Host buffers a snapshot is copied into, one per key, kept from snapshot to snapshot.
+
+    `stage(state)` copies each tensor of `state` into its buffer (non-blocking copies, then one
+    synchronisation) and returns the buffers shaped like the tensors. A key's buffer is allocated on first
+    use and again only when its tensor no longer fits (other dtype, more elements); buffers of keys that are
+    gone are dropped. So host memory is one snapshot's worth however long the session runs, and with `pin`
+    (page-locked memory, CUDA only) the device -> host copies run at full PCIe speed without a bounce
+    through pageable memory. Pageable buffers (`pin=False`) run the same logic on a CPU.
+
+    The returned tensors ARE the buffers: the next `stage()` overwrites them.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.buffers: dict[str, torch.Tensor] = {}  # key -> flat [capacity] of the key's dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def stage(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for k in self.buffers.keys() - state.keys():
+            del self.buffers[k]
+        out, devices = {}, set()
+        for k, t in state.items():
+            t = t.detach()
+            buf = self.buffers.get(k)
+            if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():
+                self.buffers.pop(k, None)  # freed before its replacement is allocated
+                buf = self.buffers[k] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pin)
+            out[k] = buf[: t.numel()].view(t.shape)
+            out[k].copy_(t, non_blocking=self.pin)
+            devices.add(t.device)
+        for d in devices:
+            if d.type == "cuda":
+                torch.cuda.current_stream(d).synchronize()
+        return out
+
+
 class WorldPipeline:
     """`engine.rollout.Pipeline` over a `World`: the per-chunk work of stage1.md §7 and refiner_vae.md §4-5."""
 
@@ -149,6 +189,8 @@ class WorldPipeline:
         self.decoder = StreamingDecoder(world.vae, 1, *self.latent_hw)
         self.anchor: torch.Tensor | None = None  # [1, C, 1, h, w] clean latent of the first image
         self.quality = "preview"
+        # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
+        self.staging = SnapshotStaging(pin=True) if world.device.type == "cuda" else None
         if world.fast:
             from engine.fast import apply_fast_paths
 
@@ -244,17 +286,24 @@ class WorldPipeline:
         return pixels_to_frames(self.decoder.decode_block(decode_input)).numpy()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
+        """Host copies of every cache and counter, keyed as `restore` reads them.
+
+        On CUDA the copies are the pipeline's page-locked staging buffers (`SnapshotStaging`), valid until
+        the next `snapshot()`: whoever keeps or writes them past that (the session's writer thread) must be
+        done first. On a CPU world they are fresh copies."""
         if self.anchor is None:
             raise RuntimeError("nothing to snapshot before start()")
-        out = {
-            "anchor": self.anchor.detach().cpu().clone(),
-            "prompt": torch.tensor(list(self.prompt.encode("utf-8")), dtype=torch.uint8),
-        }
-        out.update({f"stage1.{k}": v.detach().cpu().clone() for k, v in self.stream.snapshot().items()})
-        out.update({f"vae.{k}": v.detach().cpu().clone() for k, v in self.decoder.snapshot().items()})
+        state = {"anchor": self.anchor}
+        state.update({f"stage1.{k}": v for k, v in self.stream.snapshot().items()})
+        state.update({f"vae.{k}": v for k, v in self.decoder.snapshot().items()})
         if self.quality == "full":
-            out.update({f"refiner.{k}": v.detach().cpu().clone() for k, v in self.refiner.snapshot().items()})
-        return out
+            state.update({f"refiner.{k}": v for k, v in self.refiner.snapshot().items()})
+        if self.staging is not None:
+            state = self.staging.stage(state)
+        else:
+            state = {k: v.detach().cpu().clone() for k, v in state.items()}
+        prompt = torch.tensor(list(self.prompt.encode("utf-8")), dtype=torch.uint8)
+        return {"anchor": state.pop("anchor"), "prompt": prompt, **state}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         w = self.world
