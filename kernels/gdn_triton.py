@@ -40,9 +40,9 @@ except ImportError:  # CPU-only installs: the plain scans serve
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 # H100, release shapes, bf16 inputs, one GDN block's four scans replayed from a CUDA graph
-# (tests/benchmarks/scan_bench.py): strict-fp32 torch 2.0 ms, TF32 torch 1.37 ms (max rel. err 3e-4);
-# Triton tf32 ~0.5 ms (6e-4 .. 1.5e-3), tf32x3 ~1.0 ms (1e-6), ieee ~5 ms (1e-6). The project accepts
-# TF32-level error for its scans (stage1-tf32-scans), so the default is tf32; pass "tf32x3" for fp32 accuracy.
+# (tests/benchmarks/scan_bench.py): strict-fp32 torch 2.01 ms, TF32 torch 1.37 ms (max rel. err 3.0e-4);
+# Triton tf32 0.49 ms (7.6e-4), tf32x3 0.99 ms (1.1e-6), ieee 4.7 ms (1.1e-6). The project accepts TF32-level
+# error for its scans (stage1-tf32-scans), so the default is tf32; pass "tf32x3" for fp32 accuracy.
 DEFAULT_PRECISION = "tf32"
 
 
@@ -177,19 +177,25 @@ def _check_inputs(q, k, v, beta, gamma, state, precision, name):
         raise TritonScanError(f"{name}: inputs on different devices")
 
 
-def _blocks(Dk: int, Dv: int, precision: str) -> dict:
+def _blocks(Dk: int, Dv: int, precision: str, itemsize: int) -> dict:
     """Tile sizes and warps, the fastest of tests/benchmarks/scan_bench.py --sweep on an H100 at the release
-    shapes (GDN forward + backward, H=20, T=3, S=880, D=112, bf16): tf32 / tf32x3 0.25 / 0.50 ms with
-    BLOCK_S=128, BLOCK_V=32, 8 warps (0.30 / 0.68 with 64, 32, 4); the SIMT "ieee" dots spill at that size
-    and want 32, 32, 4 warps (2.5 ms)."""
+    shapes (GDN forward + backward, H=20, T=3, S=880, D=112, bf16 inputs): tf32 / tf32x3 0.25 / 0.50 ms with
+    BLOCK_S=128, BLOCK_V=32, 8 warps (0.30 / 0.68 with 64, 32, 4 warps, which fp32 inputs need: their
+    128-row tiles overflow shared memory); the SIMT "ieee" dots spill at that size and want 32, 32, 4 warps
+    (2.5 ms)."""
     block_k = max(16, triton.next_power_of_2(Dk))
     block_v = min(32, max(16, triton.next_power_of_2(Dv)))
     if precision == "ieee":
         block_s, warps = (32 if block_k <= 128 else 16), 4
+    elif itemsize <= 2 and block_k <= 128:
+        block_s, warps = 128, 8
     else:
-        block_s, warps = (128 if block_k <= 128 else 32), 8
+        block_s, warps = (64 if block_k <= 128 else 32), 4
     return dict(BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_V=block_v, BLOCK_S_NORM=block_s, num_warps=warps,
                 num_stages=2)
+
+
+_SMALLER: dict = {}  # launch key -> config that fitted after OutOfResources (a GPU with less shared memory)
 
 
 def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, precision: str, config: dict | None):
@@ -198,7 +204,9 @@ def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, pre
     B, H, T, S, Dk = qa.shape
     Dv = v.shape[-1]
     dev = qa.device
-    cfg = dict(_blocks(Dk, Dv, precision), **(config or {}))
+    itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
+    key = (Dk, Dv, precision, itemsize, qb is not None)
+    cfg = dict(_SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize), **(config or {}))
     nv = triton.cdiv(Dv, cfg["BLOCK_V"])
     out_a = torch.empty(B, H, T, S, Dv, device=dev, dtype=torch.float32)
     st_a = torch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
@@ -211,14 +219,19 @@ def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, pre
     sb = state_b if (has_state and norm) else st_b
     if B * H == 0:
         return out_a, st_a, (out_b if norm else None), (st_b if norm else None)
-    grid = (B * H, nv + int(norm))
-    _delta_rule_kernel[grid](
-        qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, out_b, st_a, st_b,
-        H, T, S, Dk, Dv, nv,
-        *qa.stride(), *ka.stride(), *v.stride(), *qb.stride(), *kb.stride(), *beta.stride(), *gamma.stride(),
-        *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)),
-        HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, PRECISION=precision, **cfg,
-    )
+    args = (qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, out_b, st_a, st_b, H, T, S, Dk, Dv, nv,
+            *qa.stride(), *ka.stride(), *v.stride(), *qb.stride(), *kb.stride(), *beta.stride(), *gamma.stride(),
+            *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)))
+    while True:
+        try:
+            _delta_rule_kernel[(B * H, nv + int(norm))](*args, HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm,
+                                                        PRECISION=precision, **cfg)
+            break
+        except triton.runtime.errors.OutOfResources:  # raised at compile time, before anything runs
+            if config or cfg["BLOCK_S"] <= 16:
+                raise
+            cfg = dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2, num_stages=1)
+            _SMALLER[key] = cfg
     return out_a, st_a, (out_b if norm else None), (st_b if norm else None)
 
 

@@ -212,6 +212,21 @@ def test_torch_compile_sees_an_opaque_op():
 
 
 @pytest.mark.gpu
+def test_tiles_too_large_for_shared_memory_fall_back(monkeypatch):
+    """A tile config the GPU cannot hold (OutOfResources at compile time) is halved until it fits."""
+    big = lambda Dk, Dv, precision, itemsize: dict(BLOCK_S=256, BLOCK_K=128, BLOCK_V=32, BLOCK_S_NORM=256,
+                                                   num_warps=8, num_stages=2)
+    monkeypatch.setattr(gt, "_blocks", big)
+    monkeypatch.setattr(gt, "_SMALLER", {})
+    args = make_inputs(1, 2, 2, 100, 112, torch.float32, "cuda")
+    out = gt.gdn_backward_triton(*args, precision="tf32x3")
+    check("gdn_backward after fallback", out, gdn_backward(*args), "tf32x3")
+    (cfg,) = gt._SMALLER.values()
+    print("fitted config", cfg)
+    assert cfg["BLOCK_S"] < 256
+
+
+@pytest.mark.gpu
 def test_triton_scan_ops_on_gpu():
     from engine.fast.scans import triton_scan_ops
 
