@@ -10,6 +10,7 @@ Knows nothing of controls, sockets or files (weights apart).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -133,6 +134,25 @@ def build_world(
     return World(p, stage1, refiner, connectors, vae, text, device, dtype)
 
 
+MAX_COPY_PIECES = 4096
+
+
+def copy_in_pieces(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> None:
+    """`dst.copy_(src)` for a contiguous `dst`, without the contiguous temporary a device -> host copy of a strided
+    `src` makes on the device: a strided view (the refiner's history K/V, a slice of its window) is copied as its
+    contiguous pieces (the trailing dims that are contiguous, one copy per index of the leading ones). A source
+    whose contiguous pieces would number more than MAX_COPY_PIECES is copied whole."""
+    if src.is_contiguous() or src.dim() == 0:
+        dst.copy_(src, non_blocking=non_blocking)
+        return
+    lead = next(k for k in range(1, src.dim() + 1) if src[(0,) * k].is_contiguous())
+    if math.prod(src.shape[:lead]) > MAX_COPY_PIECES:
+        dst.copy_(src, non_blocking=non_blocking)
+        return
+    for idx in itertools.product(*map(range, src.shape[:lead])):
+        dst[idx].copy_(src[idx], non_blocking=non_blocking)
+
+
 class SnapshotStaging:
     """Host buffers a snapshot is copied into, one per key, kept from snapshot to snapshot.
 
@@ -165,7 +185,7 @@ class SnapshotStaging:
                 self.buffers.pop(k, None)  # freed before its replacement is allocated
                 buf = self.buffers[k] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pin)
             out[k] = buf[: t.numel()].view(t.shape)
-            out[k].copy_(t, non_blocking=self.pin)
+            copy_in_pieces(out[k], t, non_blocking=self.pin)
             devices.add(t.device)
         for d in devices:
             if d.type == "cuda":
@@ -293,15 +313,17 @@ class WorldPipeline:
         done first. On a CPU world they are fresh copies."""
         if self.anchor is None:
             raise RuntimeError("nothing to snapshot before start()")
+        # the components hand out their live buffers (no device-side copy: 9 GB at the release size in full
+        # quality); they are copied to the host below, before anything runs on them again
         state = {"anchor": self.anchor}
-        state.update({f"stage1.{k}": v for k, v in self.stream.snapshot().items()})
-        state.update({f"vae.{k}": v for k, v in self.decoder.snapshot().items()})
+        state.update({f"stage1.{k}": v for k, v in self.stream.snapshot(copy=False).items()})
+        state.update({f"vae.{k}": v for k, v in self.decoder.snapshot(copy=False).items()})
         if self.quality == "full":
-            state.update({f"refiner.{k}": v for k, v in self.refiner.snapshot().items()})
+            state.update({f"refiner.{k}": v for k, v in self.refiner.snapshot(copy=False).items()})
         if self.staging is not None:
             state = self.staging.stage(state)
         else:
-            state = {k: v.detach().cpu().clone() for k, v in state.items()}
+            state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
         prompt = torch.tensor(list(self.prompt.encode("utf-8")), dtype=torch.uint8)
         return {"anchor": state.pop("anchor"), "prompt": prompt, **state}
 

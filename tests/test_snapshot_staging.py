@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.bench import build_bench_world
+from engine.bench import build_bench_world, first_image, scripted_controls
 from engine.recording import FORMAT_VERSION, SessionDir, new_session_id
-from engine.rollout import ScriptedControls
+from engine.rollout import Rollout, ScriptedControls
 from engine.session import Session, SnapshotWriter
-from engine.world import SnapshotStaging
+from engine.world import SnapshotStaging, WorldPipeline
 from tests.test_session import ACTION, create, generate, uninterrupted, world  # noqa: F401 - fixtures
 
 
@@ -426,3 +426,39 @@ def test_cuda_session_snapshots_in_the_background_and_resumes(tmp_path, quality)
           f"{s.stats['snapshot_bytes'] / 1e6:.2f} MB")
     for a, b in zip(first + rest, whole, strict=True):
         assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames), a.index
+
+
+@pytest.mark.parametrize("shape,view", [
+    ((4, 2, 3, 10, 5), lambda t: t[:, :, :, 2:7]),  # the refiner history: a slice of the window's frame axis
+    ((6, 8), lambda t: t[:, 1:5]),
+    ((3, 4, 5), lambda t: t.transpose(0, 1)),
+    ((70, 70, 2), lambda t: t.transpose(0, 1)),  # > MAX_COPY_PIECES pieces: copied whole
+    ((5,), lambda t: t[1:4]),
+])
+def test_copy_in_pieces_equals_copy(shape, view):
+    from engine.world import copy_in_pieces
+
+    src = view(torch.randn(shape))
+    dst = torch.empty(src.shape)
+    copy_in_pieces(dst, src)
+    assert torch.equal(dst, src)
+
+
+def test_pipeline_snapshot_makes_no_component_copies(monkeypatch):
+    """The components hand the staging their live buffers (no device-side copy of the caches per snapshot)."""
+    w = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=1)
+    pipe = WorldPipeline(w)
+    pipe.start(first_image(w.preset, 0), "a street", "full")
+    ro = Rollout(pipe, scripted_controls(3), intrinsics_px=w.preset.default_intrinsics, quality="full")
+    list(ro.chunks(3))
+    shares = lambda a, b: a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert shares(pipe.refiner.snapshot(copy=False)["history_k"], pipe.refiner.window.k)
+    assert shares(pipe.stream.snapshot(copy=False)["blocks.0.ffn_tail"], pipe.stream.cache.blocks[0].ffn_tail)
+    assert not shares(pipe.refiner.snapshot()["history_k"], pipe.refiner.window.k)
+    want = pipe.snapshot()  # CPU world: fresh contiguous copies
+    pipe.staging = SnapshotStaging(pin=False)
+    staged = pipe.snapshot()
+    assert want.keys() == staged.keys()
+    for k in want:
+        assert torch.equal(want[k], staged[k]), k
+        assert staged[k].is_contiguous() and want[k].is_contiguous()

@@ -129,10 +129,14 @@ class RefinerKVWindow:
             self.v[:, :, :, base + keep :] = float("nan")
         self.history_len, self.active_len = total - drop, 0
 
-    def snapshot(self) -> dict[str, Tensor]:
-        """The window's state as a dict of tensors (copies): sink K (pre-RoPE) / V and the history K/V."""
+    def snapshot(self, copy: bool = True) -> dict[str, Tensor]:
+        """The window's state as a dict of tensors (copies; `copy=False`: views of the live window, for a caller
+        that copies them out before it changes): sink K (pre-RoPE) / V and the history K/V."""
         s, h = self._tok(self.sink_frames), self._tok(self.history_len)
-        copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # contiguous: safetensors-ready
+        if copy:
+            copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # contiguous: safetensors-ready
+        else:
+            copy = lambda t: t
         return {
             "sink_k_pre": copy(self.sink_k_pre),  # [L, B, H, sink tokens, D]
             "sink_v": copy(self.v[:, :, :, :s]),  # [L, B, H, sink tokens, D]
@@ -309,15 +313,17 @@ class ARRefiner:
         positions = self._open(n)
         self._capture(refined_block.to(self.window.k.device, self.window.k.dtype), positions)
 
-    def snapshot(self) -> dict[str, Tensor]:
-        """Everything needed to continue exactly: window K/V, positions and the prompt (tensors, copies)."""
+    def snapshot(self, copy: bool = True) -> dict[str, Tensor]:
+        """Everything needed to continue exactly: window K/V, positions and the prompt (tensors, copies;
+        `copy=False`: views of the live state where it is a buffer)."""
         if self.window is None or self.prompt is None:
             raise RuntimeError("nothing to snapshot before start()")
-        state = self.window.snapshot()
+        state = self.window.snapshot(copy)
         state["next_frame"] = torch.tensor(self.next_frame)
         state["latent_hw"] = torch.tensor(self.latent_hw)
-        state["prompt_embeds"] = self.prompt[0].clone(memory_format=torch.contiguous_format)
-        state["prompt_mask"] = self.prompt[1].clone(memory_format=torch.contiguous_format)
+        keep = (lambda t: t.clone(memory_format=torch.contiguous_format)) if copy else (lambda t: t)
+        state["prompt_embeds"] = keep(self.prompt[0])
+        state["prompt_mask"] = keep(self.prompt[1])
         return state
 
     def restore(self, state: dict[str, Tensor]) -> None:

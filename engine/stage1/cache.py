@@ -140,12 +140,13 @@ class Stage1Cache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self.blocks for t in b.buffers().values())
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every buffer and counter, keyed `blocks.{i}.{name}` / `frames_written`."""
+    def snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Copies of every buffer and counter, keyed `blocks.{i}.{name}` / `frames_written` (`copy=False`: the live
+        buffers themselves, for a caller that copies them out before the cache changes)."""
         out = {"frames_written": torch.tensor(self.frames_written)}
         for i, b in enumerate(self.blocks):
             for name, t in b.buffers().items():
-                out[f"blocks.{i}.{name}"] = t.clone()
+                out[f"blocks.{i}.{name}"] = t.clone() if copy else t
             if isinstance(b, SoftmaxBlockCache):
                 out[f"blocks.{i}.sink_len"] = torch.tensor(b.sink_len)
                 out[f"blocks.{i}.recent_len"] = torch.tensor(b.recent_len)

@@ -74,9 +74,9 @@ class Stage1Stream:
     def next_chunk_frames(self) -> int:
         return self.first_chunk_frames if self.next_frame == 0 else self.chunk_frames
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every cache buffer and counter (the prompt is not included)."""
-        return self.cache.snapshot()
+    def snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Copies (`copy=False`: views) of every cache buffer and counter (the prompt is not included)."""
+        return self.cache.snapshot(copy)
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         self.cache.restore(state)

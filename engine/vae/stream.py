@@ -60,9 +60,9 @@ class DecoderConvCache:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Copies of every buffer plus `latent_frames` (int64 scalar)."""
-        state = {k: b.clone() for k, b in self.buffers.items()}
+    def snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Copies (`copy=False`: the live buffers) of every buffer plus `latent_frames` (int64 scalar)."""
+        state = {k: b.clone() if copy else b for k, b in self.buffers.items()}
         state[FRAMES_KEY] = torch.tensor(self.latent_frames, dtype=torch.int64)
         return state
 
@@ -146,9 +146,9 @@ class StreamingDecoder:
         """Latent frames decoded since `reset`."""
         return self.cache.latent_frames
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
+    def snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """The conv cache (see `DecoderConvCache.snapshot`) plus the noise maps as `noise.<resnet>`."""
-        return self.cache.snapshot() | {NOISE_PREFIX + k: v.clone() for k, v in self.noise.items()}
+        return self.cache.snapshot(copy) | {NOISE_PREFIX + k: v.clone() if copy else v for k, v in self.noise.items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         noise = {k[len(NOISE_PREFIX) :]: v for k, v in state.items() if k.startswith(NOISE_PREFIX)}
