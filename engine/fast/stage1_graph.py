@@ -55,8 +55,7 @@ class Stage1GraphRunner:
     def __init__(self, model: Stage1Transformer, cache: Stage1Cache, mode: AttentionMode) -> None:
         self.model, self.cache, self.mode = model, cache, mode
         self.device = next(model.parameters()).device
-        if self.device.type != "cuda":
-            raise RuntimeError("Stage1GraphRunner needs a CUDA device")
+        self._require_cuda()
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_stream = torch.cuda.Stream(self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -68,6 +67,10 @@ class Stage1GraphRunner:
         self._ctx_cams: torch.Tensor | None = None
         self.replays = 0
         self.block_fn = None  # steady-state block call (None = plain; engine.fast.stage1_compile sets a compiled one)
+
+    def _require_cuda(self) -> None:
+        if self.device.type != "cuda":
+            raise RuntimeError("Stage1GraphRunner needs a CUDA device")
 
     # -- state -----------------------------------------------------------------------------------------------------
     def _window_fill(self) -> tuple[int, int] | None:

@@ -1,0 +1,75 @@
+"""The CUDA-graph runners' compile-then-capture protocol, emulated on the CPU.
+
+On a GPU a `torch.compile` recompile inside a capture breaks it (session 2 found one: the first steady call ran on
+the prompt's original K/V, the capture on stride-different copies). Here `torch.cuda`'s graph API is replaced by
+stand-ins that run the captured body eagerly, so the same Python path runs, compiled blocks included, and any
+recompile inside a "capture" raises (the runners capture under `fail_on_recompile`). Replays do nothing, so only
+the protocol is checked here, not values (tests/test_fast_paths_gpu.py compares values on a GPU)."""
+
+import contextlib
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from engine.bench import build_bench_world, first_image, scripted_controls
+from engine.fast import stage1_graph
+from engine.fast.stage1_compile import compiled_block_fn
+from engine.rollout import Rollout
+from engine.world import WorldPipeline
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                                reason="inductor's CPU backend needs a C++ compiler")
+
+
+class FakeGraph:
+    def replay(self) -> None:
+        pass
+
+
+class FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def fake_cuda(monkeypatch, captures: list):
+    class FakeCapture:
+        def __init__(self, graph, pool=None, stream=None) -> None:
+            pass
+
+        def __enter__(self):
+            captures.append(counters["stats"]["unique_graphs"])
+
+        def __exit__(self, *exc) -> None:
+            captures.append(counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream())
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+class CpuRunner(stage1_graph.Stage1GraphRunner):
+    def _require_cuda(self) -> None:  # the emulated graph API runs on the CPU
+        pass
+
+
+def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch):
+    captures = []
+    fake_cuda(monkeypatch, captures)
+    monkeypatch.setattr(stage1_graph, "Stage1GraphRunner", CpuRunner)
+    world = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=2, with_refiner=False)
+    pipe = WorldPipeline(world)
+    pipe.stream = stage1_graph.GraphedStage1Stream.from_stream(pipe.stream)
+    runner = pipe.stream.runner
+    runner.block_fn = compiled_block_fn()
+    pipe.start(first_image(world.preset, 0), "a street", "preview")
+    ro = Rollout(pipe, scripted_controls(5), intrinsics_px=world.preset.default_intrinsics, quality="preview")
+    list(ro.chunks(5))
+    assert len(runner.graphs) == 2  # the steady read and cache-write passes were captured
+    assert runner.replays > 0
+    # no capture compiled anything (a recompile inside one would also have raised: fail_on_recompile)
+    assert captures and all(a == b for a, b in zip(captures[::2], captures[1::2], strict=True))
