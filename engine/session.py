@@ -122,6 +122,7 @@ class SnapshotWriter:
         self.stats = stats
         self._pool: ThreadPoolExecutor | None = None  # started on the first snapshot
         self._pending: Future | None = None
+        self.last_written = -1  # the last chunk whose snapshot is on disk (written by this writer)
         _WRITERS[sdir.path.resolve()] = self
 
     def submit(self, chunk: int, tensors: dict, meta: dict) -> None:
@@ -137,6 +138,7 @@ class SnapshotWriter:
         except Exception:
             log.exception("session %s: writing the snapshot after chunk %d failed", self.sdir.session_id, chunk)
             raise
+        self.last_written = chunk
         self.stats["snapshot_write_s"] = time.perf_counter() - t0
 
     def wait(self) -> None:
@@ -144,6 +146,10 @@ class SnapshotWriter:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    @property
+    def pending(self) -> Future | None:
+        return self._pending
 
     def idle(self) -> None:
         """Until no write is in flight, leaving a failure to be raised by `wait()` (for readers)."""
@@ -280,22 +286,34 @@ class Session:
         """A full snapshot of the state after the last committed chunk (atomic on disk). A chunk whose
         commit failed is never snapshotted: a resume regenerates it.
 
-        The engine thread waits for the previous snapshot's write (raising its error, if it failed; no new
-        snapshot is taken then) and copies the state to host memory; the writer thread writes the file.
+        The engine thread waits for the previous snapshot's write and copies the state to host memory; the
+        writer thread writes the file. If the previous write failed, this snapshot is taken all the same (also
+        of the same chunk again: only a written snapshot counts) and that failure is raised afterwards.
         `stats["snapshot_s"]` is the time the engine thread was held, `snapshot_wait_s` the part of it spent
         waiting for the previous write."""
         k = self.rollout.next_index - 1
-        if self.dir is None or k < 0 or k == self._last_snapshot or k != self._last_committed:
+        if self.dir is None or k < 0 or k != self._last_committed:
             return
         t0 = time.perf_counter()
-        self._writer.wait()  # the staging buffers are free again
+        error = None
+        try:
+            self._writer.wait()  # the staging buffers are free again
+        except Exception as e:  # noqa: BLE001 - the previous write failed: this snapshot supersedes it; raised below
+            error = e
+            self._last_snapshot = self._writer.last_written
         t1 = time.perf_counter()
-        tensors, meta = self.rollout.snapshot()
-        self._writer.submit(k, tensors, copy.deepcopy(meta))
-        self._last_snapshot = k
-        self.stats["snapshot_s"] = time.perf_counter() - t0
-        self.stats["snapshot_wait_s"] = t1 - t0
-        self.stats["snapshot_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+        if k != self._last_snapshot:
+            staging = self.pipeline.staging  # shared by the world's sessions: staging waits until it is free
+            tensors, meta = self.rollout.snapshot()
+            self._writer.submit(k, tensors, copy.deepcopy(meta))
+            if staging is not None:
+                staging.in_use = self._writer.pending
+            self._last_snapshot = k
+            self.stats["snapshot_s"] = time.perf_counter() - t0
+            self.stats["snapshot_wait_s"] = t1 - t0
+            self.stats["snapshot_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors.values()))
+        if error is not None:
+            raise error
 
     def set_prompt(self, prompt: str) -> None:
         """Change the prompt from the next chunk on (recorded in the action log)."""
@@ -308,7 +326,10 @@ class Session:
         """Snapshot now (a paused or vanished client); `step()` may continue afterwards."""
         if self._log is not None:
             self._log.append_pause(self.frames_emitted)
-        self.save_snapshot()
+        try:
+            self.save_snapshot()
+        except Exception:  # noqa: BLE001 - a failed snapshot write (already logged) must not stop the pause
+            log.exception("session %s: snapshot at pause", self.manifest.session_id)
         self._set_status("paused")
 
     def unpause(self) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,17 @@ class World:
     device: torch.device
     dtype: torch.dtype
     fast: tuple[str, ...] = ()  # fast paths (engine.fast) every pipeline of this world switches on
+    staging: SnapshotStaging | None = None  # page-locked snapshot buffers shared by its pipelines (CUDA; made lazily)
+
+    def snapshot_staging(self) -> SnapshotStaging | None:
+        """The world's one set of page-locked snapshot buffers (None on a CPU world). One per world, not per
+        session: page-locked memory is never handed back to the OS, and the engine thread takes one snapshot at
+        a time (a session waits until another session's writer is done with the buffers: `wait_free`)."""
+        if self.device.type != "cuda":
+            return None
+        if self.staging is None:
+            self.staging = SnapshotStaging(pin=True)
+        return self.staging
 
 
 def build_world(
@@ -158,8 +171,9 @@ class SnapshotStaging:
 
     `stage(state)` copies each tensor of `state` into its buffer (non-blocking copies, then one
     synchronisation) and returns the buffers shaped like the tensors. A key's buffer is allocated on first
-    use and again only when its tensor no longer fits (other dtype, more elements); buffers of keys that are
-    gone are dropped. So host memory is one snapshot's worth however long the session runs, and with `pin`
+    use and again only when its tensor no longer fits (other dtype, more elements); buffers of keys a snapshot
+    lacks (a preview session after a full one) are kept for the next full one. So host memory is the largest
+    snapshot's worth however long the sessions run, and with `pin`
     (page-locked memory, CUDA only) the device -> host copies run at full PCIe speed without a bounce
     through pageable memory. Pageable buffers (`pin=False`) run the same logic on a CPU.
 
@@ -169,14 +183,20 @@ class SnapshotStaging:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self.buffers: dict[str, torch.Tensor] = {}  # key -> flat [capacity] of the key's dtype
+        self.in_use: Future | None = None  # the write that still reads the buffers (set by its session)
+
+    def wait_free(self) -> None:
+        """Until the write that reads the buffers (if any) is done, whatever its outcome (its session reports it)."""
+        pending, self.in_use = self.in_use, None
+        if pending is not None:
+            wait_futures([pending])
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def stage(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for k in self.buffers.keys() - state.keys():
-            del self.buffers[k]
+        self.wait_free()
         out, devices = {}, set()
         for k, t in state.items():
             t = t.detach()
@@ -210,7 +230,7 @@ class WorldPipeline:
         self.anchor: torch.Tensor | None = None  # [1, C, 1, h, w] clean latent of the first image
         self.quality = "preview"
         # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
-        self.staging = SnapshotStaging(pin=True) if world.device.type == "cuda" else None
+        self.staging = world.snapshot_staging()
         if world.fast:
             from engine.fast import apply_fast_paths
 
@@ -332,7 +352,9 @@ class WorldPipeline:
         self.anchor = state["anchor"].to(w.device, w.dtype)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v.to(w.device) for k, v in state.items() if k.startswith(prefix)}
+            # host tensors as they are: each component copies them into its own buffers (no device-side copy of
+            # the whole snapshot first: 9 GB at the release size in full quality)
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
         self.stream.restore(part("stage1."))
         self.decoder.restore(part("vae."))

@@ -154,7 +154,7 @@ class Stage1Cache:
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a `snapshot()` back in place; every key must be present with the same shape."""
-        expected = self.snapshot()
+        expected = self.snapshot(copy=False)
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:
