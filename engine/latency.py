@@ -100,7 +100,7 @@ class LatencyConfig:
 
 
 def check_config(cfg: LatencyConfig) -> None:
-    from engine.fast import ALL, CUDA_ONLY, FAST_PATHS
+    from engine.fast import CUDA_ONLY, expand
 
     if cfg.quality not in ("preview", "full"):
         raise InputError(f"quality {cfg.quality!r} is not accepted; choose preview or full")
@@ -109,10 +109,7 @@ def check_config(cfg: LatencyConfig) -> None:
     if cfg.presses < 1 or cfg.warmup_presses < 0 or cfg.warmup_chunks < 1:
         raise InputError(f"presses={cfg.presses}, warmup_presses={cfg.warmup_presses}, warmup_chunks="
                          f"{cfg.warmup_chunks}: need presses >= 1, warmup_presses >= 0, warmup_chunks >= 1")
-    names = [n for n in cfg.fast if n != "all"] + (list(ALL) if "all" in cfg.fast else [])
-    for name in names:
-        if name not in FAST_PATHS:
-            raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all'")
+    for name in expand(cfg.fast):
         if name in CUDA_ONLY and not cfg.device.startswith("cuda"):
             raise InputError(f"fast path {name!r} needs --device cuda")
     if cfg.gap_s is not None and not cfg.gap_s >= 0:

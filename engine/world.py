@@ -150,6 +150,17 @@ def build_world(
 MAX_COPY_PIECES = 4096
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """True when `t`'s elements fill exactly `t.numel()` consecutive places in some dim order (contiguous,
+    channels-last, any permutation): a copy into a buffer with the same strides is one memcpy."""
+    expected = 1
+    for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
 def copy_in_pieces(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> None:
     """`dst.copy_(src)` for a contiguous `dst`, without the contiguous temporary a device -> host copy of a strided
     `src` makes on the device: a strided view (the refiner's history K/V, a slice of its window) is copied as its
@@ -204,8 +215,12 @@ class SnapshotStaging:
             if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():
                 self.buffers.pop(k, None)  # freed before its replacement is allocated
                 buf = self.buffers[k] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pin)
-            out[k] = buf[: t.numel()].view(t.shape)
-            copy_in_pieces(out[k], t, non_blocking=self.pin)
+            if not t.is_contiguous() and is_dense(t):  # e.g. a channels-last cache: the same layout, one copy
+                out[k] = buf[: t.numel()].as_strided(t.shape, t.stride())
+                out[k].copy_(t, non_blocking=self.pin)
+            else:
+                out[k] = buf[: t.numel()].view(t.shape)
+                copy_in_pieces(out[k], t, non_blocking=self.pin)
             devices.add(t.device)
         for d in devices:
             if d.type == "cuda":

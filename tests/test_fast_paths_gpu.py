@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine.bench import build_bench_world, first_image, scripted_controls
 from engine.errors import InputError
-from engine.fast import apply_fast_paths
+from engine.fast import ALL, apply_fast_paths, expand
 from engine.fast.frames import pixels_to_frames_fast, restore_plain_frames
 from engine.fast.refiner_rope import restore_plain_rope
 from engine.fast.vae_pad import reflect_pad_hw1, restore_plain_pad, use_fast_reflect_pad
@@ -197,6 +197,19 @@ def test_vae_pad_decoder_equals_plain():
     restore_plain_pad(world.vae)
     for a, b in zip(got, want, strict=True):
         assert rel(a, b) <= 1e-6
+
+
+def test_fast_path_names_checked_before_anything_changes():
+    world = build_bench_world("tiny", device="cpu", dtype=torch.float32, with_refiner=False)
+    pipe = WorldPipeline(world)
+    forward = world.vae.decoder.forward
+    with pytest.raises(InputError, match="'frames' needs a CUDA device"):
+        apply_fast_paths(pipe, ["vae-fast", "frames"])  # vae-fast runs on a CPU, frames does not: neither applied
+    assert world.vae.decoder.forward == forward and not hasattr(world.vae.decoder, "_vae_fast")
+    with pytest.raises(InputError, match="list of names"):
+        apply_fast_paths(pipe, "all")
+    assert expand(["frames", "all", "stage1-graph"]) == list(ALL)  # once each, in FAST_PATHS order
+    assert expand(["refiner-fp8", "stage1-graph"]) == ["stage1-graph", "refiner-fp8"]
 
 
 def test_cuda_only_paths_refused_on_cpu():

@@ -36,21 +36,32 @@ CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "refiner-graph", "refiner-co
              "refiner-fp8", "frames")
 
 
-def apply_fast_paths(pipe, names) -> dict[str, str]:
-    """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
+def expand(names) -> list[str]:
+    """The fast-path names of `names` (a list or tuple; `all` stands for `ALL`), each once, in `FAST_PATHS`'s
+    order (e.g. the graphs before the compile); an unknown name is an InputError."""
+    if isinstance(names, str):
+        raise InputError(f"fast paths must be a list of names, not the string {names!r} (split it on ',')")
     names = [n for n in names if n != "all"] + (list(ALL) if "all" in names else [])
     for name in names:
         if name not in FAST_PATHS:
             raise InputError(f"unknown fast path {name!r}; accepted: {list(FAST_PATHS)} or 'all' (= {', '.join(ALL)})")
-    done = {}
-    for name in sorted(set(names), key=FAST_PATHS.index):  # a fixed order: e.g. the graphs before the compile
+    return sorted(set(names), key=FAST_PATHS.index)
+
+
+def apply_fast_paths(pipe, names) -> dict[str, str]:
+    """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
+    names = expand(names)
+    for name in names:  # all names checked before anything is switched on (a refused list changes nothing)
         if name in CUDA_ONLY and pipe.world.device.type != "cuda":
             raise InputError(f"fast path {name!r} needs a CUDA device")
+    done = {}
+    for name in names:
         if name == "stage1-graph":
             from engine.fast.stage1_graph import GraphedStage1Stream
 
-            pipe.stream = GraphedStage1Stream.from_stream(pipe.stream)
-            done[name] = "WorldPipeline.stream -> GraphedStage1Stream"
+            if not isinstance(pipe.stream, GraphedStage1Stream):  # applied twice: keep the runner (and its compile)
+                pipe.stream = GraphedStage1Stream.from_stream(pipe.stream)
+                done[name] = "WorldPipeline.stream -> GraphedStage1Stream"
         elif name == "stage1-compile":
             from engine.fast.stage1_compile import use_compiled_blocks
 
@@ -111,8 +122,8 @@ def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6, names=N
     throwaway session of `chunks` chunks per quality (random first image, scripted keys) runs each steady-state kind
     once. The compiled code is process-wide, so later sessions only capture their CUDA graphs. Returns the qualities
     warmed."""
-    names = tuple(world.fast if names is None else names)
-    if not any(name in COMPILED for name in (ALL if "all" in names else names)):
+    names = tuple(expand(world.fast if names is None else names))
+    if not any(name in COMPILED for name in names):
         return []
     from engine.bench import first_image, scripted_controls
     from engine.rollout import Rollout
@@ -123,7 +134,7 @@ def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6, names=N
         if quality == "full" and world.refiner is None:
             continue
         pipe = WorldPipeline(world)  # switches on world.fast
-        if names != tuple(world.fast):
+        if names != tuple(expand(world.fast)):
             apply_fast_paths(pipe, names)
         pipe.start(first_image(world.preset, 0), "warm-up", quality)
         ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality=quality)

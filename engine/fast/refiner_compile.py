@@ -38,4 +38,5 @@ def use_compiled_refiner_blocks(pipe) -> str | None:
     if not isinstance(pipe.refiner.model, GraphedRefinerModel):
         raise InputError("fast path 'refiner-compile' needs 'refiner-graph'")
     pipe.refiner.model.parts = compiled_parts()
+    pipe.refiner.model.seen.clear()  # a shape seen before must run (and compile) eagerly before its capture
     return "GraphedRefinerModel.parts -> torch.compile(attention_inputs / attention_outputs) (steady state)"

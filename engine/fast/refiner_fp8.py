@@ -228,6 +228,9 @@ def _check_refiner(model) -> None:
         raise InputError(f"the fp8 swap takes a RefinerTransformer (unwrap a GraphedRefinerModel: .model); got "
                          f"{type(model).__name__}")
     dev = model.proj_in.weight.device
+    if dev.type == "cuda" and model.proj_in.weight.dtype != torch.bfloat16:
+        raise InputError(f"the fp8 refiner runs in a bf16 model on CUDA (rowwise-scaled fp8 GEMMs give bf16); this "
+                         f"refiner is {model.proj_in.weight.dtype}: use --dtype bf16")
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
         raise InputError(f"fp8 GEMMs need CUDA compute capability 8.9+; {dev} has "
                          f"{torch.cuda.get_device_capability(dev)}")

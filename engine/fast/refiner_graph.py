@@ -53,6 +53,7 @@ class GraphedRefinerModel:
             self.text = RefinerText(k=[k.clone() for k in text.k], v=[v.clone() for v in text.v],
                                     bias=text.bias.clone())
             self.graphs.clear()
+            self.seen.clear()  # each shape runs eagerly once more first (compiled halves compile there)
         else:
             for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
                                 strict=True):

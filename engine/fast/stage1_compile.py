@@ -41,6 +41,7 @@ def use_compiled_blocks(pipe) -> str:
     fn = compiled_block_fn()
     if isinstance(pipe.stream, GraphedStage1Stream):
         pipe.stream.runner.block_fn = fn
+        pipe.stream.runner.seen.clear()  # a kind seen before must run (and compile) eagerly before its capture
         return "Stage1GraphRunner.block_fn -> torch.compile(call_block) (steady state)"
     pipe.stream.block_fn = fn
     return "Stage1Stream.block_fn -> torch.compile(call_block)"

@@ -108,6 +108,7 @@ class Stage1GraphRunner:
                 or self.text.bias.shape != text.bias.shape:
             self.text = TextContext(kv=[(k.clone(), v.clone()) for k, v in text.kv], bias=text.bias.clone())
             self.graphs.clear()  # captured against other buffers
+            self.seen.clear()  # each kind runs eagerly once more first (a compiled block call compiles there)
         else:
             for (sk, sv), (k, v) in zip(self.text.kv, text.kv, strict=True):
                 sk.copy_(k)
@@ -161,9 +162,11 @@ class Stage1GraphRunner:
                 self._body(st, False, h, w)
             torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
-            out = self._body(st, write, h, w)
-        self._set_counters(counters)  # capture ran the Python side of the cache writes; nothing executed
+        try:
+            with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
+                out = self._body(st, write, h, w)
+        finally:
+            self._set_counters(counters)  # capture ran the Python side of the cache writes; nothing executed
         return g, out
 
     @torch.no_grad()
