@@ -42,6 +42,7 @@ import json
 import math
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,9 @@ class ThreadEngine:
         self.server = EngineServer(build_served_world(cfg), server_config(cfg, record_root))
         self.address = self.server.start()
 
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.server._threads)
+
     def close(self) -> None:
         self.server.stop()
 
@@ -186,6 +190,10 @@ class ProcessEngine:
                 elif line.startswith(ADDRESS_MARK):
                     self.address = line[len(ADDRESS_MARK):].split()[0]
                     break
+        except BaseException:  # Ctrl-C, a bad line: never leave the child running
+            self.proc.kill()
+            self.proc.wait()
+            raise
         finally:
             timer.cancel()
         if self.address is None:
@@ -193,6 +201,9 @@ class ProcessEngine:
             raise LatencyError(f"the engine process exited ({self.proc.returncode}) before listening:\n"
                                + "".join(self.tail))
         threading.Thread(target=self._drain, daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
@@ -225,13 +236,13 @@ def serve_only(cfg: LatencyConfig, record_root: str | None, announce=print) -> N
     announce(ENV_MARK + json.dumps(engine_env(cfg.device)))
     server = EngineServer(build_served_world(cfg), server_config(cfg, record_root))
     address = server.start()
-    announce(f"{ADDRESS_MARK}{address} (preset {cfg.preset}, {cfg.device}, quality {cfg.quality}, "
-             f"fast {','.join(cfg.fast) or '-'}; close stdin or press Ctrl-C to stop)")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     try:
+        announce(f"{ADDRESS_MARK}{address} (preset {cfg.preset}, {cfg.device}, quality {cfg.quality}, "
+                 f"fast {','.join(cfg.fast) or '-'}; close stdin or press Ctrl-C to stop)")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
         while not stop.wait(0.2):
             if not all(t.is_alive() for t in server._threads):
                 raise RuntimeError("an engine thread died; see the traceback above")
@@ -282,8 +293,9 @@ def _caught(pending: list[Press], attr: str, header) -> None:
             setattr(p, attr, header)
 
 
-def drive(address: str, cfg: LatencyConfig, image: bytes) -> dict:
+def drive(address: str, cfg: LatencyConfig, image: bytes, alive=None) -> dict:
     """Play one live session against the engine at `address`, changing keys as the module docstring says.
+    `alive()` (optional) says whether the engine still runs: a dead engine ends the run at once.
 
     Returns the client's side of the report (presses, chunk times, drops, underruns)."""
     from client.hud import HudModel
@@ -300,6 +312,7 @@ def drive(address: str, cfg: LatencyConfig, image: bytes) -> dict:
     welcome = session_id = jitter = ended = None
     presses: list[Press] = []
     chunk_s: dict[int, float] = {}
+    chunk_start: dict[int, float] = {}  # engine time each chunk sampled its keys
     offset = math.inf  # client clock at engine time 0 (upper bound, tightened by every message)
     dropped, errors = 0, []
     next_change = None  # client time of the next change, once the last one has shown up
@@ -328,6 +341,7 @@ def drive(address: str, cfg: LatencyConfig, image: bytes) -> dict:
                         continue
                     offset = min(offset, now - msg.t_ready)
                     chunk_s[msg.chunk] = msg.t_ready - msg.t_sampled
+                    chunk_start[msg.chunk] = msg.t_sampled
                     pending = _watch(presses, "received")
                     hud.on_frame_received(msg, now)
                     _caught(pending, "received", msg)
@@ -350,6 +364,8 @@ def drive(address: str, cfg: LatencyConfig, image: bytes) -> dict:
                     pending = _watch(presses, "shown")
                     hud.on_frame_shown(shown, now)
                     _caught(pending, "shown", shown)
+            if alive is not None and not alive():
+                raise LatencyError("the engine stopped (see its output above)")
             # --- the change schedule
             last = presses[-1] if presses else None
             if last is None and len(chunk_s) < cfg.warmup_chunks:
@@ -362,8 +378,11 @@ def drive(address: str, cfg: LatencyConfig, image: bytes) -> dict:
                     raise LatencyError(f"key change seq {last.sample.seq} ({sorted(last.sample.held)}) was not in "
                                        f"any frame after {cfg.press_timeout_s:g} s")
             elif len(presses) < total:
-                if next_change is None:
-                    next_change = now + rng.uniform(0.0, period)
+                if next_change is None:  # uniform over one key-sampling cycle: a chunk of video, or longer when
+                    starts = sorted(chunk_start.values())[-7:]  # the engine is slower than real time
+                    cycle = statistics.median(b - a for a, b in zip(starts[:-1], starts[1:], strict=True)) \
+                        if len(starts) > 2 else 0.0
+                    next_change = now + rng.uniform(0.0, max(period, cycle))
                 elif now >= next_change:
                     held = rng.choice([h for h in HELD_SETS if h != hud.held])
                     seq = link.keys.set(held, now)
@@ -411,7 +430,7 @@ def run_latency(cfg: LatencyConfig) -> dict:
         report["engine_start_s"] = round(time.monotonic() - t_build, 3)
         report["env"] = engine.env
         try:
-            seen = drive(engine.address, cfg, demo_image_bytes())
+            seen = drive(engine.address, cfg, demo_image_bytes(), alive=engine.alive)
         finally:
             engine.close()
     w = seen["welcome"]

@@ -91,3 +91,20 @@ def test_latency_release_gpu(tmp_path, quality):
     print()
     print(format_table(report))
     _check_samples(report, presses=4, warmup=1)
+
+
+def test_a_dead_engine_ends_the_run_at_once():
+    import time
+
+    from engine.driver_cli import demo_image_bytes
+    from engine.latency import LatencyError, ThreadEngine, drive
+
+    cfg = LatencyConfig(preset="tiny", device="cpu", presses=1, server="thread")
+    engine = ThreadEngine(cfg, None)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LatencyError, match="engine stopped"):
+            drive(engine.address, cfg, demo_image_bytes(), alive=lambda: False)
+        assert time.monotonic() - t0 < cfg.start_timeout_s / 10  # not after the start-up timeout
+    finally:
+        engine.close()
