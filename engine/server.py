@@ -135,6 +135,9 @@ class JitPolicy:
 # ------------------------------------------------------------------------------------ bind policy
 
 
+CLOSE_GRACE_S = 300.0  # how long `stop` waits beyond its timeout for sessions to finish their recordings
+
+
 def is_loopback(endpoint: str) -> bool:
     """Whether a ZeroMQ bind endpoint is reachable only from this machine."""
     scheme, sep, rest = endpoint.partition("://")
@@ -377,7 +380,10 @@ class EngineServer:
         if not self._threads:
             return
         self._commands.put(("shutdown",))
-        self._threads[1].join(timeout)  # engine: closes sessions, then stops the encoder
+        self._threads[1].join(timeout)  # engine: closes sessions (final snapshots written), then stops the encoder
+        if self._threads[1].is_alive():  # a session's final snapshot is still being written (GBs at release size)
+            log.warning("engine stop: waiting up to %.0f s more for sessions to finish writing", CLOSE_GRACE_S)
+            self._threads[1].join(CLOSE_GRACE_S)
         self._threads[2].join(timeout)
         time.sleep(0.05)  # let the IO thread flush the `ended` messages
         self._stopping.set()
