@@ -90,6 +90,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -620,6 +630,18 @@ class SessionDir:
         session = cls(path)
         session.read_manifest()
         return session
+
+    def sweep_stale_tmp(self) -> list[Path]:
+        """Delete the temporary files of atomic writes that a dead process left (a `kill -9` mid-write: up to a
+        whole snapshot's size). Another live process's are left alone. Returns what was deleted."""
+        gone = []
+        for tmp in self.path.rglob(".*.tmp*"):
+            pid = tmp.name.rsplit(".tmp", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+        return gone
 
     manifest_path = property(lambda self: self.path / MANIFEST_NAME)
     actions_path = property(lambda self: self.path / ACTIONS_NAME)

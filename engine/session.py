@@ -380,6 +380,9 @@ class Session:
         the chunk in flight uncommitted: it is discarded and generated again)."""
         wait_for_snapshot_writes(path)
         sdir = SessionDir.open(path)
+        for tmp in sdir.sweep_stale_tmp():
+            logging.getLogger("sana_wm.engine").info("session %s: removed %s, left by an interrupted write",
+                                                     sdir.session_id, tmp.name)
         manifest = sdir.read_manifest()
         if manifest.preset != world.preset.name:
             raise InputError(f"session {sdir.session_id} was recorded with preset {manifest.preset!r}; "

@@ -528,3 +528,20 @@ def test_session_dir_checks(tmp_path):
     with pytest.raises(InputError):
         R.SessionDir(tmp_path / "not-an-id")
     assert os.listdir(s.path / "latents") == [] and os.listdir(s.path / "state") == []
+
+
+def test_stale_temporary_files_of_dead_writers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    sdir = R.SessionDir(tmp_path / R.new_session_id())
+    (sdir.path / "state").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its pid is free (reuse within this test is vanishingly unlikely)
+    stale = sdir.path / "state" / f".00000003.safetensors.tmp{dead_pid}"
+    mine = sdir.path / "state" / f".00000004.safetensors.tmp{os.getpid()}"
+    live = sdir.path / f".manifest.json.tmp{os.getppid()}"
+    for p in (stale, mine, live):
+        p.write_bytes(b"partial")
+    assert sdir.sweep_stale_tmp() == [stale]
+    assert not stale.exists() and mine.exists() and live.exists()
