@@ -1,0 +1,62 @@
+#!/bin/bash
+# What to run on the lent GPU, one part per device call (each fits the 600 s per-call limit). Writes logs and JSON
+# under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
+#
+#   bash tests/benchmarks/gpu_check.sh tests     # every @pytest.mark.gpu test, file by file, with time limits
+#   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
+#   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
+#   bash tests/benchmarks/gpu_check.sh vae       # the vae-fast candidates: GPU tests and tests/benchmarks/vae_probe.py
+#
+# The device image lacks pyzmq and PyAV: carry wheels in .whl/ (see the library's device README) for `latency`
+# (pyzmq) and for the session tests in `tests` (av); they are installed into /tmp/site when present.
+set -u
+OUT=${OUT:-/tmp/sana_wm_gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+summary=()
+t() {  # t <seconds> <name> <pytest args...>
+  local s=$1 name=$2; shift 2
+  timeout "$s" python3 -m pytest -m gpu -p no:cacheprovider -q -s "$@" > "$OUT/t_$name.log" 2>&1
+  summary+=("$name rc=$? $(grep -E 'passed|failed' "$OUT/t_$name.log" | tail -1)")
+}
+case "${1:-}" in
+  tests)
+    t 150 fast_paths tests/test_fast_paths_gpu.py
+    t 120 gdn_triton tests/test_gdn_triton.py -k "release or fall_back or graph or opaque or scan_ops"
+    t 90 fp8 tests/test_refiner_fp8.py
+    t 60 snapshot tests/test_snapshot_staging.py
+    t 90 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py
+    ;;
+  bench)
+    timeout 320 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 8 --warmup 3 \
+      --replay-chunks 2 --profile --out "$OUT/bench_all.json" > "$OUT/bench_all.log" 2>&1
+    summary+=("bench all rc=$?")
+    timeout 220 python3 -m engine.bench --preset release --fast all,refiner-fp8 --quality full --chunks 7 \
+      --warmup 3 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8.json" > "$OUT/bench_fp8.log" 2>&1
+    summary+=("bench fp8 rc=$?")
+    tail -22 "$OUT/bench_all.log"; tail -10 "$OUT/bench_fp8.log"
+    ;;
+  latency)
+    for q in preview full; do
+      timeout 270 python3 -m engine.latency --preset release --quality $q --fast all --presses 20 \
+        --warmup-chunks 4 --server thread --out "$OUT/latency_$q.json" > "$OUT/latency_$q.log" 2>&1
+      summary+=("latency $q rc=$?"); tail -10 "$OUT/latency_$q.log"
+    done
+    ;;
+  vae)
+    t 240 vae_fast tests/test_vae_fast.py
+    timeout 300 python3 tests/benchmarks/vae_probe.py --preset release --device cuda --iters 10 --fp32-ref \
+      --out "$OUT/vae_probe.json" > "$OUT/vae_probe.log" 2>&1
+    summary+=("vae probe rc=$?"); tail -25 "$OUT/vae_probe.log"
+    ;;
+  *)
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|bench|latency|vae" >&2; exit 2 ;;
+esac
+printf '%s\n' "${summary[@]}"
