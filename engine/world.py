@@ -152,7 +152,7 @@ MAX_COPY_PIECES = 4096
 
 def is_dense(t: torch.Tensor) -> bool:
     """True when `t`'s elements fill exactly `t.numel()` consecutive places in some dim order (contiguous,
-    channels-last, any permutation): a copy into a buffer with the same strides is one memcpy."""
+    channels-last, any permutation)."""
     expected = 1
     for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):
         if t.shape[d] != 1 and t.stride(d) != expected:
@@ -166,8 +166,8 @@ def copy_in_pieces(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = Fa
     `src` makes on the device: a strided view (the refiner's history K/V, a slice of its window) is copied as its
     contiguous pieces (the trailing dims that are contiguous, one copy per index of the leading ones). A source
     whose contiguous pieces would number more than MAX_COPY_PIECES is copied whole."""
-    if src.is_contiguous() or src.dim() == 0:
-        dst.copy_(src, non_blocking=non_blocking)
+    if src.is_contiguous() or src.dim() == 0 or is_dense(src):  # a dense permutation (channels-last): one copy,
+        dst.copy_(src, non_blocking=non_blocking)  # through one temporary of its size, not element by element
         return
     lead = next(k for k in range(1, src.dim() + 1) if src[(0,) * k].is_contiguous())
     if math.prod(src.shape[:lead]) > MAX_COPY_PIECES:
@@ -215,12 +215,8 @@ class SnapshotStaging:
             if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():
                 self.buffers.pop(k, None)  # freed before its replacement is allocated
                 buf = self.buffers[k] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pin)
-            if not t.is_contiguous() and is_dense(t):  # e.g. a channels-last cache: the same layout, one copy
-                out[k] = buf[: t.numel()].as_strided(t.shape, t.stride())
-                out[k].copy_(t, non_blocking=self.pin)
-            else:
-                out[k] = buf[: t.numel()].view(t.shape)
-                copy_in_pieces(out[k], t, non_blocking=self.pin)
+            out[k] = buf[: t.numel()].view(t.shape)  # contiguous: ready for the file
+            copy_in_pieces(out[k], t, non_blocking=self.pin)
             devices.add(t.device)
         for d in devices:
             if d.type == "cuda":
