@@ -71,7 +71,18 @@ def rope_table(angles: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """Rotate adjacent pairs (x[2k], x[2k+1]) of the last dim by `table` (complex `[N, D/2]`,
-    broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype."""
+    broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype.
+
+    Under `torch.compile` the same product is written in real arithmetic (inductor has no complex codegen and
+    would run the complex multiply, and the copies around it, as separate eager kernels)."""
+    if torch.compiler.is_compiling():
+        tab = torch.view_as_real(table)  # [N, D/2, 2]: cos, sin
+        c, s = tab[..., 0], tab[..., 1]
+        if inverse:
+            s = -s
+        xf = x.float().unflatten(-1, (-1, 2))
+        a, b = xf[..., 0], xf[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     rot = table.conj() if inverse else table
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
@@ -122,6 +133,18 @@ def invert_se3(P: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def apply_4x4(matrix: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per-token 4x4 matrices `[B, N, 4, 4]` applied to every group of 4 features `[B, H, N, G, 4]`.
+
+    Eagerly one batched GEMM (einsum). Under `torch.compile` the same sums of four products in fp32 as
+    elementwise work that inductor fuses into the neighbouring kernels (as a GEMM with K = 4 it runs on a
+    16x16 tensor-core tile: 2.9 ms of a 50 ms release stage-1 forward on an H100)."""
+    if torch.compiler.is_compiling():
+        m = matrix.float()[:, None, :, None]  # [B, 1, N, 1, 4, 4]
+        return (m * groups.float()[..., None, :]).sum(-1).to(groups.dtype)
+    return torch.einsum("bnij,bhngj->bhngi", matrix, groups)
+
+
 def ucpe_transform(
     x: torch.Tensor, matrix: torch.Tensor, cam_table: torch.Tensor, *, inverse_rope: bool = False
 ) -> torch.Tensor:
@@ -129,6 +152,6 @@ def ucpe_transform(
     by the per-token `matrix [B, N, 4, 4]`; the last D/2 dims get RoPE with `cam_table [N, D/4]`."""
     B, H, N, D = x.shape
     proj, rot = x.split(D // 2, dim=-1)
-    proj = torch.einsum("bnij,bhngj->bhngi", matrix.to(x.dtype), proj.reshape(B, H, N, D // 8, 4))
+    proj = apply_4x4(matrix.to(x.dtype), proj.reshape(B, H, N, D // 8, 4))
     rot = apply_rope(rot, cam_table, inverse=inverse_rope)
     return torch.cat([proj.reshape(B, H, N, D // 2), rot], dim=-1)
