@@ -101,7 +101,7 @@ class LatencyConfig:
 
 
 def check_config(cfg: LatencyConfig) -> None:
-    from engine.fast import CUDA_ONLY, expand
+    from engine.fast import check_fast_paths
 
     if cfg.quality not in ("preview", "full"):
         raise InputError(f"quality {cfg.quality!r} is not accepted; choose preview or full")
@@ -110,9 +110,7 @@ def check_config(cfg: LatencyConfig) -> None:
     if cfg.presses < 1 or cfg.warmup_presses < 0 or cfg.warmup_chunks < 1:
         raise InputError(f"presses={cfg.presses}, warmup_presses={cfg.warmup_presses}, warmup_chunks="
                          f"{cfg.warmup_chunks}: need presses >= 1, warmup_presses >= 0, warmup_chunks >= 1")
-    for name in expand(cfg.fast):
-        if name in CUDA_ONLY and not cfg.device.startswith("cuda"):
-            raise InputError(f"fast path {name!r} needs --device cuda")
+    check_fast_paths(cfg.fast, "cuda" if cfg.device.startswith("cuda") else cfg.device)
     if cfg.gap_s is not None and not cfg.gap_s >= 0:
         raise InputError(f"gap_s={cfg.gap_s!r}; it must be >= 0")
 

@@ -64,34 +64,15 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("quality", ["preview", "full"])
-def test_graphs_equal_eager(dtype, tol, quality):
-    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
-    _, _, plain, snap_plain = rollout(world, (), quality)
-    try:
-        pipe, applied, fast, snap_fast = rollout(world, GRAPHS, quality)
-    finally:
-        restore_plain_rope()
-        restore_plain_pad(world.vae)
-        restore_plain_frames()
-    assert set(applied) == set(GRAPHS)
-    runner = pipe.stream.runner
-    # chunk 2: first read pass eager, 3 reads replayed, write eager (first sight); chunks 3..: all 5 replayed
-    assert runner.replays == 3 + 5 * (CHUNKS - 3) and len(runner.graphs) == 2
-    if quality == "full":  # chunk 4: first step eager, 2 steps + capture replayed; chunks 5..: all 4 replayed
-        assert pipe.refiner.model.replays == 3 + 4 * (CHUNKS - 5) and len(pipe.refiner.model.graphs) == 1
-    err = compare(fast, plain, snap_fast, snap_plain, quality)
-    print(f"graphs {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
-    assert err <= tol
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol,quality", [(torch.float32, 1e-4, "preview"), (torch.bfloat16, 3e-2, "full")])
-def test_compiled_graphs_equal_eager(dtype, tol, quality):
-    """`stage1-compile` / `refiner-compile` inside the CUDA graphs: same chunks as the plain eager path, the same
-    replay counts (first sight of a steady kind runs the compiled blocks eagerly, outside any capture)."""
-    names = GRAPHS + ("stage1-compile", "refiner-compile")
+@pytest.mark.parametrize("dtype,tol,quality,compiled", [
+    (torch.float32, 1e-4, "preview", False), (torch.float32, 1e-4, "full", False),
+    (torch.bfloat16, 2e-2, "preview", False), (torch.bfloat16, 2e-2, "full", False),
+    (torch.float32, 1e-4, "preview", True), (torch.bfloat16, 3e-2, "full", True),
+])
+def test_graphs_equal_eager(dtype, tol, quality, compiled):
+    """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them): same chunks as the plain
+    eager path, the same replay counts (first sight of a steady kind runs eagerly, compiled blocks included)."""
+    names = GRAPHS + (("stage1-compile", "refiner-compile") if compiled else ())
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
     _, _, plain, snap_plain = rollout(world, (), quality)
     try:
@@ -102,13 +83,14 @@ def test_compiled_graphs_equal_eager(dtype, tol, quality):
         restore_plain_frames()
     assert set(applied) == set(names)
     runner = pipe.stream.runner
-    assert runner.block_fn is not None
+    assert (runner.block_fn is not None) == compiled
+    # chunk 2: first read pass eager, 3 reads replayed, write eager (first sight); chunks 3..: all 5 replayed
     assert runner.replays == 3 + 5 * (CHUNKS - 3) and len(runner.graphs) == 2
-    if quality == "full":
-        assert pipe.refiner.model.parts is not None
+    if quality == "full":  # chunk 4: first step eager, 2 steps + capture replayed; chunks 5..: all 4 replayed
+        assert (pipe.refiner.model.parts is not None) == compiled
         assert pipe.refiner.model.replays == 3 + 4 * (CHUNKS - 5) and len(pipe.refiner.model.graphs) == 1
     err = compare(fast, plain, snap_fast, snap_plain, quality)
-    print(f"compiled graphs {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
+    print(f"graphs{' compiled' if compiled else ''} {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
     assert err <= tol
 
 

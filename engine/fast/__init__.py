@@ -48,12 +48,18 @@ def expand(names) -> list[str]:
     return sorted(set(names), key=FAST_PATHS.index)
 
 
+def check_fast_paths(names, device_type: str) -> list[str]:
+    """`expand(names)`, refusing a CUDA-only path for a `device_type` other than "cuda"."""
+    names = expand(names)
+    for name in names:
+        if name in CUDA_ONLY and device_type != "cuda":
+            raise InputError(f"fast path {name!r} needs a CUDA device (--device cuda)")
+    return names
+
+
 def apply_fast_paths(pipe, names) -> dict[str, str]:
     """Switch on the named fast paths of `pipe` (a `WorldPipeline`); returns {name: what was swapped}."""
-    names = expand(names)
-    for name in names:  # all names checked before anything is switched on (a refused list changes nothing)
-        if name in CUDA_ONLY and pipe.world.device.type != "cuda":
-            raise InputError(f"fast path {name!r} needs a CUDA device")
+    names = check_fast_paths(names, pipe.world.device.type)  # before anything is switched on
     done = {}
     for name in names:
         if name == "stage1-graph":

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import functools
 
-from engine.fast.stage1_compile import RECOMPILE_LIMIT
+from engine.fast.stage1_compile import raise_recompile_limit
 from engine.refiner.model import attention_inputs, attention_outputs
 
 
 @functools.cache
 def compiled_parts() -> tuple:
-    import torch._dynamo
+    import torch
 
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+    raise_recompile_limit()
     return torch.compile(attention_inputs, dynamic=False), torch.compile(attention_outputs, dynamic=False)
 
 

@@ -21,15 +21,22 @@ from engine.stage1.model import call_block
 RECOMPILE_LIMIT = 64
 
 
-@functools.cache
-def compiled_block_fn():
-    """The process-wide compiled `call_block` (inductor, static shapes)."""
+def raise_recompile_limit() -> None:
+    """Dynamo's per-function recompile limit to at least RECOMPILE_LIMIT (its name differs across torch versions)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+
+
+@functools.cache
+def compiled_block_fn():
+    """The process-wide compiled `call_block` (inductor, static shapes)."""
+    import torch
+
+    raise_recompile_limit()
     return torch.compile(call_block, dynamic=False)
 
 
