@@ -142,7 +142,9 @@ def test_triton_frames_bit_equal(dtype, shape):
     assert torch.equal(to_uint8_frames_triton(x), want)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # other strides
     assert torch.equal(to_uint8_frames_triton(xt), want)
-    assert torch.equal(pixels_to_frames_fast(x[None]), pixels_to_frames(x[None]))
+    fast = pixels_to_frames_fast(x[None])
+    assert fast.is_pinned() and not fast.is_cuda  # page-locked host memory: one DMA, not a bounce-buffer copy
+    assert torch.equal(fast, pixels_to_frames(x[None]))
 
 
 @pytest.mark.gpu
