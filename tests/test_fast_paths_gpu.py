@@ -95,6 +95,32 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_cache_overlap_equals_in_line(graphs, quality):
+    """`cache-overlap`: the cache-write pass on its own stream, beside the refiner and the decode, gives the same
+    chunks and caches as the pass in line (same kernels in the same order per stream), eagerly and from graphs;
+    each chunk reports the pass's time."""
+    names = GRAPHS if graphs else ()
+    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=4)
+    try:
+        _, _, in_line, snap_in_line = rollout(world, names, quality)
+        pipe, applied, overlapped, snap_overlapped = rollout(world, names + ("cache-overlap",), quality)
+    finally:
+        restore_plain_rope()
+        restore_plain_pad(world.vae)
+        restore_plain_frames()
+    assert "cache-overlap" in applied and pipe.cache_stream is not None
+    if graphs:
+        assert pipe.stream.runner.replays == 3 + 5 * (CHUNKS - 3)
+    for c in overlapped:
+        assert 0 < c.timings["stage1_cache"] <= c.timings["stage1"]
+    err = compare(overlapped, in_line, snap_overlapped, snap_in_line, quality)
+    print(f"cache-overlap graphs={graphs} {quality}: max rel err vs in line {err:.2e}")
+    assert err <= 1e-6
+
+
+@pytest.mark.gpu
 def test_tf32_scans_close_to_fp32():
     world = build_bench_world("tiny", device="cuda", dtype=torch.float32, seed=2)
     _, _, plain, snap_plain = rollout(world, (), "preview", chunks=3)

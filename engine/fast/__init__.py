@@ -17,7 +17,10 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
   padding, cudnn autotuning (engine/fast/vae_fast.py, kernels/vae_norm.py);
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
-- `frames`: decoded pixels -> uint8 frames in one Triton pass (engine/fast/frames.py, kernels/frames.py).
+- `frames`: decoded pixels -> uint8 frames in one Triton pass, copied to page-locked host memory (engine/fast/frames.py,
+  kernels/frames.py);
+- `cache-overlap`: the stage-1 cache-write pass of a chunk on a second CUDA stream, beside that chunk's refiner
+  and decode (`WorldPipeline.cache_stream`); the chunk still ends when the pass has (the next chunk reads it).
 
 `all` names the ones in `ALL`.
 """
@@ -27,13 +30,13 @@ from __future__ import annotations
 from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "refiner-graph",
-              "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames")
+              "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames", "cache-overlap")
 # `all`: the paths that keep the bf16 model's numerics and passed their GPU tests (fp8 is opt-in by name; the
-# Triton scans supersede the TF32 ones; vae-fast, which would supersede vae-pad, has not run on a GPU yet)
+# Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
-       "vae-pad", "frames")
+       "vae-fast", "frames", "cache-overlap")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
-             "refiner-fp8", "frames")
+             "refiner-fp8", "frames", "cache-overlap")
 
 
 def expand(names) -> list[str]:
@@ -113,6 +116,12 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             from engine.fast.vae_fast import use_all
 
             done[name] = "; ".join(f"{k}: {v}" for k, v in use_all(pipe.world.vae).items())
+        elif name == "cache-overlap":
+            import torch
+
+            if pipe.cache_stream is None:
+                pipe.cache_stream = torch.cuda.Stream(pipe.world.device)
+            done[name] = "WorldPipeline.cache_stream -> a second CUDA stream for the stage-1 cache-write pass"
         elif name == "vae-pad":
             from engine.fast.vae_pad import use_fast_reflect_pad
 
