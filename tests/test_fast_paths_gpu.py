@@ -104,15 +104,16 @@ def test_cache_overlap_equals_in_line(graphs, quality):
     names = GRAPHS if graphs else ()
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=4)
     try:
-        _, _, in_line, snap_in_line = rollout(world, names, quality)
+        pipe_in_line, _, in_line, snap_in_line = rollout(world, names, quality)
         pipe, applied, overlapped, snap_overlapped = rollout(world, names + ("cache-overlap",), quality)
     finally:
         restore_plain_rope()
         restore_plain_pad(world.vae)
         restore_plain_frames()
     assert "cache-overlap" in applied and pipe.cache_stream is not None
-    if graphs:
-        assert pipe.stream.runner.replays == 3 + 5 * (CHUNKS - 3)
+    if graphs:  # the same passes replayed from the same graphs
+        print(f"stage-1 replays: overlapped {pipe.stream.runner.replays}, in line {pipe_in_line.stream.runner.replays}")
+        assert pipe.stream.runner.replays == pipe_in_line.stream.runner.replays > 0
     for c in overlapped:
         assert 0 < c.timings["stage1_cache"] <= c.timings["stage1"]
     err = compare(overlapped, in_line, snap_overlapped, snap_in_line, quality)
