@@ -61,6 +61,7 @@ class BenchConfig:
     fast: tuple[str, ...] = ()  # engine.fast path names
     out: str | None = None  # JSON path
     snapshot_dir: str | None = None  # where the snapshot file is written (default: a temp dir)
+    in_line_chunks: int = 3  # with cache-overlap: chunks run after the steady ones with the cache pass in line
     extra: dict = field(default_factory=dict)
 
 
@@ -221,7 +222,8 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
     t_start = _sync(dev)
     pipe.start(first_image(p, cfg.seed), prompt, quality)
     t_started = _sync(dev)
-    ro = Rollout(pipe, scripted_controls(cfg.chunks), intrinsics_px=p.default_intrinsics, seed=cfg.seed,
+    in_line = cfg.in_line_chunks if pipe.cache_stream is not None else 0
+    ro = Rollout(pipe, scripted_controls(cfg.chunks + in_line), intrinsics_px=p.default_intrinsics, seed=cfg.seed,
                  quality=quality)
     per_chunk, stored, mem_after = [], [], []
     ttff = None
@@ -260,11 +262,31 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
         report["memory_after_chunk_gb"] = [round(m / 1e9, 4) for m in mem_after]
         report["memory_growth_bytes"] = mem_after[-1] - mem_after[early]
         report["memory_growth_between"] = [early, len(mem_after) - 1]
+    if in_line:
+        report["in_line"] = in_line_cost(ro, pipe, dev, in_line)
     if cfg.snapshot:
         report["snapshot"] = snapshot_cost(ro, dev, cfg)
     if cfg.replay_chunks > 0 and stored:
         report["replay"] = replay_cost(pipe, world, cfg, quality, prompt, stored)
     return report
+
+
+def in_line_cost(ro: Rollout, pipe: WorldPipeline, dev: torch.device, chunks: int) -> dict:
+    """The same session's next `chunks` chunks with `cache-overlap` switched off (the stage-1 cache pass in line,
+    before the refiner and the decode): the stage-1 chunk cost undisturbed by the work beside it, and the chunk
+    time the overlap is compared with. Same compiled code and graphs; medians over these chunks."""
+    side, pipe.cache_stream = pipe.cache_stream, None
+    per_chunk = []
+    try:
+        t_prev = _sync(dev)
+        for chunk in ro.chunks(chunks):
+            t_now = _sync(dev)
+            per_chunk.append({"chunk_wall": t_now - t_prev, **chunk.timings})
+            t_prev = _sync(dev)
+    finally:
+        pipe.cache_stream = side
+    stages = sorted({k for r in per_chunk for k in r})
+    return {"chunks": len(per_chunk), "stages": {k: stats_ms([r[k] for r in per_chunk if k in r]) for k in stages}}
 
 
 def snapshot_cost(ro: Rollout, dev: torch.device, cfg: BenchConfig) -> dict:
@@ -508,6 +530,11 @@ def format_table(report: dict) -> str:
                          f"(plain copy {s['plain_d2h_s']} s), write {s['write_s']} s on the writer thread")
         if "replay" in r:
             extra.append(f"replay {r['replay']['median_ms']} ms/chunk")
+        if "in_line" in r:
+            st = r["in_line"]["stages"]
+            extra.append("cache pass in line (" + ", ".join(f"{k} {st[k]['median_ms']:.1f}" for k in
+                                                            ("chunk_wall", "stage1", "refiner", "decode") if k in st)
+                         + " ms)")
         lines.append(f"{q:<8} " + " | ".join(extra))
     if "compile_warm" in report:
         lines.append(f"torch.compile warm-up before the sessions: {report['compile_warm']['s']} s")
@@ -544,6 +571,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--fast", default="", help="comma-separated fast paths (see engine.fast.FAST_PATHS)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--snapshot-dir", default=None, help="directory for the temporary snapshot file")
+    p.add_argument("--in-line-chunks", type=int, default=3,
+                   help="with cache-overlap: extra chunks timed with the stage-1 cache pass in line (0 = none)")
     return p
 
 
@@ -557,7 +586,7 @@ def config_from_args(args) -> BenchConfig:
                        seed=args.seed, warmup=args.warmup, replay_chunks=args.replay_chunks,
                        snapshot=not args.no_snapshot, gemm_size=args.gemm, profile=args.profile,
                        fast=tuple(f for f in args.fast.split(",") if f), out=args.out,
-                       snapshot_dir=args.snapshot_dir)
+                       snapshot_dir=args.snapshot_dir, in_line_chunks=args.in_line_chunks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,14 @@ def test_stats_and_bad_inputs():
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--quality", "fast"]) == 2
     with pytest.raises(Exception, match="quality"):
         run_bench(BenchConfig(preset="tiny", device="cpu", dtype="fp32", qualities=("ultra",)))
+
+
+@pytest.mark.gpu
+def test_cache_overlap_reports_the_in_line_chunks_too(tmp_path):
+    """With `cache-overlap` the bench also times chunks with the cache pass in line (same session, overlap off)."""
+    cfg = BenchConfig(preset="tiny", chunks=3, qualities=("full",), device="cuda", dtype="fp32", warmup=1,
+                      replay_chunks=0, snapshot=False, gemm_size=0, fast=("cache-overlap",), in_line_chunks=2)
+    r = run_bench(cfg)["qualities"]["full"]
+    assert r["chunks"] == 3 and "stage1_cache" in r["stages"]
+    assert r["in_line"]["chunks"] == 2
+    assert "stage1_cache" not in r["in_line"]["stages"] and r["in_line"]["stages"]["stage1"]["median_ms"] > 0
