@@ -7,20 +7,31 @@ Per batch element and head, frame f's tokens K_f, V_f `[S, D]`, B_f = diag(beta[
             = gamma_f * (state_{f-1} - state_{f-1} K_f^T B_f K_f) + V_f^T B_f K_f      (kernels/gdn.py)
     out[f, s] = state_f q_{f,s}    (forward, inclusive; backward reads state_{f+1..} before the update)
 
-The rows of the state (one per value channel) evolve independently, so one program owns a `[BLOCK_V, Dk]`
-slice of the fp32 state in registers for one (batch, head) and walks the frames: per S tile it computes
-P = K state^T `[BLOCK_S, BLOCK_V]`, U = beta (V - gamma P), accumulates U^T K, and after the frame sets
-state = gamma state + sum U^T K; outputs are q state^T per tile. Dk is padded to a power of two (112 -> 128)
-with masked loads. The GDN normaliser (Dv = 1, v = ones, unrotated q/k) runs as one extra program per
-(batch, head) of the same launch, so numerator and normaliser share one wave of programs.
+Two strategies compute the same functions (`strategy=`, default DEFAULT_STRATEGY):
+
+"stream" (one launch). The rows of the state (one per value channel) evolve independently, so one program owns
+a `[BLOCK_V, Dk]` slice of the fp32 state in registers for one (batch, head) and walks the frames: per S tile it
+computes P = K state^T `[BLOCK_S, BLOCK_V]`, U = beta (V - gamma P), accumulates U^T K, and after the frame sets
+state = gamma state + sum U^T K; outputs are q state^T per tile. Few programs (B*H*(Dv/BLOCK_V + 1)).
+
+"parallel" (three launches). The frame matrices A_f = K_f^T B_f K_f `[Dk, Dk]` and W_f = V_f^T B_f K_f
+`[Dv, Dk]` do not depend on the state: phase 1 computes them for all (batch, head, frame, token split, row
+block) at once into a workspace (token-split partial sums, added in a fixed order in phase 2: deterministic);
+phase 2 runs state_f = gamma_f (state_{f-1} - state_{f-1} A_f) + W_f per (batch, head, value block) over the
+T frames and stores every frame's state; phase 3 reads out q state^T per (batch, head, frame, token tile, value
+block). A different association than "stream", so results differ at the rounding level of the precision.
+
+Both pad Dk to a power of two (112 -> 128) with masked loads, and run the GDN normaliser (Dv = 1, v = ones,
+unrotated q/k) in the same launches as the numerator (extra programs per (batch, head)).
 
 Inputs may be bf16/fp16/fp32 and non-contiguous (any strides); everything is accumulated in fp32; outputs and
 states are fp32 like the references. `precision` picks the tl.dot mode for the fp32 products: "ieee" (exact
 fp32 FMAs, no tensor cores), "tf32x3" (three TF32 products, ~fp32 accuracy on tensor cores) or "tf32"
 (one TF32 product, ~1e-3 relative, as the project's TF32 scan path). The wrappers allocate with torch.empty
-only and never synchronise, so they can be captured in CUDA graphs; they are torch custom ops (`sana_wm::`)
-with fake implementations, so torch.compile treats them as opaque calls. Triton is optional: without it (or
-off CUDA, unless TRITON_INTERPRET=1 runs the kernels on CPU tensors) the wrappers raise `TritonScanError`.
+only (outputs and workspaces) and never synchronise, so they can be captured in CUDA graphs; they are torch
+custom ops (`sana_wm::`) with fake implementations, so torch.compile treats them as opaque calls. Triton is
+optional: without it (or off CUDA, unless TRITON_INTERPRET=1 runs the kernels on CPU tensors) the wrappers
+raise `TritonScanError`.
 
 Knows nothing of models. Shapes as the references: q, k, v `[B, H, T, S, D]`, beta `[B, H, T, S]`,
 gamma `[B, H, T]`, state `[B, H, Dv, Dk]`.
@@ -41,9 +52,14 @@ except ImportError:  # CPU-only installs: the plain scans serve
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 # H100, release shapes, bf16 inputs, one GDN block's four scans replayed from a CUDA graph
 # (tests/benchmarks/scan_bench.py): strict-fp32 torch 2.01 ms, TF32 torch 1.37 ms (max rel. err 3.0e-4);
-# Triton tf32 0.49 ms (7.6e-4), tf32x3 0.99 ms (1.1e-6), ieee 4.7 ms (1.1e-6). The project accepts TF32-level
+# Triton ("stream") tf32 0.49 ms (7.6e-4), tf32x3 0.99 ms (1.1e-6), ieee 4.7 ms (1.1e-6). The project accepts TF32-level
 # error for its scans (stage1-tf32-scans), so the default is tf32; pass "tf32x3" for fp32 accuracy.
 DEFAULT_PRECISION = "tf32"
+# "stream": one launch, a program per (batch, head, value block) walks the frames (at the release shapes only
+# ~100 programs). "parallel": three launches (frame matrices per (frame, token split), the recurrence on them,
+# the readout per (frame, token tile)); not yet measured on a GPU, so "stream" stays the default.
+STRATEGIES = ("stream", "parallel")
+DEFAULT_STRATEGY = "stream"
 
 
 class TritonScanError(RuntimeError):
@@ -146,6 +162,218 @@ if triton is not None:
                          HAS_STATE, REVERSE, True, BLOCK_S_NORM, BLOCK_K, 16, PRECISION)
 
 
+    # "parallel" strategy: three launches, most of the work independent of the state. The counts (heads,
+    # frames, tokens, splits, blocks) and the strides of small loads (beta's and gamma's outer ones, the input
+    # state's) are not specialised on (value 1, multiple of 16): fewer compiles across shapes and layouts; the
+    # strides of q, k, v and DK / DV still are, for vectorised loads. ----------------------------------------
+
+    @triton.jit
+    def _gram_block(k_ptr, x_ptr, beta_ptr, out_ptr, s_lo, s_hi, DK, NX, x0, sk_s, sk_d, sx_s, sx_d, sb_s,
+                    X_ONES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        """Rows x0.. of X^T B K over tokens [s_lo, s_hi) of one frame, stored to `out` (rows of length DK).
+        X is `[S, NX]` (a column slice of K for K^T B K, of V for V^T B K); X_ONES: X is a column of ones
+        (NX = 1), the row sum_s beta_s k_s, summed in exact fp32."""
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < DK
+        offs_r = x0 + tl.arange(0, BLOCK_R)
+        mask_x = offs_r < NX
+        acc_row = tl.zeros([BLOCK_K], dtype=tl.float32)  # X_ONES
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            rows = s0 + tl.arange(0, BLOCK_S)
+            mask_s = rows < s_hi
+            kt = tl.load(k_ptr + rows[:, None] * sk_s + offs_k[None, :] * sk_d,
+                         mask=mask_s[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            bt = tl.load(beta_ptr + rows * sb_s, mask=mask_s, other=0.0).to(tl.float32)
+            if X_ONES:
+                acc_row += tl.sum(kt * bt[:, None], axis=0)
+            else:
+                xt = tl.load(x_ptr + rows[:, None] * sx_s + offs_r[None, :] * sx_d,
+                             mask=mask_s[:, None] & mask_x[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(tl.trans(xt * bt[:, None]), kt, acc, input_precision=PRECISION)
+        if X_ONES:
+            tl.store(out_ptr + offs_k, acc_row, mask=mask_k)
+        else:
+            tl.store(out_ptr + offs_r[:, None] * DK + offs_k[None, :], acc, mask=mask_x[:, None] & mask_k[None, :])
+
+    @triton.jit(do_not_specialize=["H", "T", "S", "R", "SPLIT", "NSPLIT", "NA", "NW", "NR", "sbe_b", "sbe_h",
+                                    "sbe_t"])
+    def _gram_kernel(
+        ka_ptr, v_ptr, kb_ptr, beta_ptr, ws_ptr,
+        H, T, S, DK, DV, R, SPLIT, NSPLIT, NA, NW, NR,
+        ska_b, ska_h, ska_t, ska_s, ska_d, sv_b, sv_h, sv_t, sv_s, sv_d, skb_b, skb_h, skb_t, skb_s, skb_d,
+        sbe_b, sbe_h, sbe_t, sbe_s,
+        HAS_NORM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Phase 1. Grid (B*H*T * NSPLIT * NR,), NR = NA + NW (+ NA + 1 with HAS_NORM) row blocks varying
+        fastest (programs reading the same K tiles run together): per (batch, head, frame) and token split, a
+        block of rows of the frame's matrices, written to the workspace `[B*H, T, NSPLIT, R, DK]`,
+        R = DK + DV (+ DK + 1 with HAS_NORM): rows [0, DK) K^T B K, [DK, DK+DV) V^T B K, then for the normaliser stream
+        [.., +DK) K'^T B K' and one row sum_s beta_s k'_s. NA = cdiv(DK, BLOCK_R), NW = cdiv(DV, BLOCK_R)."""
+        prog = tl.program_id(0)
+        r = prog % NR
+        split = (prog // NR) % NSPLIT
+        pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
+        bh = pid // T
+        f = pid % T
+        b = bh // H
+        h = bh % H
+        s_lo = split * SPLIT
+        s_hi = tl.minimum(s_lo + SPLIT, S)
+        out = ws_ptr + (pid * NSPLIT + split) * R * DK
+        beta = beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t
+        ka = ka_ptr + b * ska_b + h * ska_h + f * ska_t
+        if r < NA:
+            _gram_block(ka, ka, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, ska_s, ska_d, ska_s, ska_d, sbe_s,
+                        False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+        elif r < NA + NW:
+            _gram_block(ka, v_ptr + b * sv_b + h * sv_h + f * sv_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
+                        (r - NA) * BLOCK_R, ska_s, ska_d, sv_s, sv_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R,
+                        PRECISION)
+        elif HAS_NORM:
+            kb = kb_ptr + b * skb_b + h * skb_h + f * skb_t
+            if r < 2 * NA + NW:
+                _gram_block(kb, kb, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
+                            skb_s, skb_d, skb_s, skb_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+            else:
+                _gram_block(kb, kb, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
+                            skb_s, skb_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+
+    @triton.jit
+    def _sum_splits(ptr, offs, mask, NSPLIT, split_stride):
+        """The partial sums of phase 1 over the token splits, in a fixed order (deterministic)."""
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        for p in range(1, NSPLIT):
+            x += tl.load(ptr + p * split_stride + offs, mask=mask, other=0.0)
+        return x
+
+    @triton.jit
+    def _recur_stream(ws_ptr, a_row, w_row, gamma_ptr, s_in_ptr, slots_ptr, s_out_ptr,
+                      T, NSPLIT, R, DK, DV, v0, sg_t, ss_v, ss_k,
+                      HAS_STATE: tl.constexpr, REVERSE: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        """The recurrence of one (batch, head, value block) on the frame matrices: state = gamma (state -
+        state A_f) + W_f. ws_ptr: this (batch, head)'s `[T, NSPLIT, R, DK]` partials, A_f at rows a_row..,
+        W_f at rows w_row + value. slots_ptr `[T + 1, DV, DK]`: slot 0 the initial state, slot i + 1 the state
+        after the i-th frame scanned (frame i; REVERSE: frame T-1-i); s_out the final state `[DV, DK]`.
+        state A_f runs over BLOCK_C-column chunks of the previous state read back from its slot, so no operand
+        is larger than `[BLOCK_C, BLOCK_K]` (a whole `[128, 128]` A_f in registers spills)."""
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < DV
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < DK
+        offs_c = tl.arange(0, BLOCK_C)
+        tile = offs_v[:, None] * DK + offs_k[None, :]
+        mask = mask_v[:, None] & mask_k[None, :]
+        if HAS_STATE:
+            st = tl.load(s_in_ptr + offs_v[:, None] * ss_v + offs_k[None, :] * ss_k, mask=mask,
+                         other=0.0).to(tl.float32)
+        else:
+            st = tl.zeros([BLOCK_V, BLOCK_K], dtype=tl.float32)
+        tl.store(slots_ptr + tile, st, mask=mask)
+        split_stride = R * DK
+        for i in range(T):
+            if REVERSE:
+                f = T - 1 - i
+            else:
+                f = i
+            tl.debug_barrier()  # slot i, stored by every thread of the program, is read back in chunks
+            src = slots_ptr + i * DV * DK
+            mats = ws_ptr + f * NSPLIT * split_stride
+            p = tl.zeros([BLOCK_V, BLOCK_K], dtype=tl.float32)
+            for c0 in range(0, BLOCK_K, BLOCK_C):
+                cols = c0 + offs_c
+                mask_c = cols < DK
+                st_c = tl.load(src + offs_v[:, None] * DK + cols[None, :], mask=mask_v[:, None] & mask_c[None, :],
+                               other=0.0, cache_modifier=".cg")  # from L2: written by this program just now
+                a_c = _sum_splits(mats, (a_row + cols)[:, None] * DK + offs_k[None, :],
+                                  mask_c[:, None] & mask_k[None, :], NSPLIT, split_stride)
+                p = tl.dot(st_c, a_c, p, input_precision=PRECISION)
+            w = _sum_splits(mats, (w_row + offs_v)[:, None] * DK + offs_k[None, :], mask, NSPLIT, split_stride)
+            g = tl.load(gamma_ptr + f * sg_t).to(tl.float32)
+            st = g * (st - p) + w
+            tl.store(src + DV * DK + tile, st, mask=mask)
+        tl.store(s_out_ptr + tile, st, mask=mask)
+
+    @triton.jit(do_not_specialize=["H", "T", "NSPLIT", "R", "NV", "sg_b", "sg_h", "sg_t", "ssa_b", "ssa_h", "ssa_v",
+                                    "ssb_b", "ssb_h"])
+    def _recur_kernel(
+        ws_ptr, gamma_ptr, sa_in_ptr, sb_in_ptr, states_a_ptr, states_b_ptr, sa_out_ptr, sb_out_ptr,
+        H, T, NSPLIT, R, DK, DV, NV,
+        sg_b, sg_h, sg_t, ssa_b, ssa_h, ssa_v, ssa_k, ssb_b, ssb_h, ssb_k,
+        HAS_STATE: tl.constexpr, REVERSE: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Phase 2. Grid (B*H, NV + HAS_NORM): programs 0..NV-1 of a (batch, head) run the recurrence of stream a
+        by value blocks, program NV (when HAS_NORM) that of the normaliser (one value row). The state slots are
+        `[B*H, T + 1, DV, DK]` (`[B*H, T + 1, DK]` for the normaliser)."""
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_v = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        ws = ws_ptr + pid_bh * T * NSPLIT * R * DK
+        gamma = gamma_ptr + b * sg_b + h * sg_h
+        if pid_v < NV:
+            _recur_stream(ws, 0, DK, gamma, sa_in_ptr + b * ssa_b + h * ssa_h,
+                          states_a_ptr + pid_bh * (T + 1) * DV * DK, sa_out_ptr + pid_bh * DV * DK, T, NSPLIT, R, DK,
+                          DV, pid_v * BLOCK_V, sg_t, ssa_v, ssa_k, HAS_STATE, REVERSE, BLOCK_V, BLOCK_K, BLOCK_C,
+                          PRECISION)
+        elif HAS_NORM:
+            _recur_stream(ws, DK + DV, 2 * DK + DV, gamma, sb_in_ptr + b * ssb_b + h * ssb_h,
+                          states_b_ptr + pid_bh * (T + 1) * DK, sb_out_ptr + pid_bh * DK, T, NSPLIT, R, DK, 1, 0,
+                          sg_t, 0, ssb_k, HAS_STATE, REVERSE, 16, BLOCK_K, BLOCK_C, PRECISION)
+
+    @triton.jit(do_not_specialize=["H", "T", "S", "NV", "NS"])
+    def _readout_kernel(
+        qa_ptr, qb_ptr, states_a_ptr, states_b_ptr, outa_ptr, outb_ptr,
+        H, T, S, DK, DV, NV, NS,
+        sqa_b, sqa_h, sqa_t, sqa_s, sqa_d, sqb_b, sqb_h, sqb_t, sqb_s, sqb_d,
+        REVERSE: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Phase 3. Grid (B*H*T * NS * (NV + HAS_NORM),), NS = cdiv(S, BLOCK_S) token tiles, the value blocks
+        varying fastest (programs reading the same q tile run together): out[f, s] = state q_{f,s} for a tile of
+        tokens and a block of values (program NV: the normaliser, q'_{f,s} . z in exact fp32), the state read
+        from phase 2's slots: after frame f's update (slot f + 1), REVERSE before it (slot T - 1 - f)."""
+        prog = tl.program_id(0)
+        if HAS_NORM:
+            nvn = NV + 1
+        else:
+            nvn = NV
+        pid_v = prog % nvn
+        pid_s = (prog // nvn) % NS
+        pid = (prog // nvn // NS).to(tl.int64)  # (batch, head, frame)
+        bh = pid // T
+        f = pid % T
+        b = bh // H
+        h = bh % H
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask_r = rows < S
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < DK
+        if REVERSE:
+            slot = bh * (T + 1) + T - 1 - f
+        else:
+            slot = bh * (T + 1) + f + 1
+        if pid_v < NV:
+            qt = tl.load(qa_ptr + b * sqa_b + h * sqa_h + f * sqa_t + rows[:, None] * sqa_s + offs_k[None, :] * sqa_d,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < DV
+            st = tl.load(states_a_ptr + slot * DV * DK + offs_v[:, None] * DK + offs_k[None, :],
+                         mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            o = tl.dot(qt, tl.trans(st), input_precision=PRECISION)
+            tl.store(outa_ptr + (pid * S + rows[:, None]) * DV + offs_v[None, :], o,
+                     mask=mask_r[:, None] & mask_v[None, :])
+        elif HAS_NORM:
+            qt = tl.load(qb_ptr + b * sqb_b + h * sqb_h + f * sqb_t + rows[:, None] * sqb_s + offs_k[None, :] * sqb_d,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            z = tl.load(states_b_ptr + slot * DK + offs_k, mask=mask_k, other=0.0)
+            tl.store(outb_ptr + pid * S + rows, tl.sum(qt * z[None, :], axis=1), mask=mask_r)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -159,9 +387,11 @@ def _check_runnable(x: torch.Tensor, name: str) -> None:
                               "(or TRITON_INTERPRET=1 to run them on CPU tensors)")
 
 
-def _check_inputs(q, k, v, beta, gamma, state, precision, name):
+def _check_inputs(q, k, v, beta, gamma, state, precision, strategy, name):
     if precision not in PRECISIONS:
         raise TritonScanError(f"{name}: precision {precision!r}; accepted: {PRECISIONS}")
+    if strategy not in STRATEGIES:
+        raise TritonScanError(f"{name}: strategy {strategy!r}; accepted: {STRATEGIES}")
     if q.dim() != 5 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise TritonScanError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need q, k "
                               "[B, H, T, S, Dk] and v [B, H, T, S, Dv]")
@@ -178,11 +408,11 @@ def _check_inputs(q, k, v, beta, gamma, state, precision, name):
 
 
 def _blocks(Dk: int, Dv: int, precision: str, itemsize: int) -> dict:
-    """Tile sizes and warps, the fastest of tests/benchmarks/scan_bench.py --sweep on an H100 at the release
-    shapes (GDN forward + backward, H=20, T=3, S=880, D=112, bf16 inputs): tf32 / tf32x3 0.25 / 0.50 ms with
-    BLOCK_S=128, BLOCK_V=32, 8 warps (0.30 / 0.68 with 64, 32, 4 warps, which fp32 inputs need: their
-    128-row tiles overflow shared memory); the SIMT "ieee" dots spill at that size and want 32, 32, 4 warps
-    (2.5 ms)."""
+    """Tile sizes and warps of the "stream" strategy, the fastest of tests/benchmarks/scan_bench.py --sweep on
+    an H100 at the release shapes (GDN forward + backward, H=20, T=3, S=880, D=112, bf16 inputs): tf32 / tf32x3
+    0.25 / 0.50 ms with BLOCK_S=128, BLOCK_V=32, 8 warps (0.30 / 0.68 with 64, 32, 4 warps, which fp32 inputs
+    need: their 128-row tiles overflow shared memory); the SIMT "ieee" dots spill at that size and want 32, 32,
+    4 warps (2.5 ms)."""
     block_k = max(16, triton.next_power_of_2(Dk))
     block_v = min(32, max(16, triton.next_power_of_2(Dv)))
     if precision == "ieee":
@@ -198,28 +428,41 @@ def _blocks(Dk: int, Dv: int, precision: str, itemsize: int) -> dict:
 _SMALLER: dict = {}  # launch key -> config that fitted after OutOfResources (a GPU with less shared memory)
 
 
-def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, precision: str, config: dict | None):
-    """Scan stream a (and, when qb is given, the normaliser stream b) in one launch. Returns
-    (out_a, state_a, out_b, state_b); the b outputs are None without qb."""
+def _outputs(qa, v, norm: bool):
     B, H, T, S, Dk = qa.shape
     Dv = v.shape[-1]
-    dev = qa.device
+    f32 = dict(device=qa.device, dtype=torch.float32)
+    out_a, st_a = torch.empty(B, H, T, S, Dv, **f32), torch.empty(B, H, Dv, Dk, **f32)
+    out_b, st_b = (torch.empty(B, H, T, S, **f32), torch.empty(B, H, Dk, **f32)) if norm else (None, None)
+    return out_a, st_a, out_b, st_b
+
+
+def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, precision: str, strategy: str,
+            config: dict | None):
+    """Scan stream a (and, when qb is given, the normaliser stream b). Returns (out_a, state_a, out_b, state_b);
+    the b outputs are None without qb."""
+    launch = _launch_parallel if strategy == "parallel" else _launch_stream
+    return launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, precision, config)
+
+
+def _launch_stream(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, precision, config):
+    """The "stream" strategy: both streams in one launch of `_delta_rule_kernel`."""
+    B, H, T, S, Dk = qa.shape
+    Dv = v.shape[-1]
     itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
-    key = (Dk, Dv, precision, itemsize, qb is not None)
+    key = ("stream", Dk, Dv, precision, itemsize, qb is not None)
     cfg = dict(_SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize), **(config or {}))
     nv = triton.cdiv(Dv, cfg["BLOCK_V"])
-    out_a = torch.empty(B, H, T, S, Dv, device=dev, dtype=torch.float32)
-    st_a = torch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
     norm = qb is not None
-    out_b = torch.empty(B, H, T, S, device=dev, dtype=torch.float32) if norm else out_a
-    st_b = torch.empty(B, H, Dk, device=dev, dtype=torch.float32) if norm else st_a
+    out_a, st_a, out_b, st_b = _outputs(qa, v, norm)
+    if B * H == 0:
+        return out_a, st_a, out_b, st_b
+    ob, sbo = (out_b, st_b) if norm else (out_a, st_a)
     qb, kb = (qb, kb) if norm else (qa, ka)
     has_state = state_a is not None
     sa = state_a if has_state else st_a  # never read without HAS_STATE
-    sb = state_b if (has_state and norm) else st_b
-    if B * H == 0:
-        return out_a, st_a, (out_b if norm else None), (st_b if norm else None)
-    args = (qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, out_b, st_a, st_b, H, T, S, Dk, Dv, nv,
+    sb = state_b if (has_state and norm) else sbo
+    args = (qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, ob, st_a, sbo, H, T, S, Dk, Dv, nv,
             *qa.stride(), *ka.stride(), *v.stride(), *qb.stride(), *kb.stride(), *beta.stride(), *gamma.stride(),
             *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)))
     while True:
@@ -232,22 +475,130 @@ def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, pre
                 raise
             cfg = dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2, num_stages=1)
             _SMALLER[key] = cfg
-    return out_a, st_a, (out_b if norm else None), (st_b if norm else None)
+    return out_a, st_a, out_b, st_b
 
 
-# torch custom ops: opaque to dynamo, CUDA-graph friendly (torch.empty + one launch) -------------------------
+PARALLEL_CONFIG = (  # the tunables of the "parallel" strategy (launch_with_config's keywords)
+    "P1_BLOCK_S",  # phase 1 (frame matrices): tokens per loop step
+    "P1_BLOCK_R",  # phase 1: matrix rows per program
+    "P1_SPLIT",  # phase 1: tokens per split (more splits: more programs, more partial sums to write and add)
+    "P1_WARPS",
+    "P2_BLOCK_V",  # phase 2 (recurrence): value rows of the state per program
+    "P2_BLOCK_C",  # phase 2: state columns (rows of A_f) per step of state @ A_f
+    "P2_WARPS",
+    "P3_BLOCK_S",  # phase 3 (readout): tokens per program
+    "P3_BLOCK_V",  # phase 3: values per program
+    "P3_WARPS",
+    "num_stages",
+)
+
+
+def _parallel_blocks(Dk: int, Dv: int, precision: str) -> dict:
+    """Tile sizes and warps of the "parallel" strategy. Not yet timed on a GPU (scan_bench.py --sweep does):
+    chosen as the largest tiles that sm_90 compiles without register spills (ptxas resource usage, Triton 3.6)
+    at Dk = Dv = 112. At the release shapes (H=20, T=3, S=880) phase 1 runs 60 (head, frame) x 7 row blocks
+    (4 without the normaliser) programs over all 880 tokens, phase 2 20 heads x 5 value blocks, phase 3 60 x 14
+    token tiles x 3 value blocks. The dots' fp32 operands are the same whatever the input dtype, so the tiles
+    depend on the padded head dim and the precision only."""
+    block_k = max(16, triton.next_power_of_2(Dk))
+    cfg = dict(P1_SPLIT=1024, P1_WARPS=8, P2_BLOCK_V=32, P2_BLOCK_C=32, P2_WARPS=8, P3_WARPS=8, num_stages=2)
+    if block_k > 128:
+        return dict(cfg, P1_BLOCK_S=32, P1_BLOCK_R=32, P2_BLOCK_V=16, P3_BLOCK_S=32, P3_BLOCK_V=32)
+    if precision == "ieee":  # SIMT dots
+        return dict(cfg, P1_BLOCK_S=32, P1_BLOCK_R=32, P3_BLOCK_S=64, P3_BLOCK_V=32)
+    if precision == "tf32x3":  # three products: more registers
+        return dict(cfg, P1_BLOCK_S=32, P1_BLOCK_R=64, P3_BLOCK_S=64, P3_BLOCK_V=64)
+    return dict(cfg, P1_BLOCK_S=64, P1_BLOCK_R=64, P3_BLOCK_S=64, P3_BLOCK_V=64)
+
+
+def _shrink(cfg: dict) -> dict:
+    """Halve the tiles of every phase (not below 16) and drop pipelining: a config for a GPU with less shared
+    memory. Returns cfg itself when nothing can shrink."""
+    smaller = {n: max(16, cfg[n] // 2) for n in ("P1_BLOCK_S", "P1_BLOCK_R", "P2_BLOCK_V", "P3_BLOCK_S",
+                                                 "P3_BLOCK_V")}
+    return cfg if all(smaller[n] == cfg[n] for n in smaller) else dict(cfg, **smaller, num_stages=1)
+
+
+def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, precision, config):
+    """The "parallel" strategy. The frame matrices A_f = K_f^T B_f K_f and W_f = V_f^T B_f K_f do not depend on
+    the state: phase 1 computes them for every (batch, head, frame, token split, row block) at once, phase 2
+    runs the short recurrence state_f = gamma_f (state_{f-1} - state_{f-1} A_f) + W_f per (batch, head, value
+    block) and writes every frame's state, phase 3 reads out q state^T per (batch, head, frame, token tile,
+    value block). Workspaces (torch.empty): the partial matrices `[B*H, T, splits, R, Dk]` and the per-frame
+    states `[B*H, T + 1, Dv, Dk]` (`[B*H, T + 1, Dk]` for the normaliser)."""
+    B, H, T, S, Dk = qa.shape
+    Dv = v.shape[-1]
+    norm = qb is not None
+    itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
+    key = ("parallel", Dk, Dv, precision, itemsize, norm)
+    cfg = dict(_SMALLER.get(key) or _parallel_blocks(Dk, Dv, precision), **(config or {}))
+    unknown = sorted(set(cfg) - set(PARALLEL_CONFIG))
+    if unknown:
+        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the parallel strategy; "
+                              f"accepted: {PARALLEL_CONFIG}")
+    out_a, st_a, out_b, st_b = _outputs(qa, v, norm)
+    BH = B * H
+    if BH == 0:
+        return out_a, st_a, out_b, st_b
+    dev = qa.device
+    block_k = max(16, triton.next_power_of_2(Dk))
+    R = Dk + Dv + (Dk + 1 if norm else 0)
+    states_a = torch.empty(BH, T + 1, Dv, Dk, device=dev, dtype=torch.float32)
+    states_b = torch.empty(BH, T + 1, Dk, device=dev, dtype=torch.float32) if norm else states_a
+    ob, sbo = (out_b, st_b) if norm else (out_a, st_a)
+    qb, kb = (qb, kb) if norm else (qa, ka)
+    has_state = state_a is not None
+    sa = state_a if has_state else st_a  # never read without HAS_STATE
+    sb = state_b if (has_state and norm) else sbo
+    while True:
+        nsplit = max(1, triton.cdiv(S, cfg["P1_SPLIT"]))
+        ws = torch.empty(BH, T, nsplit, R, Dk, device=dev, dtype=torch.float32)
+        na, nw = triton.cdiv(Dk, cfg["P1_BLOCK_R"]), triton.cdiv(Dv, cfg["P1_BLOCK_R"])
+        nr = na + nw + (na + 1 if norm else 0)
+        nv2, nv3 = triton.cdiv(Dv, cfg["P2_BLOCK_V"]), triton.cdiv(Dv, cfg["P3_BLOCK_V"])
+        ns = triton.cdiv(S, cfg["P3_BLOCK_S"])
+        try:  # OutOfResources is raised at compile time, before that phase runs; a retry redoes every phase
+            if T > 0:
+                _gram_kernel[(BH * T * nsplit * nr,)](
+                    ka, v, kb, beta, ws, H, T, S, Dk, Dv, R, cfg["P1_SPLIT"], nsplit, na, nw, nr,
+                    *ka.stride(), *v.stride(), *kb.stride(), *beta.stride(), HAS_NORM=norm,
+                    BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"], PRECISION=precision,
+                    num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
+            _recur_kernel[(BH, nv2 + int(norm))](
+                ws, gamma, sa, sb, states_a, states_b, st_a, sbo, H, T, nsplit, R, Dk, Dv, nv2, *gamma.stride(),
+                *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)),
+                HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, BLOCK_V=cfg["P2_BLOCK_V"], BLOCK_K=block_k,
+                BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision, num_warps=cfg["P2_WARPS"],
+                num_stages=cfg["num_stages"])
+            if T > 0 and S > 0:
+                _readout_kernel[(BH * T * ns * (nv3 + int(norm)),)](
+                    qa, qb, states_a, states_b, out_a, ob, H, T, S, Dk, Dv, nv3, ns, *qa.stride(), *qb.stride(),
+                    REVERSE=reverse, HAS_NORM=norm, BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k,
+                    BLOCK_V=cfg["P3_BLOCK_V"], PRECISION=precision, num_warps=cfg["P3_WARPS"],
+                    num_stages=cfg["num_stages"])
+            break
+        except triton.runtime.errors.OutOfResources:
+            smaller = _shrink(cfg)
+            if config or smaller is cfg:
+                raise
+            cfg = _SMALLER[key] = smaller
+    return out_a, st_a, out_b, st_b
+
+
+# torch custom ops: opaque to dynamo, CUDA-graph friendly (torch.empty + launches, no sync) ------------------
 
 
 @torch.library.custom_op("sana_wm::delta_rule_scan", mutates_args=())
 def _delta_rule_scan_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor,
-                        state: torch.Tensor | None, reverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        state: torch.Tensor | None, reverse: bool, precision: str,
+                        strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check_runnable(q, "delta_rule_scan_triton")
-    out, st, _, _ = _launch(q, k, v, beta, gamma, state, None, None, None, reverse, precision, None)
+    out, st, _, _ = _launch(q, k, v, beta, gamma, state, None, None, None, reverse, precision, strategy, None)
     return out, st
 
 
 @_delta_rule_scan_op.register_fake
-def _(q, k, v, beta, gamma, state, reverse, precision):
+def _(q, k, v, beta, gamma, state, reverse, precision, strategy):
     B, H, T, S, Dk = q.shape
     Dv = v.shape[-1]
     return q.new_empty(B, H, T, S, Dv, dtype=torch.float32), q.new_empty(B, H, Dv, Dk, dtype=torch.float32)
@@ -256,14 +607,15 @@ def _(q, k, v, beta, gamma, state, reverse, precision):
 @torch.library.custom_op("sana_wm::gdn_scan", mutates_args=())
 def _gdn_scan_op(q_rot: torch.Tensor, k_rot: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  beta: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor | None, z: torch.Tensor | None,
-                 reverse: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 reverse: bool, precision: str,
+                 strategy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_runnable(q, "gdn_forward_triton / gdn_backward_triton")
-    num, sigma, den, z = _launch(q_rot, k_rot, v, beta, gamma, sigma, q, k, z, reverse, precision, None)
+    num, sigma, den, z = _launch(q_rot, k_rot, v, beta, gamma, sigma, q, k, z, reverse, precision, strategy, None)
     return num, den, sigma, z
 
 
 @_gdn_scan_op.register_fake
-def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, reverse, precision):
+def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, reverse, precision, strategy):
     B, H, T, S, Dk = q_rot.shape
     Dv = v.shape[-1]
     f32 = dict(dtype=torch.float32)
@@ -271,22 +623,24 @@ def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, reverse, precision):
             q.new_empty(B, H, Dk, **f32))
 
 
-# public functions: the reference signatures (plus a keyword-only precision) --------------------------------
+# public functions: the reference signatures (plus keyword-only precision and strategy) -------------------
 
 
-def delta_rule_scan_triton(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION):
-    """`kernels.gdn.delta_rule_scan` in one Triton launch. Returns (out `[B, H, T, S, Dv]`, final state), fp32."""
-    _check_inputs(q, k, v, beta, gamma, state, precision, "delta_rule_scan_triton")
+def delta_rule_scan_triton(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION,
+                           strategy=DEFAULT_STRATEGY):
+    """`kernels.gdn.delta_rule_scan` in Triton. Returns (out `[B, H, T, S, Dv]`, final state), fp32."""
+    _check_inputs(q, k, v, beta, gamma, state, precision, strategy, "delta_rule_scan_triton")
     if reverse and state is not None:
         raise ValueError("the backward (exclusive) scan starts from zeros; no state can be passed")
-    return _delta_rule_scan_op(q, k, v, beta, gamma, state, reverse, precision)
+    return _delta_rule_scan_op(q, k, v, beta, gamma, state, reverse, precision, strategy)
 
 
-def gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state=None, *, precision=DEFAULT_PRECISION):
-    """`kernels.gdn.gdn_forward`: numerator and normaliser in one launch. Returns num `[B, H, T, S, D]`,
+def gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state=None, *, precision=DEFAULT_PRECISION,
+                       strategy=DEFAULT_STRATEGY):
+    """`kernels.gdn.gdn_forward`: numerator and normaliser in the same launches. Returns num `[B, H, T, S, D]`,
     den `[B, H, T, S]` (fp32) and the final (Sigma `[B, H, D, D]`, z `[B, H, D]`)."""
     sigma, z = (None, None) if state is None else state
-    _check_inputs(q_rot, k_rot, v, beta, gamma, sigma, precision, "gdn_forward_triton")
+    _check_inputs(q_rot, k_rot, v, beta, gamma, sigma, precision, strategy, "gdn_forward_triton")
     if q.shape != q_rot.shape or k.shape != k_rot.shape:
         raise TritonScanError(f"gdn_forward_triton: q {tuple(q.shape)} / k {tuple(k.shape)} differ from q_rot / k_rot "
                               f"{tuple(q_rot.shape)}")
@@ -294,34 +648,37 @@ def gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state=None, *, precis
         raise TritonScanError(f"gdn_forward_triton: z {tuple(z.shape)}: need {(q.shape[0], q.shape[1], q.shape[-1])}")
     if (sigma is None) != (z is None):
         raise TritonScanError("gdn_forward_triton: state must hold both Sigma and z (or be None)")
-    num, den, sigma, z = _gdn_scan_op(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, False, precision)
+    num, den, sigma, z = _gdn_scan_op(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, False, precision, strategy)
     return num, den, (sigma, z)
 
 
-def gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, *, precision=DEFAULT_PRECISION):
+def gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, *, precision=DEFAULT_PRECISION,
+                        strategy=DEFAULT_STRATEGY):
     """`kernels.gdn.gdn_backward`: exclusive, zero-initialised. Returns num `[B, H, T, S, D]`, den `[B, H, T, S]`."""
-    _check_inputs(q_rot, k_rot, v, beta, gamma, None, precision, "gdn_backward_triton")
+    _check_inputs(q_rot, k_rot, v, beta, gamma, None, precision, strategy, "gdn_backward_triton")
     if q.shape != q_rot.shape or k.shape != k_rot.shape:
         raise TritonScanError(f"gdn_backward_triton: q {tuple(q.shape)} / k {tuple(k.shape)} differ from q_rot / "
                               f"k_rot {tuple(q_rot.shape)}")
-    num, den, _, _ = _gdn_scan_op(q_rot, k_rot, q, k, v, beta, gamma, None, None, True, precision)
+    num, den, _, _ = _gdn_scan_op(q_rot, k_rot, q, k, v, beta, gamma, None, None, True, precision, strategy)
     return num, den
 
 
-def camera_scan_forward_triton(q, k, v, beta, gamma, state=None, *, precision=DEFAULT_PRECISION):
+def camera_scan_forward_triton(q, k, v, beta, gamma, state=None, *, precision=DEFAULT_PRECISION,
+                               strategy=DEFAULT_STRATEGY):
     """`kernels.camera_scan.camera_scan_forward`. Returns (out `[B, H, T, S, D]`, state `[B, H, D, D]`)."""
-    return delta_rule_scan_triton(q, k, v, beta, gamma, state, precision=precision)
+    return delta_rule_scan_triton(q, k, v, beta, gamma, state, precision=precision, strategy=strategy)
 
 
-def camera_scan_backward_triton(q, k, v, beta, gamma, *, precision=DEFAULT_PRECISION):
+def camera_scan_backward_triton(q, k, v, beta, gamma, *, precision=DEFAULT_PRECISION, strategy=DEFAULT_STRATEGY):
     """`kernels.camera_scan.camera_scan_backward`. Returns out `[B, H, T, S, D]`."""
-    return delta_rule_scan_triton(q, k, v, beta, gamma, reverse=True, precision=precision)[0]
+    return delta_rule_scan_triton(q, k, v, beta, gamma, reverse=True, precision=precision, strategy=strategy)[0]
 
 
-def launch_with_config(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION, qn=None,
-                       kn=None, z=None, **config):
-    """The raw launch with explicit tile sizes / warps (for tests/benchmarks/scan_bench.py --sweep); qn, kn
-    add the normaliser stream. Returns (out, state, den, z)."""
-    _check_inputs(q, k, v, beta, gamma, state, precision, "launch_with_config")
+def launch_with_config(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION,
+                       strategy=DEFAULT_STRATEGY, qn=None, kn=None, z=None, **config):
+    """The raw launch with explicit tile sizes / warps (for tests/benchmarks/scan_bench.py --sweep): for
+    "stream" the keywords of `_blocks`, for "parallel" those of PARALLEL_CONFIG (others raise); qn, kn add the
+    normaliser stream. Returns (out, state, den, z)."""
+    _check_inputs(q, k, v, beta, gamma, state, precision, strategy, "launch_with_config")
     _check_runnable(q, "launch_with_config")
-    return _launch(q, k, v, beta, gamma, state, qn, kn, z, reverse, precision, config)
+    return _launch(q, k, v, beta, gamma, state, qn, kn, z, reverse, precision, strategy, config)

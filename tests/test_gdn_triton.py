@@ -6,11 +6,13 @@ GPU tests compare every function at odd shapes (S not a multiple of the tile, T 
 S-long dot products in another order), "tf32" rounds the product inputs to 10-bit mantissas (unit roundoff
 4.9e-4; tolerance 5e-3 of the max, the project's TF32 scan path is judged at 1e-2 end to end). Both sides
 upcast the same inputs, so bf16 inputs need no looser tolerance. Fresh buffers are poisoned with NaN so an
-element the kernel fails to write shows up. Run with `-s` to see the measured errors.
+element the kernel fails to write shows up. Every comparison runs for both strategies ("stream": one launch
+walking the frames; "parallel": frame matrices, recurrence, readout in three launches), and the strategies are
+compared with each other. Run with `-s` to see the measured errors.
 
 The CPU tests check that the module imports without Triton and that the Triton path refuses CPU tensors
-with a clear error; with TRITON_INTERPRET=1 (and Triton installed) the kernels run on CPU tensors in
-Triton's interpreter at small shapes.
+with a clear error; with TRITON_INTERPRET=1 (and Triton installed) the kernels of both strategies run on CPU
+tensors in Triton's interpreter at small shapes, with torch.empty poisoned with NaN.
 """
 
 import os
@@ -99,83 +101,139 @@ CASES = [pytest.param(*SHAPES[shape], dtype, prec, id=f"{shape}-{str(dtype)[6:]}
     ("S65-D48", F32, "tf32x3"),
 )]
 PRECISIONS = [pytest.param(p, id=p) for p in gt.PRECISIONS]
+STRATEGIES = [pytest.param(s, id=s) for s in gt.STRATEGIES]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("B,H,T,S,D,dtype,precision", CASES)
-def test_gdn_matches_reference(B, H, T, S, D, dtype, precision, poison_cuda):
+def test_gdn_matches_reference(B, H, T, S, D, dtype, precision, strategy, poison_cuda):
     q_rot, k_rot, q, k, v, beta, gamma = make_inputs(B, H, T, S, D, dtype, "cuda", layout="heads")
     sigma, z = make_state(B, H, D, "cuda")
+    kw = dict(precision=precision, strategy=strategy)
     for state in (None, (sigma, z)):
-        num, den, (s1, z1) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state, precision=precision)
+        num, den, (s1, z1) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state, **kw)
         rn, rd, (rs, rz) = gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
-        check(f"gdn_forward state={state is not None}", (num, den, s1, z1), (rn, rd, rs, rz), precision)
-    num, den = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, precision=precision)
+        check(f"{strategy} gdn_forward state={state is not None}", (num, den, s1, z1), (rn, rd, rs, rz), precision)
+    num, den = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
     rn, rd = gdn_backward(q_rot, k_rot, q, k, v, beta, gamma)
     if T == 1:  # exclusive backward over one frame: nothing after it
         assert num.abs().max() == 0 and den.abs().max() == 0
     else:
-        check("gdn_backward", (num, den), (rn, rd), precision)
+        check(f"{strategy} gdn_backward", (num, den), (rn, rd), precision)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("B,H,T,S,D,dtype,precision", CASES)
-def test_camera_scans_match_reference(B, H, T, S, D, dtype, precision, poison_cuda):
+def test_camera_scans_match_reference(B, H, T, S, D, dtype, precision, strategy, poison_cuda):
     q, k, _, _, v, beta, gamma = make_inputs(B, H, T, S, D, dtype, "cuda", layout="strided")
     sigma, _ = make_state(B, H, D, "cuda")
+    kw = dict(precision=precision, strategy=strategy)
     for state in (None, sigma):
-        out, st = gt.camera_scan_forward_triton(q, k, v, beta, gamma, state, precision=precision)
+        out, st = gt.camera_scan_forward_triton(q, k, v, beta, gamma, state, **kw)
         ro, rs = camera_scan_forward(q, k, v, beta, gamma, state)
-        check(f"camera_forward state={state is not None}", (out, st), (ro, rs), precision)
-    out = gt.camera_scan_backward_triton(q, k, v, beta, gamma, precision=precision)
+        check(f"{strategy} camera_forward state={state is not None}", (out, st), (ro, rs), precision)
+    out = gt.camera_scan_backward_triton(q, k, v, beta, gamma, **kw)
     ref = camera_scan_backward(q, k, v, beta, gamma)
     if T == 1:
         assert out.abs().max() == 0
     else:
-        check("camera_backward", (out,), (ref,), precision)
+        check(f"{strategy} camera_backward", (out,), (ref,), precision)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("Dv", [1, 16, 40, 112])
-def test_delta_rule_scan_other_value_dims(Dv, precision, poison_cuda):
+def test_delta_rule_scan_other_value_dims(Dv, precision, strategy, poison_cuda):
     """Dv != Dk and Dv not a multiple of the value block; both directions; reverse ends in the same state."""
     q, k, v, _, _, beta, gamma = make_inputs(2, 3, 3, 57, 112, torch.bfloat16, "cuda", layout="strided")
     v = v[..., :Dv]
     state = torch.randn(2, 3, Dv, 112, device="cuda") * 0.1
     for reverse in (False, True):
         st_in = None if reverse else state
-        out = gt.delta_rule_scan_triton(q, k, v, beta, gamma, st_in, reverse=reverse, precision=precision)
+        out = gt.delta_rule_scan_triton(q, k, v, beta, gamma, st_in, reverse=reverse, precision=precision,
+                                        strategy=strategy)
         ref = delta_rule_scan(q, k, v, beta, gamma, st_in, reverse=reverse)
-        check(f"delta_rule_scan Dv={Dv} reverse={reverse}", out, ref, precision)
+        check(f"{strategy} delta_rule_scan Dv={Dv} reverse={reverse}", out, ref, precision)
+
+
+def check_parallel_configs(B, H, T, S, D, dtype, device, precision, **config):
+    """gdn forward (with state) and backward through launch_with_config(strategy="parallel", **config)."""
+    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(B, H, T, S, D, dtype, device, layout="heads")
+    sigma, z = make_state(B, H, D, device)
+    cfg = dict(gt._parallel_blocks(D, D, precision), **config)
+    kw = dict(precision=precision, strategy="parallel", qn=q, kn=k, **cfg)
+    name = f"parallel B={B} H={H} T={T} S={S} D={D} {config}"
+    num, sig, den, zz = gt.launch_with_config(q_rot, k_rot, v, beta, gamma, sigma, z=z, **kw)
+    rn, rd, (rs, rz) = gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z))
+    check(f"{name} forward", (num, den, sig, zz), (rn, rd, rs, rz), precision)
+    num, _, den, _ = gt.launch_with_config(q_rot, k_rot, v, beta, gamma, reverse=True, **kw)
+    check(f"{name} backward", (num, den), gdn_backward(q_rot, k_rot, q, k, v, beta, gamma), precision)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", [pytest.param(p, id=p) for p in ("tf32", "tf32x3")])
+def test_parallel_token_splits_and_wide_heads(precision, poison_cuda):
+    """The parallel strategy with phase-1 token splits (partial sums added in phase 2; the default config has
+    one split at these shapes) and with a head dim over 128 (padded to 256: smaller tiles, 8 column chunks of
+    state @ A_f in phase 2)."""
+    check_parallel_configs(2, 3, 3, 300, 112, torch.bfloat16, "cuda", precision, P1_SPLIT=64)
+    check_parallel_configs(1, 3, 2, 97, 160, torch.bfloat16, "cuda", precision, P1_SPLIT=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_strategies_agree(precision, poison_cuda):
+    """Release shapes, bf16 inputs: the two strategies give the same scans to within the reference tolerance
+    (they associate the products differently; with TF32 rounding emulated in torch each is ~3e-4 off the fp32
+    reference at these shapes, so their difference stays well inside 5e-3)."""
+    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(1, 20, 3, 880, 112, torch.bfloat16, "cuda", layout="heads")
+    sigma, z = make_state(1, 20, 112, "cuda")
+
+    def block(strategy):
+        kw = dict(precision=precision, strategy=strategy)
+        num, den, (s, zz) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z), **kw)
+        nb, db = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+        cf, cs = gt.camera_scan_forward_triton(q_rot, k_rot, v, beta, gamma, sigma, **kw)
+        return num, den, s, zz, nb, db, cf, cs
+
+    errs = [max_rel(a, b) for a, b in zip(block("parallel"), block("stream"), strict=True)]
+    print(f"parallel vs stream [{precision}]: max rel diff " + " ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < TOL[precision], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("split", [1, 2, 3])
-def test_forward_state_carries_across_calls(split):
+def test_forward_state_carries_across_calls(split, strategy):
     """Streaming: scanning frames [0, split) then [split, T) from the returned state == one call over T."""
     q_rot, k_rot, q, k, v, beta, gamma = make_inputs(1, 3, 4, 100, 112, torch.bfloat16, "cuda")
     a = lambda s: tuple(t[:, :, s] for t in (q_rot, k_rot, q, k, v, beta, gamma))
-    num, den, (sig, z) = gt.gdn_forward_triton(*a(slice(None)), precision="ieee")
-    n1, d1, state = gt.gdn_forward_triton(*a(slice(0, split)), precision="ieee")
-    n2, d2, (sig2, z2) = gt.gdn_forward_triton(*a(slice(split, None)), state=state, precision="ieee")
-    check(f"gdn_forward split at {split}", (torch.cat([n1, n2], 2), torch.cat([d1, d2], 2), sig2, z2),
+    kw = dict(precision="ieee", strategy=strategy)
+    num, den, (sig, z) = gt.gdn_forward_triton(*a(slice(None)), **kw)
+    n1, d1, state = gt.gdn_forward_triton(*a(slice(0, split)), **kw)
+    n2, d2, (sig2, z2) = gt.gdn_forward_triton(*a(slice(split, None)), state=state, **kw)
+    check(f"{strategy} gdn_forward split at {split}", (torch.cat([n1, n2], 2), torch.cat([d1, d2], 2), sig2, z2),
           (num, den, sig, z), "ieee")
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_graph_capture_and_replay(strategy):
     """The wrappers allocate with torch.empty and never sync: capture one block's four scans, replay on new
     inputs copied into the static buffers, compare with eager calls."""
     args = make_inputs(1, 20, 3, 880, 112, torch.bfloat16, "cuda", layout="heads")
     sigma, z = make_state(1, 20, 112, "cuda")
     static = [t.clone() for t in args] + [sigma.clone(), z.clone()]
+    kw = dict(strategy=strategy)
 
     def block(q_rot, k_rot, q, k, v, beta, gamma, sigma, z):
-        num, den, (s, zz) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z))
-        nb, db = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma)
-        cf, cs = gt.camera_scan_forward_triton(q_rot, k_rot, v, beta, gamma, sigma)
-        cb = gt.camera_scan_backward_triton(q_rot, k_rot, v, beta, gamma)
+        num, den, (s, zz) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z), **kw)
+        nb, db = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+        cf, cs = gt.camera_scan_forward_triton(q_rot, k_rot, v, beta, gamma, sigma, **kw)
+        cb = gt.camera_scan_backward_triton(q_rot, k_rot, v, beta, gamma, **kw)
         return num, den, s, zz, nb, db, cf, cs, cb
 
     stream = torch.cuda.Stream()
@@ -196,14 +254,16 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.gpu
-def test_torch_compile_sees_an_opaque_op():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torch_compile_sees_an_opaque_op(strategy):
     """fullgraph=True fails on any graph break: dynamo must treat the scans as custom ops, not trace Triton."""
     args = make_inputs(1, 3, 3, 64, 112, torch.bfloat16, "cuda")
+    kw = dict(precision="ieee", strategy=strategy)
 
     def f(q_rot, k_rot, q, k, v, beta, gamma):
-        num, den, _ = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, precision="ieee")
-        nb, db = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, precision="ieee")
-        cam = gt.camera_scan_forward_triton(q_rot, k_rot, v, beta, gamma, precision="ieee")[0]
+        num, den, _ = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+        nb, db = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+        cam = gt.camera_scan_forward_triton(q_rot, k_rot, v, beta, gamma, **kw)[0]
         return (num + nb) / (den + db + 1e-6)[..., None] + cam
 
     torch._dynamo.reset()
@@ -252,24 +312,101 @@ def interpreter_usable() -> bool:
     return old(np.__version__) < (2, 4) or old(gt.triton.__version__) > (3, 6)
 
 
-@pytest.mark.skipif(not interpreter_usable(),
-                    reason="needs Triton and TRITON_INTERPRET=1 (Triton's CPU interpreter), with numpy < 2.4 "
-                           "for Triton <= 3.6")
+interpreter = pytest.mark.skipif(not interpreter_usable(), reason="needs Triton and TRITON_INTERPRET=1 (Triton's "
+                                 "CPU interpreter), with numpy < 2.4 for Triton <= 3.6")
+
+
+@pytest.fixture
+def poison_cpu(monkeypatch):
+    """NaN-fill every floating-point torch.empty while the test runs (the kernels' outputs and workspaces), so
+    an element the kernels fail to write, or a workspace row read before it is written, shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@interpreter
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("T,S,D", [(3, 37, 16), (2, 20, 20)])
-def test_interpreter_matches_reference(T, S, D, layout):
-    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(2, 2, T, S, D, torch.float32, "cpu", layout=layout)
-    sigma, z = make_state(2, 2, D, "cpu")
-    out = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z), precision="ieee")
-    ref = gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z))
-    check("interpreter gdn_forward", (*out[:2], *out[2]), (*ref[:2], *ref[2]), "ieee")
-    check("interpreter gdn_backward", gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, precision="ieee"),
-          gdn_backward(q_rot, k_rot, q, k, v, beta, gamma), "ieee")
-    check("interpreter camera_forward", gt.camera_scan_forward_triton(q, k, v, beta, gamma, sigma, precision="ieee"),
+@pytest.mark.parametrize("T,S,D", [(3, 37, 16), (2, 20, 20), (1, 19, 112), (4, 33, 112)])
+def test_interpreter_matches_reference(T, S, D, layout, strategy, poison_cpu):
+    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout)
+    sigma, z = make_state(2, 3, D, "cpu")
+    kw = dict(precision="ieee", strategy=strategy)
+    for state in (None, (sigma, z)):
+        out = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, state, **kw)
+        ref = gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
+        check(f"interpreter {strategy} gdn_forward state={state is not None}", (*out[:2], *out[2]),
+              (*ref[:2], *ref[2]), "ieee")
+    out = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+    check(f"interpreter {strategy} gdn_backward", out, gdn_backward(q_rot, k_rot, q, k, v, beta, gamma), "ieee")
+    if T == 1:  # exclusive over one frame: nothing after it
+        assert out[0].abs().max() == 0 and out[1].abs().max() == 0
+    check(f"interpreter {strategy} camera_forward", gt.camera_scan_forward_triton(q, k, v, beta, gamma, sigma, **kw),
           camera_scan_forward(q, k, v, beta, gamma, sigma), "ieee")
-    check("interpreter camera_backward",
-          (gt.camera_scan_backward_triton(q, k, v, beta, gamma, precision="ieee"),),
+    check(f"interpreter {strategy} camera_backward", (gt.camera_scan_backward_triton(q, k, v, beta, gamma, **kw),),
           (camera_scan_backward(q, k, v, beta, gamma),), "ieee")
+
+
+@interpreter
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_interpreter_other_value_dims(strategy, poison_cpu):
+    """Dv != Dk (one value, a partial value block); both directions, the final state of each."""
+    q, k, v, _, _, beta, gamma = make_inputs(2, 3, 3, 23, 20, torch.float32, "cpu", layout="strided")
+    for Dv in (1, 40):
+        vv = torch.randn(2, 3, 3, 23, Dv)
+        state = torch.randn(2, 3, Dv, 20) * 0.1
+        for reverse in (False, True):
+            st_in = None if reverse else state
+            out = gt.delta_rule_scan_triton(q, k, vv, beta, gamma, st_in, reverse=reverse, precision="ieee",
+                                            strategy=strategy)
+            check(f"interpreter {strategy} delta_rule_scan Dv={Dv} reverse={reverse}", out,
+                  delta_rule_scan(q, k, vv, beta, gamma, st_in, reverse=reverse), "ieee")
+
+
+@interpreter
+def test_interpreter_parallel_token_splits_and_wide_heads(poison_cpu):
+    """Phase-1 token splits (the last one partial) summed in phase 2; a head dim over 128 (padded to 256)."""
+    check_parallel_configs(2, 3, 3, 37, 16, torch.float32, "cpu", "ieee", P1_SPLIT=16, P1_BLOCK_S=16)
+    check_parallel_configs(1, 2, 2, 21, 136, torch.float32, "cpu", "ieee", P1_SPLIT=16)
+
+
+@interpreter
+def test_interpreter_parallel_shrinks_tiles_after_out_of_resources(monkeypatch):
+    """A default config the GPU cannot hold (OutOfResources at compile time; faked here for phase-3 tiles over
+    16 tokens) is halved until it fits and remembered; an explicit config is not changed but fails."""
+    real = gt._readout_kernel
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BLOCK_S"] > 16:
+                    raise gt.triton.runtime.errors.OutOfResources(kw["BLOCK_S"] << 12, 16 << 12, "shared memory")
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(gt, "_readout_kernel", TooBig())
+    monkeypatch.setattr(gt, "_SMALLER", {})
+    args = make_inputs(1, 2, 2, 37, 16)
+    out = gt.gdn_backward_triton(*args, precision="ieee", strategy="parallel")
+    check("interpreter gdn_backward after fallback", out, gdn_backward(*args), "ieee")
+    (cfg,) = gt._SMALLER.values()
+    assert cfg["P3_BLOCK_S"] == 16 and cfg["num_stages"] == 1, cfg
+    q_rot, k_rot, _, _, v, beta, gamma = args
+    with pytest.raises(gt.triton.runtime.errors.OutOfResources):
+        gt.launch_with_config(q_rot, k_rot, v, beta, gamma, precision="ieee", strategy="parallel", P3_BLOCK_S=32)
+
+
+@interpreter
+def test_interpreter_parallel_refuses_unknown_settings():
+    q_rot, k_rot, _, _, v, beta, gamma = make_inputs(1, 2, 2, 5, 16)
+    with pytest.raises(gt.TritonScanError, match="BLOCK_S.*not settings of the parallel strategy"):
+        gt.launch_with_config(q_rot, k_rot, v, beta, gamma, strategy="parallel", BLOCK_S=64)
 
 
 def test_imports_without_triton_and_says_so():
@@ -312,6 +449,10 @@ def test_bad_inputs_are_refused():
         gt.delta_rule_scan_triton(q, k, v, beta, gamma, torch.zeros(1, 2, 16, 16), reverse=True)
     with pytest.raises(gt.TritonScanError, match="precision"):
         gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, precision="fp16")
+    with pytest.raises(gt.TritonScanError, match="strategy 'chunked'; accepted: .*stream.*parallel"):
+        gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, strategy="chunked")
+    with pytest.raises(gt.TritonScanError, match="strategy 'chunked'"):
+        gt.camera_scan_backward_triton(q, k, v, beta, gamma, strategy="chunked")
 
 
 def test_triton_scan_ops_binds_precision():

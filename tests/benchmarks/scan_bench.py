@@ -2,12 +2,15 @@
 
 At the release shapes (B=1, H=20, T=3 frames of S=880 tokens, D=112; bf16 inputs laid out as the model's
 `[B, H, T, S, D]` views of `[B, N, H*D]`) it times, per scan function, the plain reference with TF32 off, the
-same with TF32 on (the `stage1-tf32-scans` path) and kernels/gdn_triton.py in each precision, both eagerly and
-replayed from a CUDA graph (as the `stage1-graph` fast path runs them), and the max relative error of each
-against the strict fp32 reference. Prints a table; writes JSON with `--out`. `--sweep` also times tile configs
-of the Triton kernel.
+same with TF32 on (the `stage1-tf32-scans` path) and kernels/gdn_triton.py in each precision and each
+`--strategy` ("stream": one launch walking the frames; "parallel": frame matrices, recurrence, readout in three
+launches), both eagerly and replayed from a CUDA graph (as the `stage1-graph` fast path runs them), and the max
+relative error of each against the strict fp32 reference. Prints a table; writes JSON with `--out`. `--sweep`
+also times tile configs of the Triton kernels (for "parallel" one phase's settings at a time, the others at
+their defaults).
 
-    PYTHONPATH=. python3 tests/benchmarks/scan_bench.py --out scan_bench.json [--sweep [tf32 ...]]
+    PYTHONPATH=. python3 tests/benchmarks/scan_bench.py --strategy stream parallel --out scan_bench.json \
+        [--sweep [tf32 ...]]
 """
 
 from __future__ import annotations
@@ -109,21 +112,23 @@ def run(args) -> dict:
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     x = release_inputs(args.batch, args.heads, args.frames, args.tokens, args.head_dim, dtype, device)
-    impls = {"torch-fp32": None, "torch-tf32": None, **{f"triton-{p}": p for p in gdn_triton.PRECISIONS}}
+    impls = {"torch-fp32": None, "torch-tf32": None,
+             **{f"triton-{st}-{p}": (st, p) for st in args.strategy for p in gdn_triton.PRECISIONS}}
     rows = []
     totals = {name: {"eager_ms": 0.0, "graph_ms": 0.0} for name in impls}
     for fn_name, (ref_fn, tri_fn, fargs) in scan_calls(x).items():
         with tf32(False):
             ref = ref_fn(*fargs)
-        for impl, prec in impls.items():
-            if prec is None:
+        for impl, triton_impl in impls.items():
+            if triton_impl is None:
                 on = impl == "torch-tf32"
 
                 def call(ref_fn=ref_fn, fargs=fargs, on=on):
                     with tf32(on):
                         return ref_fn(*fargs)
             else:
-                call = functools.partial(tri_fn, *fargs, precision=prec)
+                strategy, prec = triton_impl
+                call = functools.partial(tri_fn, *fargs, precision=prec, strategy=strategy)
             err = max_rel(call(), ref)
             eager, graphed = time_eager(call, args.iters), time_graph(call, args.iters)
             totals[impl]["eager_ms"] += eager
@@ -137,48 +142,76 @@ def run(args) -> dict:
                   triton=getattr(gdn_triton.triton, "__version__", None), rows=rows)
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  shape {result['shape']}  "
           f"inputs {args.dtype}")
-    print(f"{'function':22s} {'impl':14s} {'eager ms':>9s} {'graph ms':>9s} {'max rel err':>12s}")
+    print(f"{'function':22s} {'impl':24s} {'eager ms':>9s} {'graph ms':>9s} {'max rel err':>12s}")
     for r in rows:
-        print(f"{r['fn']:22s} {r['impl']:14s} {r['eager_ms']:9.3f} {r['graph_ms']:9.3f} {r['max_rel_err']:12.2e}")
+        print(f"{r['fn']:22s} {r['impl']:24s} {r['eager_ms']:9.3f} {r['graph_ms']:9.3f} {r['max_rel_err']:12.2e}")
     if args.sweep is not None:
         args.sweep = args.sweep or list(gdn_triton.PRECISIONS)
         result["sweep"] = sweep(x, args)
     return result
 
 
-SWEEP_GRID = {  # BLOCK_S, BLOCK_V, num_warps, num_stages
+SWEEP_GRID = {  # "stream": BLOCK_S, BLOCK_V, num_warps, num_stages
     "tf32": ((32, 64, 128), (16, 32, 64), (4, 8), (2,)),
     "tf32x3": ((32, 64, 128), (16, 32, 64), (4, 8), (2,)),
     "ieee": ((16, 32), (16, 32), (4, 8), (2,)),
 }
+PARALLEL_SWEEP = {  # "parallel": per phase, the settings tried together (the other phases at their defaults)
+    "phase 1": dict(P1_BLOCK_S=(32, 64), P1_BLOCK_R=(32, 64), P1_SPLIT=(256, 512, 1024), P1_WARPS=(4, 8)),
+    "phase 2": dict(P2_BLOCK_V=(16, 32, 64), P2_BLOCK_C=(16, 32), P2_WARPS=(4, 8)),
+    "phase 3": dict(P3_BLOCK_S=(32, 64, 128), P3_BLOCK_V=(32, 64, 128), P3_WARPS=(4, 8)),
+}
+
+
+def sweep_configs(strategy: str, prec: str, D: int):
+    """(label, launch_with_config keywords) per config to time."""
+    if strategy == "stream":
+        for bs, bv, warps, stages in itertools.product(*SWEEP_GRID[prec]):
+            yield "stream", dict(BLOCK_S=bs, BLOCK_V=bv, BLOCK_S_NORM=bs, num_warps=warps, num_stages=stages)
+        return
+    base = gdn_triton._parallel_blocks(D, D, prec)
+    for phase, grid in PARALLEL_SWEEP.items():
+        for values in itertools.product(*grid.values()):
+            yield phase, dict(base, **dict(zip(grid, values, strict=True)))
+
+
+def shown(label: str, cfg: dict) -> dict:
+    """The settings a sweep line varies (a parallel phase's), or every setting (stream)."""
+    keys = PARALLEL_SWEEP[label] if label in PARALLEL_SWEEP else SWEEP_KEYS
+    return {k: cfg[k] for k in keys}
+
+
+SWEEP_KEYS = ("BLOCK_S", "BLOCK_V", "num_warps", "num_stages")
 
 
 def sweep(x, args) -> list[dict]:
     """Graph-replayed time of the GDN forward (with state) and backward launches (numerator + normaliser) per
-    tile config."""
+    tile config, for each strategy."""
     fa = (x["q_rot"], x["k_rot"], x["v"], x["beta"], x["gamma"])
     out = []
-    for prec in args.sweep:
-        for bs, bv, warps, stages in itertools.product(*SWEEP_GRID[prec]):
-            cfg = dict(BLOCK_S=bs, BLOCK_V=bv, BLOCK_S_NORM=bs, num_warps=warps, num_stages=stages)
-            row = dict(precision=prec, **cfg)
-            for direction, reverse in (("forward", False), ("backward", True)):
-                call = functools.partial(gdn_triton.launch_with_config, *fa, None if reverse else x["sigma"],
-                                         reverse=reverse, precision=prec, qn=x["q"], kn=x["k"],
-                                         z=None if reverse else x["z"], **cfg)
-                try:
-                    row[f"{direction}_ms"] = time_graph(call, args.iters)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
-                    print(f"sweep {prec} {cfg} {direction}: failed ({type(e).__name__})")
-                    row[f"{direction}_ms"] = float("inf")
-            row["ms"] = row["forward_ms"] + row["backward_ms"]
-            print(f"sweep {prec:7s} fwd {row['forward_ms']:.4f} bwd {row['backward_ms']:.4f} ms  BLOCK_S={bs} "
-                  f"BLOCK_V={bv} warps={warps} stages={stages}")
-            out.append(row)
-    for prec in args.sweep:
-        for r in sorted((r for r in out if r["precision"] == prec), key=lambda r: r["ms"])[:3]:
-            print(f"best {prec:7s} fwd+bwd {r['ms']:.4f} ms  BLOCK_S={r['BLOCK_S']} BLOCK_V={r['BLOCK_V']} "
-                  f"warps={r['num_warps']} stages={r['num_stages']}")
+    for strategy in args.strategy:
+        for prec in args.sweep:
+            for label, cfg in sweep_configs(strategy, prec, args.head_dim):
+                row = dict(strategy=strategy, precision=prec, varied=label, **cfg)
+                for direction, reverse in (("forward", False), ("backward", True)):
+                    call = functools.partial(gdn_triton.launch_with_config, *fa, None if reverse else x["sigma"],
+                                             reverse=reverse, precision=prec, strategy=strategy, qn=x["q"],
+                                             kn=x["k"], z=None if reverse else x["z"], **cfg)
+                    try:
+                        row[f"{direction}_ms"] = time_graph(call, args.iters)
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+                        print(f"sweep {strategy} {prec} {cfg} {direction}: failed ({type(e).__name__})")
+                        row[f"{direction}_ms"] = float("inf")
+                row["ms"] = row["forward_ms"] + row["backward_ms"]
+                print(f"sweep {strategy:8s} {prec:7s} fwd {row['forward_ms']:.4f} bwd {row['backward_ms']:.4f} ms  "
+                      f"{label}: {shown(label, cfg)}")
+                out.append(row)
+    for strategy in args.strategy:
+        for prec in args.sweep:
+            for label in dict.fromkeys(r["varied"] for r in out if r["strategy"] == strategy):
+                mine = [r for r in out if (r["strategy"], r["precision"], r["varied"]) == (strategy, prec, label)]
+                for r in sorted(mine, key=lambda r: r["ms"])[:3]:
+                    print(f"best {strategy:8s} {prec:7s} {label}: fwd+bwd {r['ms']:.4f} ms  {shown(label, r)}")
     return out
 
 
@@ -191,8 +224,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-dim", type=int, default=112)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--strategy", nargs="+", default=list(gdn_triton.STRATEGIES), choices=gdn_triton.STRATEGIES,
+                    help="the Triton strategies to time side by side (default: all)")
     ap.add_argument("--sweep", nargs="*", default=None, choices=gdn_triton.PRECISIONS,
-                    help="also time tile configs of the Triton kernel in these precisions")
+                    help="also time tile configs of the Triton kernels in these precisions")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
