@@ -36,15 +36,19 @@ def tf32_scan_ops(base: ScanOps | None = None) -> ScanOps:
                    camera_forward=with_tf32(b.camera_forward), camera_backward=with_tf32(b.camera_backward))
 
 
-def triton_scan_ops(precision: str | None = None) -> ScanOps:
-    """`ScanOps` running kernels/gdn_triton.py; precision "ieee", "tf32x3" or "tf32" (None = the module's
-    default, see gdn_triton.DEFAULT_PRECISION). Needs Triton and CUDA tensors at call time."""
+def triton_scan_ops(precision: str | None = None, strategy: str | None = None) -> ScanOps:
+    """`ScanOps` running kernels/gdn_triton.py; precision "ieee", "tf32x3" or "tf32", strategy "stream" or
+    "parallel" (None = the module's defaults when this is called, gdn_triton.DEFAULT_PRECISION / DEFAULT_STRATEGY).
+    Needs Triton and CUDA tensors at call time."""
     from kernels import gdn_triton as gt
 
     precision = precision or gt.DEFAULT_PRECISION
+    strategy = strategy or gt.DEFAULT_STRATEGY
     if precision not in gt.PRECISIONS:
         raise ValueError(f"precision {precision!r}; accepted: {gt.PRECISIONS}")
-    bind = lambda fn: functools.partial(fn, precision=precision)
+    if strategy not in gt.STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}; accepted: {gt.STRATEGIES}")
+    bind = lambda fn: functools.partial(fn, precision=precision, strategy=strategy)
     return ScanOps(gdn_forward=bind(gt.gdn_forward_triton), gdn_backward=bind(gt.gdn_backward_triton),
                    camera_forward=bind(gt.camera_scan_forward_triton),
                    camera_backward=bind(gt.camera_scan_backward_triton))
