@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from engine.bench import build_bench_world, first_image, scripted_controls
-from engine.fast import stage1_graph
+from engine.fast import refiner_graph, stage1_graph
 from engine.fast.stage1_compile import compiled_block_fn
 from engine.rollout import Rollout
 from engine.world import WorldPipeline
@@ -57,6 +57,11 @@ class CpuRunner(stage1_graph.Stage1GraphRunner):
         pass
 
 
+class CpuRefinerGraphs(refiner_graph.GraphedRefinerModel):
+    def _require_cuda(self) -> None:
+        pass
+
+
 def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch):
     captures = []
     fake_cuda(monkeypatch, captures)
@@ -73,3 +78,24 @@ def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch):
     assert runner.replays > 0
     # no capture compiled anything (a recompile inside one would also have raised: fail_on_recompile)
     assert captures and all(a == b for a, b in zip(captures[::2], captures[1::2], strict=True))
+
+
+def test_each_steady_pass_runs_eagerly_once_then_replays(monkeypatch):
+    """Without compiled blocks: per graph kind, the first steady pass runs eagerly, the next one is captured and
+    replayed, every later one replayed. (Session 3 found one pass too many run eagerly: the first copy of the
+    prompt's K/V cleared the record of the first sight that had just run, so the next pass ran eagerly again.)"""
+    fake_cuda(monkeypatch, [])
+    monkeypatch.setattr(stage1_graph, "Stage1GraphRunner", CpuRunner)
+    chunks = 7
+    world = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=2)
+    pipe = WorldPipeline(world)
+    pipe.stream = stage1_graph.GraphedStage1Stream.from_stream(pipe.stream)
+    pipe.refiner.model = CpuRefinerGraphs(pipe.refiner.model)
+    pipe.start(first_image(world.preset, 0), "a street", "full")
+    ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality="full")
+    list(ro.chunks(chunks))
+    # stage-1 steady from chunk 2: its first read pass eager, 3 reads replayed, the write eager (first sight);
+    # chunks 3..: all 5 passes replayed
+    assert pipe.stream.runner.replays == 3 + 5 * (chunks - 3) and len(pipe.stream.runner.graphs) == 2
+    # refiner history full from chunk 4: first step eager, 2 steps + the capture pass replayed; then all 4
+    assert pipe.refiner.model.replays == 3 + 4 * (chunks - 5) and len(pipe.refiner.model.graphs) == 1

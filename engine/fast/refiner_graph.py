@@ -27,8 +27,7 @@ class GraphedRefinerModel:
     def __init__(self, model: RefinerTransformer) -> None:
         self.model = model
         self.device = model.proj_in.weight.device
-        if self.device.type != "cuda":
-            raise RuntimeError("GraphedRefinerModel needs a CUDA device")
+        self._require_cuda()
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_stream = torch.cuda.Stream(self.device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -42,6 +41,10 @@ class GraphedRefinerModel:
 
     def __getattr__(self, name: str):  # cfg, proj_in, num_layers, video_rope, prepare_text, ...
         return getattr(self.__dict__["model"], name)
+
+    def _require_cuda(self) -> None:
+        if self.device.type != "cuda":
+            raise RuntimeError("GraphedRefinerModel needs a CUDA device")
 
     # -- static state ----------------------------------------------------------------------------------------------
     def _sync_text(self, text: RefinerText) -> None:
@@ -104,12 +107,12 @@ class GraphedRefinerModel:
         key = (tuple(latents.shape), kv.history_len, kv.active_len, id(kv))
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+        self._sync_text(text)  # first: a new prompt buffer clears `seen`, which must not forget this first sight
         first_sight = key not in self.seen
         if first_sight:
             self.seen.add(key)
             if self.parts is None:
                 return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
-        self._sync_text(text)
         b, c, n, h, w = latents.shape
         rope_key = (tuple(frame_positions.tolist()), b, h, w, fps)
         if rope_key != self._rope_key or tuple(latents.shape) not in self.statics:  # once per block

@@ -174,13 +174,15 @@ class Stage1GraphRunner:
                  camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool) -> torch.Tensor:
         B, _, T, h, w = hidden_states.shape
         key = (tuple(hidden_states.shape), write_cache, self._window_fill())
-        first_sight = self.steady() and key not in self.seen
+        steady = self.steady()
+        if steady:  # first: a new prompt buffer clears `seen`, which must not forget this call's first sight
+            self._sync_text(text)
+        first_sight = steady and key not in self.seen
         if first_sight:
             self.seen.add(key)
-        if not self.steady() or (first_sight and self.block_fn is None):  # start-up, or first sight: plain eager
+        if not steady or (first_sight and self.block_fn is None):  # start-up, or first sight: plain eager
             return self.model.forward_cached(hidden_states, timestep, text, camera_conditions, chunk_plucker,
                                              self.cache, write_cache=write_cache, mode=self.mode)
-        self._sync_text(text)
         ctx = self._context(camera_conditions, T, h, w)
         st = self._statics_for(hidden_states, chunk_plucker, ctx)
         if ctx is not None:
