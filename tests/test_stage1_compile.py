@@ -80,27 +80,3 @@ def test_compiled_forms_of_rope_and_ucpe_equal_the_eager_ones(dtype, tol, monkey
                for inv in (False, True)] + [torch.compile(apply_4x4, dynamic=False)(m, groups)]
     for a, b in zip(got, want, strict=True):
         assert rel(a, b) <= tol
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_compiled_form_of_the_ffn_depthwise_conv_equals_the_conv(dtype, tol, monkeypatch):
-    """Under torch.compile the FFN's depthwise 3x3 conv + gate is nine shifted products (one fused pass); eagerly
-    the conv module. Same values, on channels-last views as the FFN makes them, with and without bias."""
-    from engine.stage1.model import depthwise_glu
-
-    def eager_only(*args, **kwargs):
-        raise AssertionError("the eager conv was traced")
-
-    g = torch.Generator().manual_seed(1)
-    for bias in (True, False):
-        conv = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=bias).to(dtype)
-        with torch.no_grad():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        u = torch.randn(3, 5, 7, 12, generator=g).to(dtype).permute(0, 3, 1, 2)  # [B*T, 2*Hd, h, w] view
-        want = depthwise_glu(u, conv)
-        torch._dynamo.reset()
-        with monkeypatch.context() as patch:
-            patch.setattr(torch.nn.functional, "conv2d", eager_only)
-            got = torch.compile(depthwise_glu, dynamic=False)(u, conv)
-        assert got.shape == (3, 6, 5, 7)
-        assert rel(got, want) <= tol
