@@ -243,6 +243,9 @@ class WorldPipeline:
         # fast path `cache-overlap` (CUDA): the stage-1 cache-write pass runs on this stream beside the refiner and
         # the decode of the same chunk; None: in line, before them (the plain path)
         self.cache_stream: torch.cuda.Stream | None = None
+        # with it, the chunk's own work runs on a high-priority stream, so the pass beside it only takes what the
+        # refiner and the decode leave idle
+        self.main_stream: torch.cuda.Stream | None = None
         # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
         self.staging = world.snapshot_staging()
         if world.fast:
@@ -298,6 +301,17 @@ class WorldPipeline:
 
     @torch.no_grad()
     def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
+        main = self.main_stream if self.cache_stream is not None else None
+        if main is None:
+            return self._run_chunk(inputs, quality)
+        outer = torch.cuda.current_stream(self.world.device)
+        main.wait_stream(outer)
+        with torch.cuda.stream(main):
+            out = self._run_chunk(inputs, quality)  # hands back host tensors only, after syncing main
+        outer.wait_stream(main)
+        return out
+
+    def _run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
         if self.anchor is None:
             raise RuntimeError("WorldPipeline.start() must come before chunks")
         if quality != self.quality:

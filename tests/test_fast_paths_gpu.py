@@ -111,6 +111,7 @@ def test_cache_overlap_equals_in_line(graphs, quality):
         restore_plain_pad(world.vae)
         restore_plain_frames()
     assert "cache-overlap" in applied and pipe.cache_stream is not None
+    assert pipe.main_stream.priority < pipe.cache_stream.priority  # the chunk's own work goes first
     if graphs:  # the same passes replayed from the same graphs
         print(f"stage-1 replays: overlapped {pipe.stream.runner.replays}, in line {pipe_in_line.stream.runner.replays}")
         assert pipe.stream.runner.replays == pipe_in_line.stream.runner.replays > 0
