@@ -58,25 +58,20 @@ def test_compiled_blocks_equal_plain_and_share_graphs():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_compiled_forms_of_rope_and_ucpe_equal_the_eager_ones(dtype, tol, monkeypatch):
-    """Under torch.compile, RoPE is real arithmetic and the UCPE 4x4 products elementwise (inductor fuses them);
-    eagerly they are a complex multiply and an einsum. Same values."""
-    from engine.stage1.geometry import apply_4x4, apply_rope, rope_table
+def test_compiled_form_of_ucpe_equals_the_eager_one(dtype, tol, monkeypatch):
+    """Under torch.compile the UCPE 4x4 products are elementwise (inductor fuses them); eagerly an einsum. Same
+    values. (RoPE keeps its complex form under compile: a real form compiled to wrong values on the H100.)"""
+    from engine.stage1.geometry import apply_4x4
 
     def eager_only(*args, **kwargs):
         raise AssertionError("the eager form was traced")
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, 50, 112, generator=g).to(dtype)
-    table = rope_table(torch.randn(50, 56, generator=g) * 3)
     m = torch.randn(2, 50, 4, 4, generator=g).to(dtype)
     groups = torch.randn(2, 3, 50, 14, 4, generator=g).to(dtype)
-    want = [apply_rope(x, table, inverse=inv) for inv in (False, True)] + [apply_4x4(m, groups)]
+    want = apply_4x4(m, groups)
     torch._dynamo.reset()
-    with monkeypatch.context() as patch:  # tracing must not reach the eager forms
-        patch.setattr(torch, "view_as_complex", eager_only)
+    with monkeypatch.context() as patch:  # tracing must not reach the eager form
         patch.setattr(torch, "einsum", eager_only)
-        got = [torch.compile(lambda x, t, inv=inv: apply_rope(x, t, inverse=inv), dynamic=False)(x, table)
-               for inv in (False, True)] + [torch.compile(apply_4x4, dynamic=False)(m, groups)]
-    for a, b in zip(got, want, strict=True):
-        assert rel(a, b) <= tol
+        got = torch.compile(apply_4x4, dynamic=False)(m, groups)
+    assert rel(got, want) <= tol
