@@ -2,10 +2,11 @@
 # What to run on the lent GPU, one part per device call (each fits the 600 s per-call limit). Writes logs and JSON
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
-#   bash tests/benchmarks/gpu_check.sh tests     # every @pytest.mark.gpu test, file by file, with time limits
+#   bash tests/benchmarks/gpu_check.sh tests     # the engine's @pytest.mark.gpu tests, file by file, with time limits
+#   bash tests/benchmarks/gpu_check.sh kernels   # the kernel test files: vae-fast, fp8, every Triton scan comparison
 #   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
 #   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
-#   bash tests/benchmarks/gpu_check.sh vae       # the vae-fast candidates: GPU tests and tests/benchmarks/vae_probe.py
+#   bash tests/benchmarks/gpu_check.sh probes    # tests/benchmarks/vae_probe.py and scan_bench.py (both strategies)
 #
 # The device image lacks pyzmq and PyAV: carry wheels in .whl/ (see the library's device README) for `latency`
 # (pyzmq) and for the session tests in `tests` (av); they are installed into /tmp/site when present.
@@ -28,11 +29,15 @@ t() {  # t <seconds> <name> <pytest args...>
 }
 case "${1:-}" in
   tests)
-    t 150 fast_paths tests/test_fast_paths_gpu.py
-    t 120 gdn_triton tests/test_gdn_triton.py -k "release or fall_back or graph or opaque or scan_ops"
-    t 90 fp8 tests/test_refiner_fp8.py
+    t 200 fast_paths tests/test_fast_paths_gpu.py
+    t 110 gdn_triton tests/test_gdn_triton.py -k "agree or graph or opaque or scan_ops or fall_back"
     t 60 snapshot tests/test_snapshot_staging.py
-    t 90 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py
+    t 150 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py tests/test_bench.py
+    ;;
+  kernels)
+    t 280 vae_fast tests/test_vae_fast.py
+    t 90 fp8 tests/test_refiner_fp8.py
+    t 200 gdn_all tests/test_gdn_triton.py
     ;;
   bench)
     timeout 320 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 8 --warmup 3 \
@@ -50,13 +55,15 @@ case "${1:-}" in
       summary+=("latency $q rc=$?"); tail -10 "$OUT/latency_$q.log"
     done
     ;;
-  vae)
-    t 240 vae_fast tests/test_vae_fast.py
+  probes)
     timeout 300 python3 tests/benchmarks/vae_probe.py --preset release --device cuda --iters 10 --fp32-ref \
       --out "$OUT/vae_probe.json" > "$OUT/vae_probe.log" 2>&1
-    summary+=("vae probe rc=$?"); tail -25 "$OUT/vae_probe.log"
+    summary+=("vae probe rc=$?"); tail -14 "$OUT/vae_probe.log"
+    timeout 150 python3 tests/benchmarks/scan_bench.py --strategy stream parallel --iters 30 --out "$OUT/scan.json" \
+      > "$OUT/scan.log" 2>&1
+    summary+=("scan bench rc=$?"); tail -10 "$OUT/scan.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|bench|latency|vae" >&2; exit 2 ;;
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|bench|latency|probes" >&2; exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
