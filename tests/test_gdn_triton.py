@@ -464,6 +464,9 @@ def test_triton_scan_ops_binds_precision():
     for fn, base in ((ops.gdn_forward, gt.gdn_forward_triton), (ops.gdn_backward, gt.gdn_backward_triton),
                      (ops.camera_forward, gt.camera_scan_forward_triton),
                      (ops.camera_backward, gt.camera_scan_backward_triton)):
-        assert fn.func is base and fn.keywords == {"precision": "tf32"}
+        assert fn.func is base and fn.keywords == {"precision": "tf32", "strategy": gt.DEFAULT_STRATEGY}
+    assert triton_scan_ops(strategy="parallel").gdn_forward.keywords["strategy"] == "parallel"
     with pytest.raises(ValueError, match="precision"):
         triton_scan_ops(precision="fp16")
+    with pytest.raises(ValueError, match="strategy 'chunked'"):
+        triton_scan_ops(strategy="chunked")
