@@ -176,6 +176,31 @@ def test_triton_frames_bit_equal(dtype, shape):
 
 
 @pytest.mark.gpu
+def test_pinned_frames_are_capped():
+    """At most MAX_PINNED_CHUNKS chunks of frames sit in page-locked memory; past the cap frames take the pageable
+    copy (same values), and the count falls as the frames (or arrays made from them) are dropped."""
+    import gc
+
+    from engine.fast import frames as fr
+
+    gc.collect()
+    base = fr.pinned_chunks_alive()
+    x = tie_pixels((3, 4, 16, 24), torch.bfloat16, "cuda", seed=3)
+    want = pixels_to_frames(x[None])
+    held = [pixels_to_frames_fast(x[None]) for _ in range(fr.MAX_PINNED_CHUNKS - base + 1)]
+    assert fr.pinned_chunks_alive() == fr.MAX_PINNED_CHUNKS
+    assert all(h.is_pinned() for h in held[:-1]) and not held[-1].is_pinned()
+    assert all(torch.equal(h, want) for h in held)
+    arrays = [h.numpy() for h in held]
+    del held
+    gc.collect()
+    assert fr.pinned_chunks_alive() == fr.MAX_PINNED_CHUNKS  # the arrays keep their blocks
+    del arrays
+    gc.collect()
+    assert fr.pinned_chunks_alive() == base
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 3, 2, 2, 2), (2, 5, 3, 7, 11), (1, 128, 26, 176, 320)])
 def test_triton_reflect_pad_equals_f_pad(dtype, shape):
@@ -209,6 +234,34 @@ def test_vae_pad_decoder_equals_plain():
     restore_plain_pad(world.vae)
     for a, b in zip(got, want, strict=True):
         assert rel(a, b) <= 1e-6
+
+
+def test_pinned_frames_count_lives_as_long_as_any_array_of_them():
+    """The cap's bookkeeping (CPU: plain host tensors stand in for pinned ones): a chunk counts while the tensor,
+    an array made from it, or a view of that array lives; the count is refused past MAX_PINNED_CHUNKS."""
+    import gc
+
+    from engine.fast import frames as fr
+
+    gc.collect()
+    base = fr.pinned_chunks_alive()
+    assert fr._take()
+    t = fr._counted(torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4))
+    assert fr.pinned_chunks_alive() == base + 1 and t[1, 2].tolist() == [20, 21, 22, 23]
+    view = t.numpy()[1:]
+    del t
+    gc.collect()
+    assert fr.pinned_chunks_alive() == base + 1 and view[0, 0].tolist() == [12, 13, 14, 15]
+    del view
+    gc.collect()
+    assert fr.pinned_chunks_alive() == base
+    taken = 0
+    while fr._take():
+        taken += 1
+    assert base + taken == fr.MAX_PINNED_CHUNKS
+    for _ in range(taken):
+        fr._release()
+    assert fr.pinned_chunks_alive() == base
 
 
 def test_fast_path_names_checked_before_anything_changes():
