@@ -306,10 +306,12 @@ class WorldPipeline:
             return self._run_chunk(inputs, quality)
         outer = torch.cuda.current_stream(self.world.device)
         main.wait_stream(outer)
-        with torch.cuda.stream(main):
-            out = self._run_chunk(inputs, quality)  # hands back host tensors only, after syncing main
-        outer.wait_stream(main)
-        return out
+        try:
+            with torch.cuda.stream(main):
+                return self._run_chunk(inputs, quality)  # hands back host tensors only, after syncing main
+        finally:  # also when the chunk failed: whatever comes next on the outer stream runs after it
+            outer.wait_stream(main)
+            outer.wait_stream(self.cache_stream)
 
     def _run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
         if self.anchor is None:
@@ -321,28 +323,39 @@ class WorldPipeline:
         t0 = self._sync()
         clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
         side = self.cache_stream
+        timings = {}
         if side is None:
             self.stream.write_cache(clean, cc, cp)
             t1 = self._sync()
+            timings["stage1"] = t1 - t0
         else:
-            t1 = self._sync_stream()
+            timings["stage1"] = self._sync_stream() - t0
             side.wait_stream(torch.cuda.current_stream(self.world.device))
             marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t_enqueue = time.perf_counter()
             with torch.cuda.stream(side):
                 marks[0].record()
                 self.stream.write_cache(clean, cc, cp)  # clean, cc, cp stay referenced until side.synchronize()
                 marks[1].record()
-        refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
-        t2 = self._sync_stream()
-        pixels = self.decoder.decode_block(refined if refined is not None else clean)
-        frames = pixels_to_frames(pixels)
-        t3 = time.perf_counter()
-        timings = {"stage1": t1 - t0, "decode": t3 - t2}
+            t1 = time.perf_counter()
+            timings["cache_enqueue"] = t1 - t_enqueue  # host time launching the pass (a capture, the first time)
+        try:
+            refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
+            t2 = self._sync_stream()
+            pixels = self.decoder.decode_block(refined if refined is not None else clean)
+            frames = pixels_to_frames(pixels)
+            t3 = time.perf_counter()
+        finally:
+            if side is not None:
+                # the chunk is done when its cache pass is: the next chunk's stage-1 reads what it wrote
+                torch.cuda.current_stream(self.world.device).wait_stream(side)
+                side.synchronize()
+        timings["decode"] = t3 - t2
         if side is not None:
-            # the chunk is done when its cache pass is: the next chunk's stage-1 reads what it wrote
-            torch.cuda.current_stream(self.world.device).wait_stream(side)
-            side.synchronize()
-            cache_s = marks[0].elapsed_time(marks[1]) / 1e3  # GPU time of the pass, stretched by what ran beside it
+            # with the overlap, stages run side by side and do not add up to the chunk's wall time: stage1 is the
+            # denoising wall time plus the pass's GPU time (stretched by what ran beside it), refiner and decode
+            # their wall times after the pass was launched
+            cache_s = marks[0].elapsed_time(marks[1]) / 1e3
             timings["stage1_cache"] = cache_s
             timings["stage1"] += cache_s
             timings["cache_wait"] = time.perf_counter() - t3
