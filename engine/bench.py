@@ -274,7 +274,8 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
 def in_line_cost(ro: Rollout, pipe: WorldPipeline, dev: torch.device, chunks: int) -> dict:
     """The same session's next `chunks` chunks with `cache-overlap` switched off (the stage-1 cache pass in line,
     before the refiner and the decode): the stage-1 chunk cost undisturbed by the work beside it, and the chunk
-    time the overlap is compared with. Same compiled code and graphs; medians over these chunks."""
+    time the overlap is compared with. Same compiled code and graphs, on the default stream (the high-priority
+    stream is only used beside an overlapped pass); medians over these chunks (few: read them as a spot check)."""
     side, pipe.cache_stream = pipe.cache_stream, None
     per_chunk = []
     try:

@@ -205,6 +205,22 @@ def test_strategies_agree(precision, poison_cuda):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_parallel_long_recurrence(precision, poison_cuda):
+    """The parallel strategy's recurrence phase writes each frame's state to a slot and reads it back after a
+    barrier; many frames at a full head dim give a race many chances to show (the other cases have T <= 4)."""
+    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(1, 4, 16, 97, 112, torch.bfloat16, "cuda", layout="heads")
+    sigma, z = make_state(1, 4, 112, "cuda")
+    kw = dict(precision=precision, strategy="parallel")
+    num, den, (s1, z1) = gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z), **kw)
+    rn, rd, (rs, rz) = gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, (sigma, z))
+    check("parallel gdn_forward T=16", (num, den, s1, z1), (rn, rd, rs, rz), precision)
+    num, den = gt.gdn_backward_triton(q_rot, k_rot, q, k, v, beta, gamma, **kw)
+    rn, rd = gdn_backward(q_rot, k_rot, q, k, v, beta, gamma)
+    check("parallel gdn_backward T=16", (num, den), (rn, rd), precision)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_forward_state_carries_across_calls(split, strategy):

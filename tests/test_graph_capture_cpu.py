@@ -19,8 +19,8 @@ from engine.fast.stage1_compile import compiled_block_fn
 from engine.rollout import Rollout
 from engine.world import WorldPipeline
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
-                                reason="inductor's CPU backend needs a C++ compiler")
+needs_cc = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                              reason="inductor's CPU backend needs a C++ compiler")
 
 
 class FakeGraph:
@@ -62,6 +62,7 @@ class CpuRefinerGraphs(refiner_graph.GraphedRefinerModel):
         pass
 
 
+@needs_cc
 def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch):
     captures = []
     fake_cuda(monkeypatch, captures)

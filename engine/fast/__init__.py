@@ -21,8 +21,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   kernels/frames.py);
 - `cache-overlap`: the stage-1 cache-write pass of a chunk on a second (low-priority) CUDA stream, beside that
   chunk's refiner and decode on a high-priority one (`WorldPipeline.cache_stream`, `main_stream`); the chunk still
-  ends when the pass has (the next chunk reads it). Opt-in: on the H100 it gained ~3 ms per preview chunk and
-  lost ~40 ms per full chunk without priorities (the pass slowed the refiner more than it saved).
+  ends when the pass has (the next chunk reads it). Opt-in: on the H100, before the priorities, it gained ~3 ms
+  per preview chunk and lost ~40 ms per full chunk (the pass slowed the refiner more than it saved); the variant
+  with priorities is not measured yet.
 
 `all` names the ones in `ALL`.
 """
