@@ -3,7 +3,8 @@
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
 #   bash tests/benchmarks/gpu_check.sh tests     # the engine's @pytest.mark.gpu tests, file by file, with time limits
-#   bash tests/benchmarks/gpu_check.sh kernels   # the kernel test files: vae-fast, fp8, every Triton scan comparison
+#   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast and fp8 kernel test files
+#   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
 #   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
 #   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
 #   bash tests/benchmarks/gpu_check.sh probes    # tests/benchmarks/vae_probe.py and scan_bench.py (both strategies)
@@ -35,9 +36,12 @@ case "${1:-}" in
     t 150 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py tests/test_bench.py
     ;;
   kernels)
-    t 280 vae_fast tests/test_vae_fast.py
-    t 90 fp8 tests/test_refiner_fp8.py
-    t 200 gdn_all tests/test_gdn_triton.py
+    t 300 vae_fast tests/test_vae_fast.py
+    t 120 fp8 tests/test_refiner_fp8.py
+    ;;
+  scans)
+    t 240 gdn_stream tests/test_gdn_triton.py -k "not parallel and not agree and not long_recurrence"
+    t 300 gdn_parallel tests/test_gdn_triton.py -k "parallel or agree or long_recurrence"
     ;;
   bench)
     timeout 320 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 8 --warmup 3 \
@@ -64,6 +68,6 @@ case "${1:-}" in
     summary+=("scan bench rc=$?"); tail -10 "$OUT/scan.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|bench|latency|probes" >&2; exit 2 ;;
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|scans|bench|latency|probes" >&2; exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
