@@ -453,7 +453,12 @@ def _launch_stream(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, pr
     Dv = v.shape[-1]
     itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
     key = ("stream", Dk, Dv, precision, itemsize, qb is not None)
-    cfg = dict(_SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize), **(config or {}))
+    base = _SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize)
+    unknown = sorted(set(config or {}) - set(base))
+    if unknown:
+        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the stream strategy; "
+                              f"accepted: {tuple(base)}")
+    cfg = dict(base, **(config or {}))
     nv = triton.cdiv(Dv, cfg["BLOCK_V"])
     norm = qb is not None
     out_a, st_a, out_b, st_b = _outputs(qa, v, norm)

@@ -419,10 +419,12 @@ def test_interpreter_parallel_shrinks_tiles_after_out_of_resources(monkeypatch):
 
 
 @interpreter
-def test_interpreter_parallel_refuses_unknown_settings():
+def test_interpreter_launch_with_config_refuses_unknown_settings():
     q_rot, k_rot, _, _, v, beta, gamma = make_inputs(1, 2, 2, 5, 16)
     with pytest.raises(gt.TritonScanError, match="BLOCK_S.*not settings of the parallel strategy"):
         gt.launch_with_config(q_rot, k_rot, v, beta, gamma, strategy="parallel", BLOCK_S=64)
+    with pytest.raises(gt.TritonScanError, match="P1_SPLIT.*not settings of the stream strategy"):
+        gt.launch_with_config(q_rot, k_rot, v, beta, gamma, strategy="stream", P1_SPLIT=48)
 
 
 def test_imports_without_triton_and_says_so():
