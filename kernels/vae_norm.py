@@ -15,6 +15,8 @@ when Triton is importable, else the reference (same math in fp32). Knows nothing
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +69,17 @@ def rms_silu_pad_reference(x: torch.Tensor, out: torch.Tensor, *, h: torch.Tenso
 if triton is not None:
 
     @triton.jit
+    def _input(x_ptr, h_ptr, bias_ptr, xo, ho_, c, m, cmask, sxc, shc, HAS_H: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+        """v = x (+ h) (+ bias) in fp32 for positions x channels `c` (offsets xo / ho_ per position)."""
+        v = tl.load(x_ptr + xo + c * sxc, mask=m, other=0.0).to(tl.float32)
+        if HAS_H:
+            v += tl.load(h_ptr + ho_ + c * shc, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + c, mask=cmask[None, :], other=0.0).to(tl.float32)
+        return v
+
+    @triton.jit
     def _rms_silu_pad_kernel(
         x_ptr, h_ptr, bias_ptr, res_ptr, out_ptr,
         P, C, T, H, W, Ho, Wo,
@@ -110,11 +123,7 @@ if triton is not None:
             cmask = c0 < C
             m = pmask[:, None] & cmask[None, :]
             c = c0[None, :]
-            v = tl.load(x_ptr + xo + c * sxc, mask=m, other=0.0).to(tl.float32)
-            if HAS_H:
-                v += tl.load(h_ptr + ho_ + c * shc, mask=m, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                v += tl.load(bias_ptr + c, mask=cmask[None, :], other=0.0).to(tl.float32)
+            v = _input(x_ptr, h_ptr, bias_ptr, xo, ho_, c, m, cmask, sxc, shc, HAS_H, HAS_BIAS)
             if HAS_RES:
                 tl.store(res_ptr + ro + c * src, v.to(res_ptr.dtype.element_ty), mask=inner[:, None] & cmask[None, :])
             if NORM:
@@ -129,11 +138,7 @@ if triton is not None:
                     cmask = (c0 + c_start) < C
                     m = pmask[:, None] & cmask[None, :]
                     c = (c0 + c_start)[None, :]
-                    v = tl.load(x_ptr + xo + c * sxc, mask=m, other=0.0).to(tl.float32)
-                    if HAS_H:
-                        v += tl.load(h_ptr + ho_ + c * shc, mask=m, other=0.0).to(tl.float32)
-                    if HAS_BIAS:
-                        v += tl.load(bias_ptr + c, mask=cmask[None, :], other=0.0).to(tl.float32)
+                    v = _input(x_ptr, h_ptr, bias_ptr, xo, ho_, c, m, cmask, sxc, shc, HAS_H, HAS_BIAS)
                     if HAS_RES:
                         tl.store(res_ptr + ro + c * src, v.to(res_ptr.dtype.element_ty),
                                  mask=inner[:, None] & cmask[None, :])
@@ -143,11 +148,7 @@ if triton is not None:
                 cmask = (c0 + c_start) < C
                 m = pmask[:, None] & cmask[None, :]
                 c = (c0 + c_start)[None, :]
-                v = tl.load(x_ptr + xo + c * sxc, mask=m, other=0.0).to(tl.float32)
-                if HAS_H:
-                    v += tl.load(h_ptr + ho_ + c * shc, mask=m, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    v += tl.load(bias_ptr + c, mask=cmask[None, :], other=0.0).to(tl.float32)
+                v = _input(x_ptr, h_ptr, bias_ptr, xo, ho_, c, m, cmask, sxc, shc, HAS_H, HAS_BIAS)
                 if NORM:
                     v = v / rms[:, None]
                     v = v / (1.0 + tl.exp(-v))
@@ -158,11 +159,17 @@ SINGLE_MAX_C = 256  # up to this many channels a position's channels stay in reg
 TILE = 4096  # elements per program (BLOCK_P x BLOCK_C)
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def rms_silu_pad_triton(x: torch.Tensor, out: torch.Tensor, *, h: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                         norm: bool = True, pad: bool = True, eps: float = EPS) -> torch.Tensor:
-    if triton is None or not x.is_cuda:
-        raise RuntimeError("rms_silu_pad_triton needs Triton and a CUDA tensor")
+    if triton is None or not (x.is_cuda or interpreting()):
+        raise RuntimeError("rms_silu_pad_triton needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 for CPU "
+                           "tensors)")
     _check(x, out, h, bias, residual, pad)
     B, C, T, H, W = x.shape
     Ho, Wo = out.shape[3:]

@@ -233,14 +233,42 @@ def test_bf16_error_ratio_cpu():
 @pytest.mark.parametrize("norm,pad,with_h", [(True, True, True), (True, True, False), (True, False, False),
                                              (False, True, True), (False, True, False)])
 def test_triton_equals_reference(shape, layout, dtype, norm, pad, with_h):
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    triton_equals_reference(shape, layout, dtype, norm, pad, with_h, "cuda")
+
+
+def interpreter_usable() -> bool:
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1 at import) and usable (Triton 3.6's fails on
+    runtime-bounded loops with numpy >= 2.4)."""
+    from kernels import vae_norm
+
+    if vae_norm.triton is None or not vae_norm.interpreting():
+        return False
+    import numpy as np
+
+    version = lambda v: tuple(int(p) for p in v.split(".")[:2])
+    return version(np.__version__) < (2, 4) or version(vae_norm.triton.__version__) > (3, 6)
+
+
+@pytest.mark.skipif(not interpreter_usable(), reason="needs Triton and TRITON_INTERPRET=1 (Triton's CPU "
+                    "interpreter), with numpy < 2.4 for Triton <= 3.6")
+@pytest.mark.parametrize("layout", ["contiguous", "cl"])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 7, 11), (1, 300, 1, 5, 9)])  # channels in registers / in chunks
+@pytest.mark.parametrize("norm,pad,with_h", [(True, True, True), (True, False, False), (False, True, True)])
+def test_interpreter_triton_equals_reference(shape, layout, norm, pad, with_h):
+    """The Triton kernel in Triton's CPU interpreter (its semantics, not its GPU behaviour) against the
+    reference, fp32."""
+    triton_equals_reference(shape, layout, torch.float32, norm, pad, with_h, "cpu")
+
+
+def triton_equals_reference(shape, layout, dtype, norm, pad, with_h, device):
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(shape, device=device, generator=g).to(dtype)
     x = x.contiguous(memory_format=CL) if layout == "cl" else x
-    h = torch.randn(shape, device="cuda", generator=g).to(dtype) if with_h else None
-    bias = torch.randn(shape[1], device="cuda", generator=g).to(dtype) if with_h else None
+    h = torch.randn(shape, device=device, generator=g).to(dtype) if with_h else None
+    bias = torch.randn(shape[1], device=device, generator=g).to(dtype) if with_h else None
     out_shape = (*shape[:3], shape[3] + 2, shape[4] + 2) if pad else shape
-    big_t, out_t = poisoned_view(out_shape, layout, dtype, "cuda")
-    big_r, out_r = poisoned_view(out_shape, layout, dtype, "cuda")
+    big_t, out_t = poisoned_view(out_shape, layout, dtype, device)
+    big_r, out_r = poisoned_view(out_shape, layout, dtype, device)
     res_t = torch.full_like(x, float("nan")) if with_h else None
     res_r = torch.full_like(x, float("nan")) if with_h else None
     rms_silu_pad_triton(x, out_t, h=h, bias=bias, residual=res_t, norm=norm, pad=pad)
