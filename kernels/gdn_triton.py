@@ -170,6 +170,12 @@ if triton is not None:
     # strides of q, k, v and DK / DV still are, for vectorised loads. ----------------------------------------
 
     @triton.jit
+    def _batch_head_frame(pid, T, H):
+        """(batch*head, frame, batch, head) of a flat (batch, head, frame) program index."""
+        bh = pid // T
+        return bh, pid % T, bh // H, bh % H
+
+    @triton.jit
     def _gram_block(k_ptr, x_ptr, beta_ptr, out_ptr, s_lo, s_hi, DK, NX, x0, sk_s, sk_d, sx_s, sx_d, sb_s,
                     X_ONES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -218,10 +224,7 @@ if triton is not None:
         r = prog % NR
         split = (prog // NR) % NSPLIT
         pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
-        bh = pid // T
-        f = pid % T
-        b = bh // H
-        h = bh % H
+        bh, f, b, h = _batch_head_frame(pid, T, H)
         s_lo = split * SPLIT
         s_hi = tl.minimum(s_lo + SPLIT, S)
         out = ws_ptr + (pid * NSPLIT + split) * R * DK
@@ -347,10 +350,7 @@ if triton is not None:
         pid_v = prog % nvn
         pid_s = (prog // nvn) % NS
         pid = (prog // nvn // NS).to(tl.int64)  # (batch, head, frame)
-        bh = pid // T
-        f = pid % T
-        b = bh // H
-        h = bh % H
+        bh, f, b, h = _batch_head_frame(pid, T, H)
         rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         mask_r = rows < S
         offs_k = tl.arange(0, BLOCK_K)
@@ -409,6 +409,9 @@ def _check_inputs(q, k, v, beta, gamma, state, precision, strategy, name):
         raise TritonScanError(f"{name}: inputs on different devices")
 
 
+STREAM_CONFIG = ("BLOCK_S", "BLOCK_K", "BLOCK_V", "BLOCK_S_NORM", "num_warps", "num_stages")  # launch_with_config's
+
+
 def _blocks(Dk: int, Dv: int, precision: str, itemsize: int) -> dict:
     """Tile sizes and warps of the "stream" strategy, the fastest of tests/benchmarks/scan_bench.py --sweep on
     an H100 at the release shapes (GDN forward + backward, H=20, T=3, S=880, D=112, bf16 inputs): tf32 / tf32x3
@@ -439,6 +442,32 @@ def _outputs(qa, v, norm: bool):
     return out_a, st_a, out_b, st_b
 
 
+def _config(strategy: str, accepted: tuple, defaults, qa, ka, v, qb, kb, precision: str, config: dict | None):
+    """(cache key, launch config) of a strategy: `defaults(itemsize)` for these shapes (or the smaller config
+    that fitted after OutOfResources) with `config`'s settings over it; a setting not in `accepted` raises."""
+    unknown = sorted(set(config or {}) - set(accepted))
+    if unknown:
+        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the {strategy} strategy; "
+                              f"accepted: {accepted}")
+    itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
+    key = (strategy, qa.shape[-1], v.shape[-1], precision, itemsize, qb is not None)
+    return key, dict(_SMALLER.get(key) or defaults(itemsize), **(config or {}))
+
+
+def _stand_ins(qa, ka, state_a, qb, kb, state_b, out_a, st_a, out_b, st_b):
+    """The kernels' arguments for the optional parts: without the normaliser stream its pointers are stream a's,
+    without an input state the output states stand in (the kernels read neither then). Returns qb, kb, out_b,
+    st_b, has_state, the input states and their strides."""
+    norm = qb is not None
+    ob, sbo = (out_b, st_b) if norm else (out_a, st_a)
+    qb, kb = (qb, kb) if norm else (qa, ka)
+    has_state = state_a is not None
+    sa = state_a if has_state else st_a
+    sb = state_b if (has_state and norm) else sbo
+    strides = (*(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)))
+    return qb, kb, ob, sbo, has_state, sa, sb, strides
+
+
 def _launch(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse: bool, precision: str, strategy: str,
             config: dict | None):
     """Scan stream a (and, when qb is given, the normaliser stream b). Returns (out_a, state_a, out_b, state_b);
@@ -451,27 +480,18 @@ def _launch_stream(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, pr
     """The "stream" strategy: both streams in one launch of `_delta_rule_kernel`."""
     B, H, T, S, Dk = qa.shape
     Dv = v.shape[-1]
-    itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
-    key = ("stream", Dk, Dv, precision, itemsize, qb is not None)
-    base = _SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize)
-    unknown = sorted(set(config or {}) - set(base))
-    if unknown:
-        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the stream strategy; "
-                              f"accepted: {tuple(base)}")
-    cfg = dict(base, **(config or {}))
+    key, cfg = _config("stream", STREAM_CONFIG, lambda itemsize: _blocks(Dk, Dv, precision, itemsize), qa, ka, v,
+                       qb, kb, precision, config)
     nv = triton.cdiv(Dv, cfg["BLOCK_V"])
     norm = qb is not None
     out_a, st_a, out_b, st_b = _outputs(qa, v, norm)
     if B * H == 0:
         return out_a, st_a, out_b, st_b
-    ob, sbo = (out_b, st_b) if norm else (out_a, st_a)
-    qb, kb = (qb, kb) if norm else (qa, ka)
-    has_state = state_a is not None
-    sa = state_a if has_state else st_a  # never read without HAS_STATE
-    sb = state_b if (has_state and norm) else sbo
+    qb, kb, ob, sbo, has_state, sa, sb, state_strides = _stand_ins(qa, ka, state_a, qb, kb, state_b, out_a, st_a,
+                                                                   out_b, st_b)
     args = (qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, ob, st_a, sbo, H, T, S, Dk, Dv, nv,
             *qa.stride(), *ka.stride(), *v.stride(), *qb.stride(), *kb.stride(), *beta.stride(), *gamma.stride(),
-            *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)))
+            *state_strides)
     while True:
         try:
             _delta_rule_kernel[(B * H, nv + int(norm))](*args, HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm,
@@ -536,13 +556,8 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
     B, H, T, S, Dk = qa.shape
     Dv = v.shape[-1]
     norm = qb is not None
-    itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
-    key = ("parallel", Dk, Dv, precision, itemsize, norm)
-    cfg = dict(_SMALLER.get(key) or _parallel_blocks(Dk, Dv, precision), **(config or {}))
-    unknown = sorted(set(cfg) - set(PARALLEL_CONFIG))
-    if unknown:
-        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the parallel strategy; "
-                              f"accepted: {PARALLEL_CONFIG}")
+    key, cfg = _config("parallel", PARALLEL_CONFIG, lambda itemsize: _parallel_blocks(Dk, Dv, precision), qa, ka, v,
+                       qb, kb, precision, config)
     out_a, st_a, out_b, st_b = _outputs(qa, v, norm)
     BH = B * H
     if BH == 0:
@@ -552,11 +567,8 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
     R = Dk + Dv + (Dk + 1 if norm else 0)
     states_a = torch.empty(BH, T + 1, Dv, Dk, device=dev, dtype=torch.float32)
     states_b = torch.empty(BH, T + 1, Dk, device=dev, dtype=torch.float32) if norm else states_a
-    ob, sbo = (out_b, st_b) if norm else (out_a, st_a)
-    qb, kb = (qb, kb) if norm else (qa, ka)
-    has_state = state_a is not None
-    sa = state_a if has_state else st_a  # never read without HAS_STATE
-    sb = state_b if (has_state and norm) else sbo
+    qb, kb, ob, sbo, has_state, sa, sb, state_strides = _stand_ins(qa, ka, state_a, qb, kb, state_b, out_a, st_a,
+                                                                   out_b, st_b)
     while True:
         nsplit = max(1, triton.cdiv(S, cfg["P1_SPLIT"]))
         ws = torch.empty(BH, T, nsplit, R, Dk, device=dev, dtype=torch.float32)
@@ -573,7 +585,7 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
                     num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
             _recur_kernel[(BH, nv2 + int(norm))](
                 ws, gamma, sa, sb, states_a, states_b, st_a, sbo, H, T, nsplit, R, Dk, Dv, nv2, *gamma.stride(),
-                *(sa.stride() if has_state else (0, 0, 0, 0)), *(sb.stride() if has_state and norm else (0, 0, 0)),
+                *state_strides,
                 HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, BLOCK_V=cfg["P2_BLOCK_V"], BLOCK_K=block_k,
                 BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision, num_warps=cfg["P2_WARPS"],
                 num_stages=cfg["num_stages"])
