@@ -227,27 +227,21 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
                  quality=quality)
     per_chunk, stored, mem_after = [], [], []
     ttff = None
-    t_prev = _sync(dev)
-    for chunk in ro.chunks(cfg.chunks):
-        t_now = _sync(dev)
+    for chunk, t_done, wall in timed_chunks(ro, cfg.chunks, dev):
         if ttff is None:
-            ttff = t_now - t_start
+            ttff = t_done - t_start
         video_s = chunk.frames.shape[0] / p.fps
-        rec = {"index": chunk.index, "chunk_wall": t_now - t_prev, "video_s": video_s,
-               **{k: v for k, v in chunk.timings.items()}}
-        per_chunk.append(rec)
+        per_chunk.append({"index": chunk.index, "chunk_wall": wall, "video_s": video_s, **chunk.timings})
         mem_after.append(_mem(dev))
         if chunk.index < cfg.replay_chunks:
             stored.append((chunk.latents, chunk.refined))
-        t_prev = _sync(dev)
     steady = per_chunk[cfg.warmup:] if len(per_chunk) > cfg.warmup else per_chunk
-    stages = sorted({k for r in steady for k in r if k not in ("index", "video_s")})
     report = {
         "quality": quality,
         "chunks": len(per_chunk),
         "start_s": round(t_started - t_start, 4),
         "time_to_first_frame_s": None if ttff is None else round(ttff, 4),
-        "stages": {k: stats_ms([r[k] for r in steady if k in r]) for k in stages},
+        "stages": stage_stats(steady, skip=("index", "video_s")),
         "per_chunk": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in per_chunk],
     }
     walls = [r["chunk_wall"] for r in steady]
@@ -277,17 +271,27 @@ def in_line_cost(ro: Rollout, pipe: WorldPipeline, dev: torch.device, chunks: in
     time the overlap is compared with. Same compiled code and graphs, on the default stream (the high-priority
     stream is only used beside an overlapped pass); medians over these chunks (few: read them as a spot check)."""
     side, pipe.cache_stream = pipe.cache_stream, None
-    per_chunk = []
     try:
-        t_prev = _sync(dev)
-        for chunk in ro.chunks(chunks):
-            t_now = _sync(dev)
-            per_chunk.append({"chunk_wall": t_now - t_prev, **chunk.timings})
-            t_prev = _sync(dev)
+        per_chunk = [{"chunk_wall": wall, **chunk.timings} for chunk, _, wall in timed_chunks(ro, chunks, dev)]
     finally:
         pipe.cache_stream = side
-    stages = sorted({k for r in per_chunk for k in r})
-    return {"chunks": len(per_chunk), "stages": {k: stats_ms([r[k] for r in per_chunk if k in r]) for k in stages}}
+    return {"chunks": len(per_chunk), "stages": stage_stats(per_chunk)}
+
+
+def timed_chunks(ro: Rollout, chunks: int, dev: torch.device):
+    """Yields (chunk, time it was done, its wall time) for the rollout's next `chunks` chunks; what the caller does
+    with a chunk before asking for the next is not counted in the next one's wall time."""
+    t_prev = _sync(dev)
+    for chunk in ro.chunks(chunks):
+        t_done = _sync(dev)
+        yield chunk, t_done, t_done - t_prev
+        t_prev = _sync(dev)
+
+
+def stage_stats(records: list[dict], skip: tuple[str, ...] = ()) -> dict:
+    """`stats_ms` of every stage the per-chunk records name (each over the records that have it)."""
+    stages = sorted({k for r in records for k in r if k not in skip})
+    return {k: stats_ms([r[k] for r in records if k in r]) for k in stages}
 
 
 def snapshot_cost(ro: Rollout, dev: torch.device, cfg: BenchConfig) -> dict:
