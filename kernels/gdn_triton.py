@@ -39,9 +39,9 @@ gamma `[B, H, T]`, state `[B, H, Dv, Dk]`.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kernels import interpreting
 
 try:
     import triton
@@ -374,11 +374,6 @@ if triton is not None:
                          mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             z = tl.load(states_b_ptr + slot * DK + offs_k, mask=mask_k, other=0.0)
             tl.store(outb_ptr + pid * S + rows, tl.sum(qt * z[None, :], axis=1), mask=mask_r)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _check_runnable(x: torch.Tensor, name: str) -> None:

@@ -15,10 +15,10 @@ when Triton is importable, else the reference (same math in fp32). Knows nothing
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from kernels import interpreting
 
 try:
     import triton
@@ -157,11 +157,6 @@ if triton is not None:
 
 SINGLE_MAX_C = 256  # up to this many channels a position's channels stay in registers (one read of x)
 TILE = 4096  # elements per program (BLOCK_P x BLOCK_C)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rms_silu_pad_triton(x: torch.Tensor, out: torch.Tensor, *, h: torch.Tensor | None = None,

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from kernels import gdn_triton as gt
+from kernels import interpreter_usable
 from kernels.camera_scan import camera_scan_backward, camera_scan_forward
 from kernels.gdn import delta_rule_scan, gdn_backward, gdn_forward
 
@@ -316,16 +317,6 @@ def test_triton_scan_ops_on_gpu():
 
 
 # CPU ------------------------------------------------------------------------------------------------------
-
-
-def interpreter_usable() -> bool:
-    """Triton 3.6's interpreter fails on runtime-bounded loops with numpy >= 2.4 (int() of a 1-element array)."""
-    if gt.triton is None or not gt.interpreting():
-        return False
-    import numpy as np
-
-    old = lambda v: tuple(int(p) for p in v.split(".")[:2])
-    return old(np.__version__) < (2, 4) or old(gt.triton.__version__) > (3, 6)
 
 
 interpreter = pytest.mark.skipif(not interpreter_usable(), reason="needs Triton and TRITON_INTERPRET=1 (Triton's "

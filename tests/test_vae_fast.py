@@ -17,6 +17,7 @@ from engine.fast.vae_pad import restore_plain_pad, use_fast_reflect_pad
 from engine.presets import get_preset
 from engine.vae.model import Decoder, VideoVAE, depth_to_space, per_channel_rms_norm
 from engine.vae.stream import StreamingDecoder
+from kernels import interpreter_usable
 from kernels.vae_norm import rms_silu_pad_reference, rms_silu_pad_triton
 
 CL = torch.channels_last_3d
@@ -234,19 +235,6 @@ def test_bf16_error_ratio_cpu():
                                              (False, True, True), (False, True, False)])
 def test_triton_equals_reference(shape, layout, dtype, norm, pad, with_h):
     triton_equals_reference(shape, layout, dtype, norm, pad, with_h, "cuda")
-
-
-def interpreter_usable() -> bool:
-    """Triton's CPU interpreter is on (TRITON_INTERPRET=1 at import) and usable (Triton 3.6's fails on
-    runtime-bounded loops with numpy >= 2.4)."""
-    from kernels import vae_norm
-
-    if vae_norm.triton is None or not vae_norm.interpreting():
-        return False
-    import numpy as np
-
-    version = lambda v: tuple(int(p) for p in v.split(".")[:2])
-    return version(np.__version__) < (2, 4) or version(vae_norm.triton.__version__) > (3, 6)
 
 
 @pytest.mark.skipif(not interpreter_usable(), reason="needs Triton and TRITON_INTERPRET=1 (Triton's CPU "
