@@ -64,7 +64,7 @@ class Stage1GraphRunner:
         self.text: TextContext | None = None  # static copy of the prompt K/V
         self._text_src: TextContext | None = None
         self._ctx_key: tuple | None = None
-        self._ctx_cams: torch.Tensor | None = None
+        self._ctx_src: tuple[torch.Tensor, int] | None = None  # the camera tensor the statics' context came from
         self.replays = 0
         self.block_fn = None  # steady-state block call (None = plain; engine.fast.stage1_compile sets a compiled one)
 
@@ -129,12 +129,16 @@ class Stage1GraphRunner:
 
     def _context(self, camera_conditions: torch.Tensor, T: int, h: int, w: int) -> FrameContext | None:
         """The eager frame context of this chunk, or None when the statics already hold it (same chunk)."""
+        # the same tensor object, unmodified (its version counter): the chunk's 4 steps and its cache pass get the
+        # one camera tensor, so only its first forward builds the context (no device -> host copy, no host sync,
+        # for the others). The reference keeps the object alive, so its id cannot be reused by another tensor.
         key = (self.cache.frames_written, T, h, w)
-        cams = camera_conditions.detach().float().cpu()
-        if key == self._ctx_key and self._ctx_cams is not None and torch.equal(cams, self._ctx_cams):
+        src = self._ctx_src
+        if key == self._ctx_key and src is not None and src[0] is camera_conditions \
+                and src[1] == camera_conditions._version:
             return None
         ctx = self.model._context(camera_conditions, self.cache.frames_written, T, h, w, ((0, T),), self.mode, False)
-        self._ctx_key, self._ctx_cams = key, cams
+        self._ctx_key, self._ctx_src = key, (camera_conditions, camera_conditions._version)
         return ctx
 
     # -- forward ---------------------------------------------------------------------------------------------------

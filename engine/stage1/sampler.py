@@ -35,13 +35,14 @@ def distilled_chunk_sample(
     latents `[B, C, T, H, W]` in the dtype of `noise`."""
     B, _, T = noise.shape[:3]
     x = noise.float().clone()
-    frame_sigma_scale = torch.ones(T)
+    # on x's device from the start: no host -> device copy (each a stream synchronisation) inside the step loop
+    frame_sigma_scale = torch.ones(T, device=x.device)
     if anchor is not None:
         x[:, :, :1] = anchor.float()
         frame_sigma_scale[0] = 0.0
     steps = list(sigmas) + [0.0]
     for sigma, sigma_next in zip(steps[:-1], steps[1:], strict=True):
-        sigma_tok = (sigma * frame_sigma_scale).to(x.device)  # [T]
+        sigma_tok = sigma * frame_sigma_scale  # [T]
         timestep = (sigma_tok * TRAIN_TIMESTEPS).reshape(1, 1, T).expand(B, 1, T)
         v = velocity(x.to(noise.dtype), timestep).float()
         step = torch.where(sigma_tok > 0, sigma_tok - sigma_next, torch.zeros_like(sigma_tok))
