@@ -100,3 +100,25 @@ def test_each_steady_pass_runs_eagerly_once_then_replays(monkeypatch):
     assert pipe.stream.runner.replays == 3 + 5 * (chunks - 3) and len(pipe.stream.runner.graphs) == 2
     # refiner history full from chunk 4: first step eager, 2 steps + the capture pass replayed; then all 4
     assert pipe.refiner.model.replays == 3 + 4 * (chunks - 5) and len(pipe.refiner.model.graphs) == 1
+
+
+def test_frame_context_is_rebuilt_for_a_new_or_modified_camera_tensor(monkeypatch):
+    """The runner builds a chunk's frame context once, on the first forward that sees its camera tensor; the
+    same object unmodified reuses it (no host copy), anything else rebuilds it."""
+    fake_cuda(monkeypatch, [])
+    world = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=2, with_refiner=False)
+    stream = WorldPipeline(world).stream
+    runner = CpuRunner(stream.model, stream.cache, stream.mode)
+    h, w = 4, 6
+    cams = torch.zeros(1, 3, 20)
+    cams[0, :, :16] = torch.eye(4).reshape(16)
+    cams[0, :, 16:] = torch.tensor([5.0, 5.0, 3.0, 2.0])
+    first = runner._context(cams, 3, h, w)
+    assert first is not None
+    assert runner._context(cams, 3, h, w) is None  # same object, same version: the statics hold its context
+    cams[0, 1, 3] = 0.5  # moved in place: rebuilt, and the new context differs where the camera did
+    moved = runner._context(cams, 3, h, w)
+    assert moved is not None and not torch.equal(moved.P, first.P)
+    assert runner._context(cams, 3, h, w) is None
+    assert runner._context(cams.clone(), 3, h, w) is not None  # another tensor: rebuilt
+    assert runner._context(cams, 2, h, w) is not None  # another frame count: rebuilt
