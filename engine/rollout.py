@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -262,6 +263,26 @@ def chunk_noise(seed: int, chunk_index: int, shape: tuple[int, ...], stream: int
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
+_NOISE_WORKER: ThreadPoolExecutor | None = None
+_NOISE_WORKER_LOCK = threading.Lock()
+
+
+def noise_worker() -> ThreadPoolExecutor:
+    """The process's one thread that draws the next chunk's noise while the current chunk runs (sessions take
+    their chunks one at a time on the engine thread, so one is enough)."""
+    global _NOISE_WORKER
+    with _NOISE_WORKER_LOCK:
+        if _NOISE_WORKER is None:
+            _NOISE_WORKER = ThreadPoolExecutor(1, thread_name_prefix="sana-wm-noise")
+        return _NOISE_WORKER
+
+
+def draw_chunk_noise(seed: int, chunk_index: int, shape: tuple[int, ...], refiner: bool):
+    """(stage-1 noise, refiner noise or None) of one chunk: `chunk_noise` streams 0 and 1."""
+    return (chunk_noise(seed, chunk_index, shape, stream=0),
+            chunk_noise(seed, chunk_index, shape, stream=1) if refiner else None)
+
+
 class Rollout:
     """The state of one generated world between chunks: the chunk counter, the poses so far, the control
     source and the pipeline's caches. `chunks()` is the generator; `snapshot`/`restore` resume it."""
@@ -276,6 +297,9 @@ class Rollout:
         self.quality = quality
         self.intrinsics_px = torch.as_tensor(np.asarray(intrinsics_px, dtype=np.float32)).reshape(4)
         self.next_index = 0
+        # the next chunk's noise, drawn on `noise_worker()` while this chunk runs (it does not depend on the
+        # controls): (the draw's arguments, its future); used only when the arguments match
+        self._prefetch: tuple[tuple, Future] | None = None
 
     def _camera(self, plan: ChunkPlan, poses: np.ndarray) -> dict[str, torch.Tensor]:
         """Camera tensors of the chunk's latent frames from the chunk's own poses (plus pose 0 for chunk 0)."""
@@ -286,11 +310,22 @@ class Rollout:
                                 plan.latent_count, pixel_offset=lo)
         return {"camera_conditions": cam["camera_conditions"][None], "chunk_plucker": cam["chunk_plucker"][None]}
 
-    def _noise(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _noise_args(self, index: int) -> tuple:
         h, w = self.pipeline.latent_hw
-        shape = (1, self.pipeline.latent_channels, plan.latent_count, h, w)
-        noise = chunk_noise(self.seed, plan.index, shape, stream=0)
-        ref = chunk_noise(self.seed, plan.index, shape, stream=1) if self.quality == "full" else None
+        shape = (1, self.pipeline.latent_channels, chunk_plan(index).latent_count, h, w)
+        return self.seed, index, shape, self.quality == "full"
+
+    def _noise(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk's noise (the prefetched draw when it was for these very arguments), then the next chunk's
+        draw is started in the background. Either way the values are `chunk_noise`'s: a pure function."""
+        args = self._noise_args(plan.index)
+        pending, self._prefetch = self._prefetch, None
+        if pending is not None and pending[0] == args:
+            noise, ref = pending[1].result()
+        else:
+            noise, ref = draw_chunk_noise(*args)
+        nxt = self._noise_args(plan.index + 1)
+        self._prefetch = (nxt, noise_worker().submit(draw_chunk_noise, *nxt))
         return noise, ref
 
     def chunks(self, max_chunks: int | None = None) -> Iterator[Chunk]:

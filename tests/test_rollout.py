@@ -1,5 +1,7 @@
 """The rollout generator on the tiny world: frames and poses, live == scripted, resume == uninterrupted."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,48 @@ def test_noise_is_a_function_of_seed_and_chunk():
     assert not torch.equal(a, chunk_noise(1, 6, (1, 2, 3, 4, 5)))
     assert not torch.equal(a, chunk_noise(2, 5, (1, 2, 3, 4, 5)))
     assert not torch.equal(a, chunk_noise(1, 5, (1, 2, 3, 4, 5), stream=1))
+
+
+class NoiseRecorder:
+    """A pipeline stand-in that records the noise each chunk gets (no model)."""
+
+    pixel_hw, latent_hw, latent_channels = (64, 96), (2, 3), 4
+
+    def __init__(self) -> None:
+        self.noise = []
+
+    def run_chunk(self, inputs, quality):
+        self.noise.append((inputs.plan.index, inputs.noise, inputs.refiner_noise))
+        n = 1 + 24 if inputs.plan.index == 0 else 24
+        return SimpleNamespace(frames=np.zeros((n, 64, 96, 3), np.uint8), latents=None, refined=None, timings={})
+
+    def restore(self, state) -> None:
+        pass
+
+
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_prefetched_noise_is_chunk_noise_whatever_the_rollout_does(quality):
+    """The next chunk's noise is drawn in the background; what each chunk gets is still `chunk_noise` of its own
+    (seed, index, streams), also after a restore moved the rollout back and changed its seed."""
+    rec = NoiseRecorder()
+    ro = Rollout(rec, ScriptedControls.from_action("w-200"), intrinsics_px=(80, 80, 48, 32), seed=3,
+                 quality=quality)
+    list(ro.chunks(1))
+    after_first = ro.controls.snapshot()
+    list(ro.chunks(2))  # chunk 3's draw (seed 3) is now pending
+    ro.restore({}, {"next_index": 3, "seed": 4, "quality": quality, "controls": ro.controls.snapshot()})
+    list(ro.chunks(1))  # same index, other seed: the pending draw must not be used
+    ro.restore({}, {"next_index": 1, "seed": 4, "quality": quality, "controls": after_first})
+    list(ro.chunks(2))
+    seeds = [3, 3, 3, 4, 4, 4]
+    assert [i for i, _, _ in rec.noise] == [0, 1, 2, 3, 1, 2]
+    for (i, noise, ref), seed in zip(rec.noise, seeds, strict=True):
+        shape = (1, 4, chunk_plan(i).latent_count, 2, 3)
+        assert torch.equal(noise, chunk_noise(seed, i, shape))
+        if quality == "full":
+            assert torch.equal(ref, chunk_noise(seed, i, shape, stream=1))
+        else:
+            assert ref is None
 
 
 def test_bad_quality_is_rejected(world):
