@@ -336,8 +336,10 @@ class Rollout:
             ctl = self.controls.next_chunk(plan)
             if ctl is None:
                 return
+            t_controls = time.perf_counter()
             poses = self._plan_poses(plan, ctl)
             cam = self._camera(plan, poses)
+            t_camera = time.perf_counter()
             noise, ref_noise = self._noise(plan)
             t1 = time.perf_counter()
             out = self.pipeline.run_chunk(
@@ -347,7 +349,8 @@ class Rollout:
                 raise RuntimeError(f"chunk {plan.index}: {frames.shape[0]} frames decoded for {poses.shape[0]} poses")
             self.next_index += 1
             produced += 1
-            timings = {"controls_camera": t1 - t0, **out.timings, "total": time.perf_counter() - t0}
+            timings = {"controls": t_controls - t0, "camera": t_camera - t_controls, "noise": t1 - t_camera,
+                       **out.timings, "total": time.perf_counter() - t0}
             yield Chunk(plan.index, frame_start, frames, poses, ctl.controls, ctl.key_seq, out.latents,
                         out.refined, timings)
 
