@@ -404,6 +404,12 @@ def profile_stages(world: World, pipe: WorldPipeline, top: int = 25) -> dict:
     x, t = lat(T), torch.full((1, 1, T), 889.0, device=dev)
     velocity = stream._velocity(cam, pl)
     out["stage1_forward"] = {"frames": T, **_profile(lambda: velocity(x, t), dev, top)}
+    # the whole denoising of a chunk (4 forwards and the sampler's steps between them, as the live loop runs
+    # them, a new camera tensor each time as each live chunk brings): its wall time less the GPU kernel time is
+    # what the host adds (launches, syncs, the frame context)
+    anchor = pipe.anchor if stream.next_frame == 0 else None
+    denoise = lambda: stream.denoise_chunk(x, cam.clone(), pl, anchor)
+    out["stage1_denoise"] = {"frames": T, **_profile(denoise, dev, top)}
     if pipe.refiner is not None and pipe.refiner.window is not None and pipe.refiner.text is not None:
         ref = pipe.refiner
         n = ref.cfg.block_size
