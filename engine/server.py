@@ -1001,15 +1001,19 @@ class EngineServer:
                                 c.outbox.append(Outgoing([encode(Status(dropped=c.dropped_total, **fields))]))
                 else:
                     try:
-                        self._deliver_chunk(*item[1:])
+                        self._deliver_chunk(*item[1:], wake=lambda: self._wake_io(wake))
                     except Exception:  # noqa: BLE001 - one chunk's delivery must not stop every later one
                         log.exception("delivering a chunk failed; its frames are still in the recording")
-                try:
-                    wake.send(b"", zmq.NOBLOCK)
-                except zmq.Again:  # the IO thread has wake-ups pending already
-                    pass
+                self._wake_io(wake)
         finally:
             wake.close(0)
+
+    @staticmethod
+    def _wake_io(wake: zmq.Socket) -> None:
+        try:
+            wake.send(b"", zmq.NOBLOCK)
+        except zmq.Again:  # the IO thread has wake-ups pending already
+            pass
 
     def _payload(self, frame: np.ndarray, encoding: str) -> bytes:
         if encoding == "rgb24":
@@ -1018,7 +1022,9 @@ class EngineServer:
         Image.fromarray(frame).save(buf, format="JPEG", quality=self.config.jpeg_quality)
         return buf.getvalue()
 
-    def _deliver_chunk(self, idents, driver, session_id, chunk, t_sampled, t_ready) -> None:
+    def _deliver_chunk(self, idents, driver, session_id, chunk, t_sampled, t_ready, wake=lambda: None) -> None:
+        """Encodes the chunk's frames in order and queues each one for its clients as soon as it is encoded
+        (then `wake`s the IO thread), so the first frame goes out while the later ones are still being encoded."""
         from engine.rollout import chunk_plan
 
         with self._lock:
@@ -1031,28 +1037,28 @@ class EngineServer:
                 key_time = self._clients[driver].key_times.get(chunk.key_seq, 0.0)
         plan = chunk_plan(chunk.index)
         n, (h, w) = chunk.frames.shape[0], chunk.frames.shape[1:3]
-        per_encoding: dict[str, list[list[bytes]]] = {e: [] for e in encodings}
+        limit = max(self.config.max_queued_frames, n)  # a chunk arrives whole: its frames always get a chance
         for j in range(n):
             index = chunk.frame_start + j
             step = index - plan.pixel_start
             held = chunk.controls[step] if chunk.controls is not None and step >= 0 else frozenset()
             keys_seq = chunk.key_seq if chunk.key_seq is not None and step >= 0 else -1
             pose = tuple(float(x) for x in chunk.poses[j].reshape(16))
+            parts = {}
             for enc in encodings:
                 pixels = self._payload(chunk.frames[j], enc)
                 header = FrameHeader(session_id=session_id, index=index, chunk=chunk.index, pose=pose, encoding=enc,
                                      width=int(w), height=int(h), payload_bytes=len(pixels), held=held,
                                      keys_seq=keys_seq, keys_client_time=key_time if keys_seq >= 0 else 0.0,
                                      t_sampled=t_sampled, t_ready=t_ready)
-                per_encoding[enc].append(encode_frame(header, pixels))
-        limit = max(self.config.max_queued_frames, n)  # a chunk arrives whole: its frames always get a chance
-        with self._lock:
-            for c in clients:
-                for j, parts in enumerate(per_encoding[chosen[c.ident]]):
-                    c.outbox.append(Outgoing(parts, chunk.frame_start + j))
+                parts[enc] = encode_frame(header, pixels)
+            with self._lock:
+                for c in clients:
+                    c.outbox.append(Outgoing(parts[chosen[c.ident]], index))
                     c.queued_frames += 1
-                if c.delivery == "live" and c.queued_frames > limit:
-                    self._drop_oldest(c, c.queued_frames - limit)
+                    if c.delivery == "live" and c.queued_frames > limit:
+                        self._drop_oldest(c, c.queued_frames - limit)
+            wake()
 
     @staticmethod
     def _drop_oldest(c: Client, count: int) -> None:

@@ -509,3 +509,24 @@ def test_a_driver_back_after_its_session_was_taken_can_start_again(engine):
     finally:
         first.close()
         second.close()
+
+
+def test_a_chunks_frames_are_queued_one_by_one_as_they_are_encoded(world):
+    """The encoder queues each frame for its client as soon as it is encoded and wakes the IO thread, so the
+    chunk's first frame can go out while the others are still being encoded (it used to wait for all of them)."""
+    from types import SimpleNamespace
+
+    from engine.server import Client
+
+    srv = EngineServer(world, ServerConfig(qualities=("preview",)))
+    client = srv._clients[b"a"] = Client(ident=b"a", last_seen=0.0)
+    n, h, w = 24, 8, 12
+    frames = np.arange(n * h * w * 3, dtype=np.uint32).astype(np.uint8).reshape(n, h, w, 3)
+    chunk = SimpleNamespace(index=1, frame_start=25, frames=frames, controls=None, key_seq=None,
+                            poses=np.repeat(np.eye(4, dtype=np.float32)[None], n, axis=0))
+    queued_at_wake = []
+    srv._deliver_chunk([b"a"], None, "20261127-062113-243-54508f", chunk, 0.0, 1.0,
+                       wake=lambda: queued_at_wake.append(len(client.outbox)))
+    assert queued_at_wake == list(range(1, n + 1))
+    assert [o.frame_index for o in client.outbox] == list(range(25, 25 + n))
+    assert all(o.parts[1] == frames[j].tobytes() for j, o in enumerate(client.outbox))
