@@ -419,6 +419,10 @@ def profile_stages(world: World, pipe: WorldPipeline, top: int = 25) -> dict:
                                 kv=ref.window)
         out["refiner_forward"] = {"frames": n, **_profile(fwd, dev, top)}
         ref.window.active_len = 0
+        # a whole block as the live loop runs it (3 denoising forwards, the steps, the capture pass); each call
+        # appends its block to the window, as a live chunk does
+        xb, nb = lat(n), lat(n)
+        out["refiner_block"] = {"frames": n, **_profile(lambda: ref.refine_block(xb, nb), dev, top)}
     if pipe.decoder.latent_frames > 0:
         xd = lat(3)
         out["vae_decode_block"] = {"frames": 3, **_profile(lambda: pipe.decoder.decode_block(xd), dev, top)}

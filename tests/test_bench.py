@@ -38,7 +38,8 @@ def test_report_has_every_measurement(report):
     assert report["qualities"]["full"]["snapshot"]["tensor_bytes"] > report["qualities"]["preview"]["snapshot"][
         "tensor_bytes"]
     assert report["gemm"]["tflops"] > 0
-    assert set(report["profile"]) == {"stage1_forward", "stage1_denoise", "refiner_forward", "vae_decode_block"}
+    assert set(report["profile"]) == {"stage1_forward", "stage1_denoise", "refiner_forward", "refiner_block",
+                                         "vae_decode_block"}
     assert report["profile"]["stage1_forward"]["top_kernels"]
     assert "errors" not in report
 
