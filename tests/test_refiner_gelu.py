@@ -1,0 +1,123 @@
+"""`refiner-gelu` (engine/fast/refiner_gelu.py): the FFN up-projection with bias and GELU (tanh) in the GEMM's
+epilogue, against the plain `F.gelu(F.linear(...), approximate="tanh")`.
+
+CPU (where the op is the plain computation): the op's reshapes; the swap keeps parameters and state-dict names, falls
+back where it does not apply, and leaves a tiny refiner's forward unchanged. GPU: cuBLASLt's epilogue against the
+plain path in fp32 (tight: the same function, only the association of the sums differs; this also tells the tanh
+approximation from the erf GELU, which differ by up to ~5e-4) and bf16 (one bf16 rounding apart: the epilogue rounds
+the fused result once, the plain path rounds the GEMM output and then the GELU), at odd shapes and the release
+FFN shape, and the tiny refiner's forward with and without the swap, eager and under torch.compile.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.fast.refiner_gelu import FusedGELUProj, linear_gelu_tanh, use_fused_gelu
+from engine.presets import get_preset
+from engine.refiner.model import RefinerTransformer
+from engine.world import seeded_init_
+
+
+def plain(x, w, b):
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def tiny_refiner(dtype=torch.float32, device="cpu") -> RefinerTransformer:
+    m = RefinerTransformer(dataclasses.replace(get_preset("tiny").refiner))
+    seeded_init_(m, 5)
+    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def refiner_call(model, device, seed=0, n=3, hw=(4, 6)):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    dtype = model.proj_in.weight.dtype
+    x = torch.randn(1, c.in_channels, n, *hw, generator=g).to(device, dtype)
+    emb = torch.randn(1, 7, c.caption_channels, generator=g).to(device, dtype)
+    mask = torch.ones(1, 7, dtype=torch.int64, device=device)
+    text = model.prepare_text(emb, mask)
+    return lambda: model(x, 0.725, text, fps=16.0, frame_positions=torch.arange(5, 5 + n))
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 7), (1, 3, 4)])
+def test_op_equals_plain_on_cpu(lead):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(*lead, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    torch.testing.assert_close(linear_gelu_tanh(x, w, b), plain(x, w, b), rtol=1e-6, atol=1e-6)
+
+
+def test_swap_keeps_parameters_and_falls_back_where_it_does_not_apply():
+    model = tiny_refiner()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = refiner_call(model, "cpu")()
+    n = use_fused_gelu(model)
+    assert n == model.num_layers and use_fused_gelu(model) == 0  # once
+    assert all(type(b.ff.net[0]) is FusedGELUProj for b in model.transformer_blocks)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(refiner_call(model, "cpu")(), want, rtol=1e-5, atol=1e-5)
+    # no bias, or a projection another fast path replaced: the plain computation
+    x = torch.randn(3, 8)
+    nobias = FusedGELUProj(nn.Linear(8, 12, bias=False))
+    torch.testing.assert_close(nobias(x), F.gelu(nobias.proj(x), approximate="tanh"))
+
+    class Other(nn.Linear):
+        pass
+
+    other = FusedGELUProj(Other(8, 12))
+    torch.testing.assert_close(other(x), F.gelu(nn.Linear.forward(other.proj, x), approximate="tanh"))
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("m,k,n", [(37, 72, 104), (300, 256, 1000), (2640, 4096, 16384)])
+def test_epilogue_equals_plain_on_gpu(dtype, tol, m, k, n):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
+    b = (0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
+    got = linear_gelu_tanh(x, w, b)
+    want = plain(x.double(), w.double(), b.double())  # the function itself, without either path's roundings
+    err, err_plain = rel(got, want), rel(plain(x, w, b), want)
+    print(f"linear_gelu_tanh {dtype} {m}x{k}x{n}: rel err {err:.2e} (plain path {err_plain:.2e}, tol {tol})")
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert err <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_tiny_refiner_forward_with_the_swap(dtype, tol):
+    model = tiny_refiner(dtype, "cuda")
+    call = refiner_call(model, "cuda", hw=(12, 20))
+    want = call()
+    use_fused_gelu(model)
+    err = rel(call(), want)
+    print(f"tiny refiner {dtype} fused GELU vs plain: rel err {err:.2e} (tol {tol})")
+    assert err <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+def test_compiled_ffn_keeps_the_fused_op(dtype, tol):
+    """torch.compile calls the op as it is (one opaque GEMM with its epilogue) and gets the eager op's values."""
+    torch.manual_seed(3)
+    ff = tiny_refiner(dtype, "cuda").transformer_blocks[0].ff
+    use_ff = FusedGELUProj(ff.net[0].proj)
+    h = torch.randn(2, 240, ff.net[0].proj.in_features, device="cuda").to(dtype)
+    eager = ff.net[2](use_ff(h))
+    compiled = torch.compile(lambda t: ff.net[2](use_ff(t)))(h)
+    err = rel(compiled, eager)
+    print(f"compiled FFN with the fused op {dtype}: rel err vs eager {err:.2e}")
+    assert err <= tol
