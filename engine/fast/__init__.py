@@ -12,6 +12,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   (engine/fast/refiner_compile.py; needs `refiner-graph`);
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
 - `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py);
+- `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
+  (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
+  path). Not in `all` until measured on a GPU;
 - `refiner-fp8`: e4m3 weights and per-token e4m3 activations in the refiner blocks' GEMMs (engine/fast/refiner_fp8.py;
   changes the numerics: opt-in by name, never part of `all`);
 - `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
@@ -32,13 +35,14 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "refiner-graph",
-              "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames", "cache-overlap")
+FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn",
+              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames",
+              "cache-overlap")
 # `all`: the paths that keep the bf16 model's numerics and passed their GPU tests (fp8 is opt-in by name; the
 # Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
        "vae-fast", "frames")
-CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
+CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile", "refiner-rope",
              "refiner-fp8", "frames", "cache-overlap")
 
 
@@ -88,6 +92,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             pipe.world.stage1.scan_ops = triton_scan_ops()
             done[name] = "Stage1Transformer.scan_ops -> Triton scans (kernels/gdn_triton.py)"
+        elif name == "stage1-ffn":
+            from engine.fast.stage1_ffn import fused_ffn_op, set_ffn_ops
+
+            done[name] = set_ffn_ops(pipe, fused_ffn_op())
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 

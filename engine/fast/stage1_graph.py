@@ -147,7 +147,8 @@ class Stage1GraphRunner:
         m = self.model
         B, T = st.x.shape[0], st.x.shape[2]
         ctx = FrameContext(frames=T, height=h, width=w, segments=((0, T),), rope=st.rope, cam_rope=st.cam_rope,
-                           P=st.P, P_inv=st.P_inv, mode=self.mode, write_cache=write, scans=m.scan_ops)
+                           P=st.P, P_inv=st.P_inv, mode=self.mode, write_cache=write, scans=m.scan_ops,
+                           ffn=m.ffn_ops)
         x = m.x_embedder(st.x)
         p_emb = m.plucker_embedder(st.plucker)
         t_emb, mod = m.embed_timestep(st.t, B, T)

@@ -117,12 +117,20 @@ class GLUMBConvTemp(nn.Module):
         """m `[B, N, C]` -> `[B, N, C]`."""
         B, N, C = m.shape
         T, h, w = ctx.frames, ctx.height, ctx.width
-        u = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
-        u = F.silu(self.inverted_conv.conv(u))
-        u = self.depth_conv.conv(u)
-        val, gate = u.chunk(2, dim=1)
-        s = self.point_conv.conv(val * F.silu(gate))  # [B*T, C, h, w]
-        s = s.permute(0, 2, 3, 1).reshape(B, T, h * w, C)
+        if ctx.ffn is None:
+            u = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
+            u = F.silu(self.inverted_conv.conv(u))
+            u = self.depth_conv.conv(u)
+            val, gate = u.chunk(2, dim=1)
+            s = self.point_conv.conv(val * F.silu(gate))  # [B*T, C, h, w]
+            s = s.permute(0, 2, 3, 1).reshape(B, T, h * w, C)
+        else:  # the same math token-major: two GEMMs around one fused depthwise conv + GLU pass, no permutes
+            Hd = self.point_conv.conv.in_channels
+            y = F.linear(m.reshape(B * N, C), self.inverted_conv.conv.weight.view(2 * Hd, C),
+                         self.inverted_conv.conv.bias)  # [B*N, 2Hd], SiLU not yet applied
+            g = ctx.ffn(y.view(B * T, h, w, 2 * Hd), self.depth_conv.conv.weight, self.depth_conv.conv.bias,
+                        silu_input=True)  # [B*T, h, w, Hd]
+            s = F.linear(g.view(B * N, Hd), self.point_conv.conv.weight.view(C, Hd)).reshape(B, T, h * w, C)
         r = temporal_conv(s, self.t_conv.weight, ctx.segments, None if cache is None else cache.ffn_tail)
         if cache is not None and ctx.write_cache:
             cache.write_ffn_tail(s)
@@ -203,6 +211,8 @@ class Stage1Transformer(nn.Module):
         self.blocks = nn.ModuleList(Stage1Block(config, i) for i in range(config.num_layers))
         self.final_layer = FinalLayer(config)
         self.scan_ops = ScanOps()  # swap for fast scans
+        # the FFN's depthwise conv + bias + GLU as one op (kernels/dwconv_glu.py's signature); None = the plain FFN
+        self.ffn_ops = None
 
     # conditioning -----------------------------------------------------------------------------------
     def encode_text(self, encoder_hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> TextContext:
@@ -254,6 +264,7 @@ class Stage1Transformer(nn.Module):
             frames=T, height=h, width=w, segments=tuple(segments),
             rope=rope_table(angles).to(device), cam_rope=rope_table(camera_rope_angles(angles, D)).to(device),
             P=P, P_inv=invert_se3(P), mode=mode, write_cache=write, scans=self.scan_ops,
+            ffn=self.ffn_ops,
         )
 
     def _check_inputs(self, hidden_states, camera_conditions, chunk_plucker) -> tuple[int, int, int, int]:

@@ -85,6 +85,9 @@ class FrameContext:
     mode: AttentionMode
     write_cache: bool = False  # a cache-write (t=0) pass: blocks store their state after reading it
     scans: ScanOps = field(default_factory=ScanOps)
+    # the FFN's fused depthwise 3x3 conv + bias + GLU, `op(y [F, h, w, 2Hd], weight, bias, *, silu_input)` ->
+    # `[F, h, w, Hd]` (kernels/dwconv_glu.py); None = the plain FFN (Stage1Transformer.ffn_ops)
+    ffn: Callable | None = None
 
     @property
     def tokens_per_frame(self) -> int:
