@@ -66,15 +66,18 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol,quality,compiled", [
-    (torch.float32, 1e-4, "preview", False), (torch.float32, 1e-4, "full", False),
-    (torch.bfloat16, 2e-2, "preview", False), (torch.bfloat16, 2e-2, "full", False),
-    (torch.float32, 1e-4, "preview", True), (torch.bfloat16, 3e-2, "full", True),
+@pytest.mark.parametrize("dtype,tol,quality,compiled,extra", [
+    (torch.float32, 1e-4, "preview", False, ()), (torch.float32, 1e-4, "full", False, ()),
+    (torch.bfloat16, 2e-2, "preview", False, ()), (torch.bfloat16, 2e-2, "full", False, ()),
+    (torch.float32, 1e-4, "preview", True, ()), (torch.bfloat16, 3e-2, "full", True, ()),
+    (torch.float32, 1e-4, "full", True, ("stage1-ffn", "refiner-gelu")),
+    (torch.bfloat16, 3e-2, "full", True, ("stage1-ffn", "refiner-gelu")),
 ])
-def test_graphs_equal_eager(dtype, tol, quality, compiled):
-    """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them): same chunks as the plain
-    eager path, the same replay counts (first sight of a steady kind runs eagerly, compiled blocks included)."""
-    names = GRAPHS + (("stage1-compile", "refiner-compile") if compiled else ())
+def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
+    """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them; `extra` fast paths with
+    them): same chunks as the plain eager path, the same replay counts (first sight of a steady kind runs eagerly,
+    compiled blocks included)."""
+    names = GRAPHS + (("stage1-compile", "refiner-compile") if compiled else ()) + extra
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
     _, _, plain, snap_plain = rollout(world, (), quality)
     try:
@@ -92,7 +95,8 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled):
         assert (pipe.refiner.model.parts is not None) == compiled
         assert pipe.refiner.model.replays == 3 + 4 * (CHUNKS - 5) and len(pipe.refiner.model.graphs) == 1
     err = compare(fast, plain, snap_fast, snap_plain, quality)
-    print(f"graphs{' compiled' if compiled else ''} {dtype} {quality}: max rel err {err:.2e} (tol {tol})")
+    print(f"graphs{' compiled' if compiled else ''}{' + ' + ','.join(extra) if extra else ''} {dtype} {quality}: "
+          f"max rel err {err:.2e} (tol {tol})")
     assert err <= tol
 
 

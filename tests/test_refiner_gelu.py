@@ -121,3 +121,17 @@ def test_compiled_ffn_keeps_the_fused_op(dtype, tol):
     err = rel(compiled, eager)
     print(f"compiled FFN with the fused op {dtype}: rel err vs eager {err:.2e}")
     assert err <= tol
+
+
+def test_fp8_takes_precedence_over_the_fused_gelu():
+    """`refiner-gelu` then `refiner-fp8` (FAST_PATHS order): fp8 still finds every block linear by name (the
+    up-projection inside FusedGELUProj), and that projection then runs as the plain GELU over the Fp8Linear."""
+    from engine.fast.refiner_fp8 import BLOCK_LINEARS, Fp8Linear, use_fp8_linears
+
+    model = tiny_refiner()
+    use_fused_gelu(model)
+    assert use_fp8_linears(model) == len(BLOCK_LINEARS) * model.num_layers
+    up = model.transformer_blocks[0].ff.net[0]
+    assert type(up) is FusedGELUProj and isinstance(up.proj, Fp8Linear)
+    x = torch.randn(2, 5, up.proj.in_features)
+    torch.testing.assert_close(up(x), F.gelu(up.proj(x), approximate="tanh"))

@@ -15,6 +15,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
   path). Not in `all` until measured on a GPU;
+- `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
+  separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
+  like `refiner-fp8`, which takes precedence where both apply). Not in `all` until measured on a GPU;
 - `refiner-fp8`: e4m3 weights and per-token e4m3 activations in the refiner blocks' GEMMs (engine/fast/refiner_fp8.py;
   changes the numerics: opt-in by name, never part of `all`);
 - `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
@@ -36,8 +39,8 @@ from __future__ import annotations
 from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn",
-              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-fp8", "vae-pad", "vae-fast", "frames",
-              "cache-overlap")
+              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
+              "frames", "cache-overlap")
 # `all`: the paths that keep the bf16 model's numerics and passed their GPU tests (fp8 is opt-in by name; the
 # Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "refiner-graph", "refiner-compile", "refiner-rope",
@@ -112,6 +115,12 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             use_triton_rope()
             done[name] = "engine.refiner.{model,ar}.apply_rope -> kernels.rope.rope_split (process-wide)"
+        elif name == "refiner-gelu":
+            from engine.fast.refiner_gelu import use_fused_gelu
+
+            if pipe.refiner is not None:
+                model = getattr(pipe.refiner.model, "model", pipe.refiner.model)  # under a GraphedRefinerModel
+                done[name] = f"{use_fused_gelu(model)} refiner FFN up-projections -> FusedGELUProj (world-wide, once)"
         elif name == "frames":
             from engine.fast.frames import use_fast_frames
 
