@@ -3,11 +3,14 @@
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
 #   bash tests/benchmarks/gpu_check.sh tests     # the engine's @pytest.mark.gpu tests, file by file, with time limits
-#   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast and fp8 kernel test files
+#   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8 and dwconv_glu (stage1-ffn kernel) test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
 #   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
 #   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
-#   bash tests/benchmarks/gpu_check.sh probes    # tests/benchmarks/vae_probe.py and scan_bench.py (both strategies)
+#   bash tests/benchmarks/gpu_check.sh probes    # tests/benchmarks/vae_probe.py, scan_bench.py (both strategies),
+#                                                # ffn_probe.py
+#   bash tests/benchmarks/gpu_check.sh ffn       # stage1-ffn alone: its kernel and model tests, its live-loop tests,
+#                                                # ffn_probe.py with the kernel's config sweep
 #
 # The device image lacks pyzmq and PyAV: carry wheels in .whl/ (see the library's device README) for `latency`
 # (pyzmq) and for the session tests in `tests` (av); they are installed into /tmp/site when present.
@@ -38,6 +41,7 @@ case "${1:-}" in
   kernels)
     t 300 vae_fast tests/test_vae_fast.py
     t 120 fp8 tests/test_refiner_fp8.py
+    t 150 dwconv_glu tests/test_dwconv_glu.py -k "not live_loop"
     ;;
   scans)
     t 240 gdn_stream tests/test_gdn_triton.py -k "not parallel and not agree and not long_recurrence"
@@ -66,8 +70,17 @@ case "${1:-}" in
     timeout 150 python3 tests/benchmarks/scan_bench.py --strategy stream parallel --iters 30 --out "$OUT/scan.json" \
       > "$OUT/scan.log" 2>&1
     summary+=("scan bench rc=$?"); tail -10 "$OUT/scan.log"
+    timeout 120 python3 tests/benchmarks/ffn_probe.py --iters 30 --out "$OUT/ffn_probe.json" > "$OUT/ffn_probe.log" 2>&1
+    summary+=("ffn probe rc=$?"); tail -12 "$OUT/ffn_probe.log"
+    ;;
+  ffn)
+    t 150 dwconv_glu tests/test_dwconv_glu.py -k "not live_loop"
+    t 220 stage1_ffn_loop tests/test_dwconv_glu.py -k live_loop
+    timeout 190 python3 tests/benchmarks/ffn_probe.py --iters 30 --sweep --out "$OUT/ffn_probe_sweep.json" \
+      > "$OUT/ffn_probe_sweep.log" 2>&1
+    summary+=("ffn probe --sweep rc=$?"); grep '^best' "$OUT/ffn_probe_sweep.log"; tail -12 "$OUT/ffn_probe_sweep.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|scans|bench|latency|probes" >&2; exit 2 ;;
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|scans|bench|latency|probes|ffn" >&2; exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
