@@ -65,25 +65,20 @@ def camera_rope_angles(angles: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def rope_table(angles: torch.Tensor) -> torch.Tensor:
-    """e^{i phi} of an angle table `[..., P]` as real pairs `[..., P, 2]` = (cos phi, sin phi), fp32.
-
-    Real, not complex64: torch.compile has no complex code generation (it ran the complex product as separate
-    eager kernels, ~1.2 ms of a release forward on the H100), and a compiled real-arithmetic view of a complex
-    table (`view_as_real` of a complex graph input) gave wrong values on the H100 (relative error 0.2 on stage-1
-    latents; correct on the CPU). A real table is an ordinary float input."""
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    """Complex64 e^{i phi} for an angle table."""
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) of the last dim by `table` (`rope_table`: `[N, D/2, 2]` cos/sin,
-    broadcast against x `[..., N, D]`): (a, b) -> (a cos - b sin, a sin + b cos), the complex product
-    (a + ib) e^{i phi}; `inverse` rotates by -phi. Computed in fp32, returned in x's dtype."""
-    c, s = table[..., 0], table[..., 1]
-    if inverse:
-        s = -s
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+    """Rotate adjacent pairs (x[2k], x[2k+1]) of the last dim by `table` (complex `[N, D/2]`,
+    broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype.
+
+    The same under `torch.compile` (inductor runs the complex multiply as eager kernels). A real-arithmetic
+    form over `view_as_real(table)` was tried and compiled to wrong values on the H100 (relative error 0.2 on
+    stage-1 latents; correct on the CPU), so it is not used."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    rot = table.conj() if inverse else table
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 def ucpe_ray_matrices(camera_conditions: torch.Tensor, height: int, width: int) -> torch.Tensor:
