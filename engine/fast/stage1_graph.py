@@ -43,8 +43,8 @@ class _Statics:
     x: torch.Tensor  # [B, C, T, h, w] model dtype
     t: torch.Tensor  # [B, 1, T] fp32
     plucker: torch.Tensor  # [B, 48, T, h, w] model dtype
-    rope: torch.Tensor  # [N, D/2, 2] fp32 (cos, sin)
-    cam_rope: torch.Tensor  # [N, D/4, 2] fp32 (cos, sin)
+    rope: torch.Tensor  # complex64 [N, D/2]
+    cam_rope: torch.Tensor  # complex64 [N, D/4]
     P: torch.Tensor  # [B, N, 4, 4] fp32
     P_inv: torch.Tensor  # [B, N, 4, 4] fp32
 

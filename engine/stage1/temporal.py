@@ -78,8 +78,8 @@ class FrameContext:
     height: int
     width: int
     segments: tuple[tuple[int, int], ...]  # chunk frame ranges [s, e) covering 0..T
-    rope: torch.Tensor  # [N, D/2, 2] fp32 (cos, sin) (geometry.rope_table), absolute positions
-    cam_rope: torch.Tensor  # [N, D/4, 2] fp32 (cos, sin)
+    rope: torch.Tensor  # complex64 [N, D/2], absolute positions
+    cam_rope: torch.Tensor  # complex64 [N, D/4]
     P: torch.Tensor  # [B, N, 4, 4] ray-local <- world (decodes the camera output)
     P_inv: torch.Tensor  # [B, N, 4, 4] (encodes camera k, v); q uses P^T
     mode: AttentionMode
