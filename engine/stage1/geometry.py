@@ -73,9 +73,11 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, *, inverse: bool = False) -
     """Rotate adjacent pairs (x[2k], x[2k+1]) of the last dim by `table` (complex `[N, D/2]`,
     broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype.
 
-    The same under `torch.compile` (inductor runs the complex multiply as eager kernels). A real-arithmetic
-    form over `view_as_real(table)` was tried and compiled to wrong values on the H100 (relative error 0.2 on
-    stage-1 latents; correct on the CPU), so it is not used."""
+    The same under `torch.compile` (inductor runs the complex multiply as eager kernels). Real-arithmetic forms
+    (a cos - b sin, a sin + b cos over unflatten/stack) were tried twice, over `view_as_real(table)` (session 3) and
+    over real (cos, sin) tables (session 4): inductor compiled both to wrong values on the H100 (relative error
+    0.2 on stage-1 latents in tests/test_fast_paths_gpu.py::test_graphs_equal_eager; correct on the CPU), so
+    neither is used."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     rot = table.conj() if inverse else table
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
