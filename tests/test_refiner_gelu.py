@@ -3,8 +3,8 @@ epilogue, against the plain `F.gelu(F.linear(...), approximate="tanh")`.
 
 CPU (where the op is the plain computation): the op's reshapes; the swap keeps parameters and state-dict names, falls
 back where it does not apply, and leaves a tiny refiner's forward unchanged. GPU: cuBLASLt's epilogue against the
-plain path in fp32 (tight: the same function, only the association of the sums differs; this also tells the tanh
-approximation from the erf GELU, which differ by up to ~5e-4) and bf16 (one bf16 rounding apart: the epilogue rounds
+function in fp32 (tight: 1e-5, a quarter of what the erf GELU would be off; its tanh is evaluated a little less
+exactly than torch's) and bf16 (one bf16 rounding apart: the epilogue rounds
 the fused result once, the plain path rounds the GEMM output and then the GELU), at odd shapes and the release
 FFN shape, and the tiny refiner's forward with and without the swap, eager and under torch.compile.
 """
@@ -81,7 +81,9 @@ def test_swap_keeps_parameters_and_falls_back_where_it_does_not_apply():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+# fp32: the epilogue evaluates tanh with a faster approximation than torch's GELU (measured on the H100: 2.4e-6
+# relative against fp64 at every shape, the plain path 1e-7..1.3e-6); the erf GELU would be off by ~1e-4.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
 @pytest.mark.parametrize("m,k,n", [(37, 72, 104), (300, 256, 1000), (2640, 4096, 16384)])
 def test_epilogue_equals_plain_on_gpu(dtype, tol, m, k, n):
     g = torch.Generator(device="cuda").manual_seed(2)
