@@ -3,7 +3,7 @@ epilogue, against the plain `F.gelu(F.linear(...), approximate="tanh")`.
 
 CPU (where the op is the plain computation): the op's reshapes; the swap keeps parameters and state-dict names, falls
 back where it does not apply, and leaves a tiny refiner's forward unchanged. GPU: cuBLASLt's epilogue against the
-function in fp32 (tight: 1e-5, a quarter of what the erf GELU would be off; its tanh is evaluated a little less
+function in fp32 (tight: 1e-5, a tenth of what the erf GELU would be off; its tanh is evaluated a little less
 exactly than torch's) and bf16 (one bf16 rounding apart: the epilogue rounds
 the fused result once, the plain path rounds the GEMM output and then the GELU), at odd shapes and the release
 FFN shape, and the tiny refiner's forward with and without the swap, eager and under torch.compile.
