@@ -149,8 +149,9 @@ def temporal_conv(
 
     One GEMM with K = 3C: each token's (previous, own, next frame) features interleaved per channel, `[N, C, 3]`,
     times the weight viewed `[C, 3C]` as it is stored (index 3i + tau), with s added in the GEMM's epilogue
-    (addmm). The three taps are summed in the GEMM's fp32 accumulator and rounded once (three GEMMs of K = C, their
-    outputs rounded and added, cost 2.5x as long at the release shape on an H100).
+    (addmm). The three taps are summed in the GEMM's fp32 accumulator and rounded once. (The earlier form, three
+    GEMMs of K = C whose rounded outputs were added, took 0.31 ms a release block eagerly on an H100:
+    tests/benchmarks/ffn_probe.py, "temporal conv alone".)
     """
     B, T, S, C = s.shape
     prev = torch.cat([s.new_zeros(s[:, :1].shape) if left is None else left.to(s.dtype), s[:, :-1]], dim=1)
