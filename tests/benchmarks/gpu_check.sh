@@ -3,7 +3,7 @@
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
 #   bash tests/benchmarks/gpu_check.sh tests     # the engine's @pytest.mark.gpu tests, file by file, with time limits
-#   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8 and dwconv_glu (stage1-ffn kernel) test files
+#   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8, dwconv_glu (stage1-ffn) and refiner-gelu test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
 #   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
 #   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
@@ -33,15 +33,15 @@ t() {  # t <seconds> <name> <pytest args...>
 }
 case "${1:-}" in
   tests)
-    t 200 fast_paths tests/test_fast_paths_gpu.py
-    t 110 gdn_triton tests/test_gdn_triton.py -k "agree or graph or opaque or scan_ops or fall_back"
+    t 330 fast_paths tests/test_fast_paths_gpu.py  # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s
     t 60 snapshot tests/test_snapshot_staging.py
     t 150 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py tests/test_bench.py
     ;;
   kernels)
-    t 300 vae_fast tests/test_vae_fast.py
-    t 120 fp8 tests/test_refiner_fp8.py
+    t 240 vae_fast tests/test_vae_fast.py  # session 4: 204 s
+    t 60 fp8 tests/test_refiner_fp8.py  # session 4: 14 s
     t 150 dwconv_glu tests/test_dwconv_glu.py -k "not live_loop"
+    t 90 refiner_gelu tests/test_refiner_gelu.py  # session 4: 16 s
     ;;
   scans)
     t 240 gdn_stream tests/test_gdn_triton.py -k "not parallel and not agree and not long_recurrence"
@@ -57,8 +57,9 @@ case "${1:-}" in
     tail -22 "$OUT/bench_all.log"; tail -10 "$OUT/bench_fp8.log"
     ;;
   latency)
-    for q in preview full; do
-      timeout 270 python3 -m engine.latency --preset release --quality $q --fast all --presses 20 \
+    for q in preview full; do  # the median of a wait uniform over 1.5 s needs many presses (session 4: n=40 vs 120)
+      n=60; [ $q = full ] && n=26
+      timeout 280 python3 -m engine.latency --preset release --quality $q --fast all --presses $n \
         --warmup-chunks 4 --server thread --out "$OUT/latency_$q.json" > "$OUT/latency_$q.log" 2>&1
       summary+=("latency $q rc=$?"); tail -10 "$OUT/latency_$q.log"
     done
