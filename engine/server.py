@@ -243,6 +243,7 @@ class Client:
     key_times: dict[int, float] = field(default_factory=dict)  # seq -> client_time, recent ones
     credit: int = 0  # lossless: frames the client can still take that no chunk has reserved
     outbox: deque[Outgoing] = field(default_factory=deque)
+    sending: Outgoing | None = None  # the outbox head the IO thread is sending now (never dropped meanwhile)
     queued_frames: int = 0
     dropped_total: int = 0
     drop_count: int = 0  # dropped since the last `dropped` notice
@@ -562,18 +563,25 @@ class EngineServer:
             clients = list(self._clients.values())
         for c in clients:
             while True:
+                # The send runs outside the lock, so the encoder may queue frames and drop the oldest meanwhile:
+                # the head being sent is marked (`sending`, which `_drop_oldest` skips), and a notice resets only the
+                # drops it reported.
                 with self._lock:
                     if c.drop_count:
+                        notified = c.drop_count
                         item = Outgoing([encode(Dropped(count=c.drop_count, total=c.dropped_total,
                                                         last_index=c.drop_last))])
                         is_notice = True
                     elif c.outbox:
                         item, is_notice = c.outbox[0], False
+                        c.sending = item
                     else:
                         break
                 try:
                     router.send_multipart([c.ident, *item.parts], zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    with self._lock:
+                        c.sending = None
                     blocked = True
                     break
                 except zmq.ZMQError as e:
@@ -581,13 +589,15 @@ class EngineServer:
                         raise
                     with self._lock:  # the peer is gone: nothing queued for it can be delivered
                         c.outbox.clear()
+                        c.sending = None
                         c.queued_frames = c.drop_count = 0
                     break
                 with self._lock:
                     if is_notice:
-                        c.drop_count = 0
+                        c.drop_count -= notified
                     else:
-                        c.outbox.popleft()
+                        c.sending = None
+                        c.outbox.popleft()  # still `item`: drops keep the order and skip the item being sent
                         if item.frame_index >= 0:
                             c.queued_frames -= 1
         return blocked
@@ -1062,10 +1072,11 @@ class EngineServer:
 
     @staticmethod
     def _drop_oldest(c: Client, count: int) -> None:
-        """Live delivery: drop the `count` oldest queued frames of a client that cannot keep up."""
+        """Live delivery: drop the `count` oldest queued frames of a client that cannot keep up (never the one the IO
+        thread is sending)."""
         kept: deque[Outgoing] = deque()
         for item in c.outbox:
-            if count > 0 and item.frame_index >= 0:
+            if count > 0 and item.frame_index >= 0 and item is not c.sending:
                 count -= 1
                 c.queued_frames -= 1
                 c.dropped_total += 1

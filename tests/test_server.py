@@ -530,3 +530,51 @@ def test_a_chunks_frames_are_queued_one_by_one_as_they_are_encoded(world):
     assert queued_at_wake == list(range(1, n + 1))
     assert [o.frame_index for o in client.outbox] == list(range(25, 25 + n))
     assert all(o.parts[1] == frames[j].tobytes() for j, o in enumerate(client.outbox))
+
+
+def test_a_frame_dropped_while_the_head_is_being_sent_is_counted_and_the_sent_one_is_not(world):
+    """The IO thread sends the outbox head outside the lock; if the encoder drops frames meanwhile (a live client
+    at its limit), the frame being sent must not be the one counted as dropped, and the next one must not vanish
+    uncounted when the IO thread then removes what it sent."""
+    from engine.server import Client, Outgoing
+
+    srv = EngineServer(world, ServerConfig(qualities=("preview",)))
+    client = srv._clients[b"a"] = Client(ident=b"a", last_seen=0.0)
+    for i in range(4):
+        client.outbox.append(Outgoing([b"h", bytes([i])], frame_index=i))
+    client.queued_frames = 4
+    sent = []
+
+    class Router:
+        def send_multipart(self, parts, flags=0, copy=True):
+            sent.append(parts)
+            if len(sent) == 1:  # the encoder drops one frame while frame 0 is on its way
+                with srv._lock:
+                    srv._drop_oldest(client, 1)
+
+    srv._flush(Router())
+    frames = [p[2] for p in sent if len(p) == 3]
+    notices = [p for p in sent if len(p) == 2]
+    assert frames == [bytes([0]), bytes([2]), bytes([3])]  # frame 0 was sent, frame 1 dropped
+    assert client.dropped_total == 1 and client.drop_last == 1 and len(notices) == 1
+    assert not client.outbox and client.queued_frames == 0 and client.drop_count == 0 and client.sending is None
+
+
+def test_a_live_client_at_its_limit_loses_its_oldest_frames_as_the_chunk_is_queued(world):
+    """Frames queued one by one keep the live drop rule: the outbox holds at most max(max_queued_frames, chunk)
+    frames, the oldest go first (counted), the new chunk's frames all stay."""
+    from types import SimpleNamespace
+
+    from engine.server import Client, Outgoing
+
+    srv = EngineServer(world, ServerConfig(qualities=("preview",), max_queued_frames=4))
+    client = srv._clients[b"a"] = Client(ident=b"a", last_seen=0.0)
+    for i in range(10):
+        client.outbox.append(Outgoing([b"h", b"p"], frame_index=i))
+    client.queued_frames = 10
+    n = 24
+    chunk = SimpleNamespace(index=1, frame_start=25, frames=np.zeros((n, 4, 6, 3), np.uint8), controls=None,
+                            key_seq=None, poses=np.repeat(np.eye(4, dtype=np.float32)[None], n, axis=0))
+    srv._deliver_chunk([b"a"], None, "20261127-062113-243-54508f", chunk, 0.0, 1.0)
+    assert [o.frame_index for o in client.outbox] == list(range(25, 25 + n))
+    assert client.queued_frames == n and client.dropped_total == 10 and client.drop_last == 9
