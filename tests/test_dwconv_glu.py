@@ -284,8 +284,8 @@ def test_graph_runner_recaptures_after_the_switch(compiled, monkeypatch):
     if compiled:
         runner.block_fn = compiled_block_fn()
     pipe.start(first_image(world.preset, 0), "a street", "preview")
-    chunks = Rollout(pipe, scripted_controls(8), intrinsics_px=world.preset.default_intrinsics,
-                     quality="preview").chunks(8)
+    chunks = Rollout(pipe, scripted_controls(10), intrinsics_px=world.preset.default_intrinsics,
+                     quality="preview").chunks(10)
     for _ in range(4):
         next(chunks)
     assert len(runner.graphs) == 2 and runner.replays > 0  # the steady read and write passes, plain FFN
@@ -304,6 +304,10 @@ def test_graph_runner_recaptures_after_the_switch(compiled, monkeypatch):
     assert (counters["stats"]["unique_graphs"] > compiles) == compiled  # the switch made the blocks recompile
     assert "dropped" in set_ffn_ops(pipe, None)
     assert world.stage1.ffn_ops is None and "dropped" not in set_ffn_ops(pipe, None)
+    calls = COUNTED["calls"]
+    next(chunks)  # back on the plain FFN: eager first sights, then captures; the (compiled) blocks never call the op
+    next(chunks)
+    assert COUNTED["calls"] == calls and len(runner.graphs) == 2
 
 
 # Interpreter ------------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ the FFN is two token-major GEMMs around one kernel that reads the first GEMM's o
 Hd channels once (the same math, fp32 inside the kernel; not bit-equal to the bf16 plain path, which rounds after
 each pass).
 
-`set_ffn_ops(pipe, op)` switches any op of that signature on (None: back to the plain FFN) for the world's stage-1
-model. The pipeline's stage-1 CUDA-graph runner, if it already captured graphs, would replay the old path, so its
+`set_ffn_ops(pipe, op)` switches an op of that signature on (None: back to the plain FFN) for the world's stage-1
+model. The op must be a plain function or a torch custom op: dynamo does not guard `ctx.ffn is None` on a
+`torch.compiler.disable`d callable, so a compiled block would keep calling such an op after a switch back. The
+pipeline's stage-1 CUDA-graph runner, if it already captured graphs, would replay the old path, so its
 graphs are dropped and each kind runs eagerly once more before its new capture (with `stage1-compile`, that is where
 the block call recompiles). Runners of other pipelines of the same world are not touched.
 """
@@ -28,8 +30,10 @@ def set_ffn_ops(pipe, op) -> str:
     captured with the previous one."""
     from engine.fast.stage1_graph import GraphedStage1Stream
 
-    pipe.world.stage1.ffn_ops = op
     what = f"Stage1Transformer.ffn_ops -> {getattr(op, '__name__', op)}"
+    if pipe.world.stage1.ffn_ops is op:
+        return what + " (already)"
+    pipe.world.stage1.ffn_ops = op
     if isinstance(pipe.stream, GraphedStage1Stream):
         runner = pipe.stream.runner
         if runner.graphs or runner.seen:

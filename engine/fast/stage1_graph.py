@@ -131,7 +131,9 @@ class Stage1GraphRunner:
         """The eager frame context of this chunk, or None when the statics already hold it (same chunk)."""
         # the same tensor object, unmodified (its version counter): the chunk's 4 steps and its cache pass get the
         # one camera tensor, so only its first forward builds the context (no device -> host copy, no host sync,
-        # for the others). The reference keeps the object alive, so its id cannot be reused by another tensor.
+        # for the others). The reference keeps the object alive, so its id cannot be reused by another tensor. A write
+        # that bypasses the version counter (`.data`, DLPack, a shared numpy buffer) would go unseen; WorldPipeline
+        # hands in a fresh device tensor per chunk.
         key = (self.cache.frames_written, T, h, w)
         src = self._ctx_src
         if key == self._ctx_key and src is not None and src[0] is camera_conditions \

@@ -130,7 +130,7 @@ class GLUMBConvTemp(nn.Module):
                          self.inverted_conv.conv.bias)  # [B*N, 2Hd], SiLU not yet applied
             g = ctx.ffn(y.view(B * T, h, w, 2 * Hd), self.depth_conv.conv.weight, self.depth_conv.conv.bias,
                         silu_input=True)  # [B*T, h, w, Hd]
-            s = F.linear(g.view(B * N, Hd), self.point_conv.conv.weight.view(C, Hd)).reshape(B, T, h * w, C)
+            s = F.linear(g.reshape(B * N, Hd), self.point_conv.conv.weight.view(C, Hd)).reshape(B, T, h * w, C)
         r = temporal_conv(s, self.t_conv.weight, ctx.segments, None if cache is None else cache.ffn_tail)
         if cache is not None and ctx.write_cache:
             cache.write_ffn_tail(s)
