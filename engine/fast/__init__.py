@@ -14,8 +14,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py);
 - `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
-  path, and closer to fp32: 8.2e-3 vs 9.2e-3 for a release FFN). H100: a compiled release FFN 0.71 -> 0.64 ms; the
-  stage-1 of a chunk 249 -> 235 ms (same card, tests/benchmarks/results/h100_2026-11-27_s4_*);
+  path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
+  release FFN 0.71 -> 0.64 ms; the stage-1 of a chunk 249 -> 235 ms (same card,
+  tests/benchmarks/results/h100_2026-11-27_s4_*);
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -43,8 +44,8 @@ from engine.errors import InputError
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "cache-overlap")
-# `all`: the paths that keep the bf16 model's numerics and passed their GPU tests (fp8 is opt-in by name; the
-# Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
+# `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
+# opt-in by name; the Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile",
        "refiner-rope", "refiner-gelu", "vae-fast", "frames")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile", "refiner-rope",
@@ -123,6 +124,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             if pipe.refiner is not None:
                 model = getattr(pipe.refiner.model, "model", pipe.refiner.model)  # under a GraphedRefinerModel
                 done[name] = f"{use_fused_gelu(model)} refiner FFN up-projections -> FusedGELUProj (world-wide, once)"
+                graphs = pipe.refiner.model
+                if getattr(graphs, "graphs", None):  # captured with the plain GELU: capture again (first sight first)
+                    graphs.graphs.clear()
+                    graphs.seen.clear()
         elif name == "frames":
             from engine.fast.frames import use_fast_frames
 
