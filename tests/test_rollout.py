@@ -1,5 +1,6 @@
 """The rollout generator on the tiny world: frames and poses, live == scripted, resume == uninterrupted."""
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -143,9 +144,20 @@ class NoiseRecorder:
 
 
 @pytest.mark.parametrize("quality", ["preview", "full"])
-def test_prefetched_noise_is_chunk_noise_whatever_the_rollout_does(quality):
+def test_prefetched_noise_is_chunk_noise_whatever_the_rollout_does(quality, monkeypatch):
     """The next chunk's noise is drawn in the background; what each chunk gets is still `chunk_noise` of its own
-    (seed, index, streams), also after a restore moved the rollout back and changed its seed."""
+    (seed, index, streams), also after a restore moved the rollout back and changed its seed. Only the first chunk
+    and the first one after each restore draw on the rollout's own thread."""
+    import engine.rollout as rollout_mod
+
+    draws = []
+    real_draw = rollout_mod.draw_chunk_noise
+
+    def recording_draw(seed, index, shape, refiner):
+        draws.append((seed, index, threading.current_thread() is threading.main_thread()))
+        return real_draw(seed, index, shape, refiner)
+
+    monkeypatch.setattr(rollout_mod, "draw_chunk_noise", recording_draw)
     rec = NoiseRecorder()
     ro = Rollout(rec, ScriptedControls.from_action("w-200"), intrinsics_px=(80, 80, 48, 32), seed=3,
                  quality=quality)
@@ -158,6 +170,8 @@ def test_prefetched_noise_is_chunk_noise_whatever_the_rollout_does(quality):
     list(ro.chunks(2))
     seeds = [3, 3, 3, 4, 4, 4]
     assert [i for i, _, _ in rec.noise] == [0, 1, 2, 3, 1, 2]
+    inline = sorted((seed, i) for seed, i, main in draws if main)
+    assert inline == [(3, 0), (4, 1), (4, 3)]  # the rest were drawn ahead, on the worker
     for (i, noise, ref), seed in zip(rec.noise, seeds, strict=True):
         shape = (1, 4, chunk_plan(i).latent_count, 2, 3)
         assert torch.equal(noise, chunk_noise(seed, i, shape))
