@@ -391,8 +391,9 @@ def _steady_camera(world: World, pipe: WorldPipeline, T: int) -> tuple[torch.Ten
 
 
 def profile_stages(world: World, pipe: WorldPipeline, top: int = 25) -> dict:
-    """Profiles of one stage-1 forward (a denoising step of a 3-frame chunk), one refiner forward over an open
-    block, and one VAE block decode, at the state the last session left (after its written chunks)."""
+    """Profiles of one stage-1 forward (a denoising step of a 3-frame chunk), a whole chunk's stage-1 denoising, one
+    refiner forward over an open block, a whole refiner block (which appends to the window, as a live chunk does)
+    and one VAE block decode, at the state the last session left (after its written chunks)."""
     dev, p = world.device, world.preset
     h, w = pipe.latent_hw
     stream = pipe.stream
@@ -406,7 +407,7 @@ def profile_stages(world: World, pipe: WorldPipeline, top: int = 25) -> dict:
     out["stage1_forward"] = {"frames": T, **_profile(lambda: velocity(x, t), dev, top)}
     # the whole denoising of a chunk (4 forwards and the sampler's steps between them, as the live loop runs
     # them, a new camera tensor each time as each live chunk brings): its wall time less the GPU kernel time is
-    # what the host adds (launches, syncs, the frame context)
+    # host work (the frame context, syncs) plus the gaps between kernels
     anchor = pipe.anchor if stream.next_frame == 0 else None
     denoise = lambda: stream.denoise_chunk(x, cam.clone(), pl, anchor)
     out["stage1_denoise"] = {"frames": T, **_profile(denoise, dev, top)}
