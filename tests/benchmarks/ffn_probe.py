@@ -25,10 +25,10 @@ import argparse
 import copy
 import itertools
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from graph_timing import time_graph  # this directory is on sys.path when run as a script
 
 from engine.stage1.config import Stage1Config
 from engine.stage1.model import GLUMBConvTemp
@@ -37,27 +37,6 @@ from kernels import dwconv_glu as dg
 
 H, W = 22, 40  # release latent grid (704 x 1280 pixels / 32)
 DEVICE = "cuda"
-
-
-def time_graph(fn, iters: int) -> dict:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # compiles (Triton, inductor) outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4), "out": out}
 
 
 def max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:

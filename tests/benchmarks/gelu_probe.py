@@ -10,37 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from graph_timing import time_graph  # this directory is on sys.path when run as a script
 
 from engine.fast.refiner_gelu import linear_gelu_tanh
 
 
 def plain(x, w, b):
     return F.gelu(F.linear(x, w, b), approximate="tanh")
-
-
-def time_graph(fn, iters: int) -> dict:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return {"median_ms": round(statistics.median(times), 4), "min_ms": round(min(times), 4), "out": out}
 
 
 def main(argv=None) -> int:
