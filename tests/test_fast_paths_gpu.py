@@ -12,6 +12,7 @@ from engine.errors import InputError
 from engine.fast import ALL, apply_fast_paths, expand
 from engine.fast.frames import pixels_to_frames_fast, restore_plain_frames
 from engine.fast.refiner_rope import restore_plain_rope
+from engine.fast.stage1_rope import restore_plain_rope as restore_plain_stage1_rope
 from engine.fast.vae_pad import reflect_pad_hw1, restore_plain_pad, use_fast_reflect_pad
 from engine.presets import get_preset
 from engine.rollout import Rollout
@@ -72,6 +73,7 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
     (torch.float32, 1e-4, "preview", True, ()), (torch.bfloat16, 3e-2, "full", True, ()),
     (torch.float32, 1e-4, "full", True, ("stage1-ffn", "refiner-gelu")),
     (torch.bfloat16, 3e-2, "full", True, ("stage1-ffn", "refiner-gelu")),
+    (torch.float32, 1e-4, "preview", True, ("stage1-rope",)), (torch.bfloat16, 3e-2, "preview", True, ("stage1-rope",)),
 ])
 def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them; `extra` fast paths with
@@ -84,6 +86,7 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
         pipe, applied, fast, snap_fast = rollout(world, names, quality)
     finally:
         restore_plain_rope()
+        restore_plain_stage1_rope()
         restore_plain_pad(world.vae)
         restore_plain_frames()
     assert set(applied) == set(names)

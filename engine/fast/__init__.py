@@ -17,6 +17,8 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
   release FFN 0.71 -> 0.64 ms; the stage-1 of a chunk 249 -> 235 ms (same card,
   tests/benchmarks/results/h100_2026-11-27_s4_*);
+- `stage1-rope`: the stage-1 RoPE (adjacent pairs, complex table) as one Triton pass, a custom op the compiled block
+  calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Not in `all` until measured on a GPU;
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -41,15 +43,15 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn",
+FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn", "stage1-rope",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "cache-overlap")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile",
        "refiner-rope", "refiner-gelu", "vae-fast", "frames")
-CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile", "refiner-rope",
-             "refiner-fp8", "frames", "cache-overlap")
+CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-ffn", "stage1-rope", "refiner-graph", "refiner-compile",
+             "refiner-rope", "refiner-fp8", "frames", "cache-overlap")
 
 
 def expand(names) -> list[str]:
@@ -102,6 +104,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             from engine.fast.stage1_ffn import fused_ffn_op, set_ffn_ops
 
             done[name] = set_ffn_ops(pipe, fused_ffn_op())
+        elif name == "stage1-rope":
+            from engine.fast.stage1_rope import use_triton_rope
+
+            use_triton_rope()
+            done[name] = "engine.stage1.{geometry,attention}.apply_rope -> kernels.rope.rope_pairs_triton (process)"
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 
