@@ -18,7 +18,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   release FFN 0.71 -> 0.64 ms; the stage-1 of a chunk 249 -> 235 ms (same card,
   tests/benchmarks/results/h100_2026-11-27_s4_*);
 - `stage1-rope`: the stage-1 RoPE (adjacent pairs, complex table) as one Triton pass, a custom op the compiled block
-  calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Not in `all` until measured on a GPU;
+  calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Correct on the H100 (its GPU tests, and
+  the compiled live loop at 6.1e-5 in fp32) but slower: a preview chunk 333 vs 293 ms, stage-1 276 vs 239 ms (same
+  card, one call; the cause, ~60 us more per call, is not profiled yet). Not in `all`;
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
