@@ -7,9 +7,9 @@ block calls it whole. `use_triton_rope()` points the stage-1 modules' `apply_rop
 inputs; anything else takes the plain path); `restore_plain_rope()` undoes it. Process-wide, like `refiner-rope`.
 
 Measured on the H100 (session 4, tests/benchmarks/results/h100_2026-11-27_s4_bench_preview_all_vs_rope_*.json):
-correct, but a release preview chunk took 333 ms with it against 293 without (stage-1 276 vs 239), ~60 us more per call than
-the complex multiply it replaces; not profiled yet (the custom op's input/output layouts against what inductor's
-neighbouring kernels want are the first suspect). So it is not in `all`.
+correct, but a release preview chunk took 333 ms with it against 293 without (stage-1 276 vs 239), ~60 us more per
+call than the complex multiply it replaces; not profiled yet (the custom op's input/output layouts against what
+inductor's neighbouring kernels want are the first suspect). So it is not in `all`.
 """
 
 from __future__ import annotations
