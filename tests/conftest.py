@@ -57,3 +57,30 @@ def _deterministic_fp32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture
+def poison_cpu(monkeypatch):
+    """NaN-fill every floating-point torch.empty while the test runs (kernel outputs and workspaces), so an element
+    a kernel fails to write, or a workspace row read before it is written, shows up."""
+    import torch
+
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture
+def poison_cuda():
+    """Fill the caching allocator's free blocks with NaN so torch.empty buffers start as NaN."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    blob = torch.full((64 << 20,), float("nan"), device="cuda")  # 256 MB, split for the following allocations
+    del blob
+    yield

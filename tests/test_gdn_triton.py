@@ -75,16 +75,6 @@ def check(name, outs, refs, precision):
     assert max(errs) < TOL[precision], (name, precision, errs)
 
 
-@pytest.fixture
-def poison_cuda():
-    """Fill the caching allocator's free blocks with NaN so torch.empty buffers start as NaN."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    blob = torch.full((64 << 20,), float("nan"), device="cuda")  # 256 MB, split for the following allocations
-    del blob
-    yield
-
-
 F32, BF16 = torch.float32, torch.bfloat16
 SHAPES = {  # B, H, T, S, D
     "release": (1, 20, 3, 880, 112),
@@ -321,19 +311,6 @@ def test_triton_scan_ops_on_gpu():
 
 interpreter = pytest.mark.skipif(not interpreter_usable(), reason="needs Triton and TRITON_INTERPRET=1 (Triton's "
                                  "CPU interpreter), with numpy < 2.4 for Triton <= 3.6")
-
-
-@pytest.fixture
-def poison_cpu(monkeypatch):
-    """NaN-fill every floating-point torch.empty while the test runs (the kernels' outputs and workspaces), so
-    an element the kernels fail to write, or a workspace row read before it is written, shows up."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        x = empty(*args, **kwargs)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 @interpreter
