@@ -10,10 +10,9 @@ import statistics
 import torch
 
 
-def time_graph(fn, iters: int) -> dict:
-    """Run `fn` three times on a side stream (compiles Triton / inductor code outside the capture), capture one call
-    in a CUDA graph, then time `iters` replays with CUDA events. Returns {"median_ms", "min_ms", "out"} where `out`
-    is the graph's output buffer (what the last replay wrote)."""
+def capture(fn):
+    """Run `fn` three times on a side stream (compiles Triton / inductor code outside the capture), then capture one
+    call in a CUDA graph. Returns (graph, the graph's output buffer)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -23,6 +22,13 @@ def time_graph(fn, iters: int) -> dict:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = fn()
+    return g, out
+
+
+def time_graph(fn, iters: int) -> dict:
+    """`capture(fn)`, then time `iters` replays one by one with CUDA events. Returns {"median_ms", "min_ms", "out"}
+    where `out` is the graph's output buffer (what the last replay wrote)."""
+    g, out = capture(fn)
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -22,6 +22,7 @@ import itertools
 import json
 
 import torch
+from graph_timing import capture  # this directory is on sys.path when run as a script
 
 from kernels import gdn_triton
 from kernels.camera_scan import camera_scan_backward, camera_scan_forward
@@ -96,16 +97,7 @@ def time_eager(fn, iters) -> float:
 
 
 def time_graph(fn, iters) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_eager(graph.replay, iters)
+    return time_eager(capture(fn)[0].replay, iters)
 
 
 def run(args) -> dict:
