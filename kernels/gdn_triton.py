@@ -76,9 +76,9 @@ if triton is not None:
                      sq_t, sq_s, sq_d, sk_t, sk_s, sk_d, sv_t, sv_s, sv_d, sb_t, sb_s, sg_t, ss_v, ss_k,
                      HAS_STATE: tl.constexpr, REVERSE: tl.constexpr, V_ONES: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, STORE_STATE: tl.constexpr):
         """One (batch, head, value block): pointers arrive offset to the (batch, head). The output is
-        contiguous `[T, S, DV]`, the final state contiguous `[DV, DK]`."""
+        contiguous `[T, S, DV]`, the final state contiguous `[DV, DK]` (not stored without STORE_STATE)."""
         offs_k = tl.arange(0, BLOCK_K)
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_k = offs_k < DK
@@ -126,7 +126,8 @@ if triton is not None:
                     o = tl.dot(qt, tl.trans(st), input_precision=PRECISION)
                     tl.store(out_ptr + (f * S + rows[:, None]) * DV + offs_v[None, :], o,
                              mask=mask_r[:, None] & mask_v[None, :])
-        tl.store(s_out_ptr + offs_v[:, None] * DK + offs_k[None, :], st, mask=mask_st)
+        if STORE_STATE:
+            tl.store(s_out_ptr + offs_v[:, None] * DK + offs_k[None, :], st, mask=mask_st)
 
     @triton.jit
     def _delta_rule_kernel(
@@ -155,14 +156,76 @@ if triton is not None:
                          beta, gamma, sa_in_ptr + b * ssa_b + h * ssa_h, outa_ptr + pid_bh.to(tl.int64) * T * S * DV,
                          sa_out_ptr + pid_bh.to(tl.int64) * DV * DK, T, S, DK, DV, pid_v * BLOCK_V,
                          sqa_t, sqa_s, sqa_d, ska_t, ska_s, ska_d, sv_t, sv_s, sv_d, sbe_t, sbe_s, sg_t, ssa_v, ssa_k,
-                         HAS_STATE, REVERSE, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION)
+                         HAS_STATE, REVERSE, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION, True)
         elif HAS_NORM:
             _scan_stream(qb_ptr + b * sqb_b + h * sqb_h, kb_ptr + b * skb_b + h * skb_h, v_ptr,
                          beta, gamma, sb_in_ptr + b * ssb_b + h * ssb_h, outb_ptr + pid_bh.to(tl.int64) * T * S,
                          sb_out_ptr + pid_bh.to(tl.int64) * DK, T, S, DK, 1, 0,
                          sqb_t, sqb_s, sqb_d, skb_t, skb_s, skb_d, 0, 0, 0, sbe_t, sbe_s, sg_t, 0, ssb_k,
-                         HAS_STATE, REVERSE, True, BLOCK_S_NORM, BLOCK_K, 16, PRECISION)
+                         HAS_STATE, REVERSE, True, BLOCK_S_NORM, BLOCK_K, 16, PRECISION, True)
 
+
+    @triton.jit
+    def _gdn_block_kernel(
+        qr_ptr, kr_ptr, q_ptr, k_ptr, v_ptr, beta_ptr, gamma_ptr, sig_in_ptr, z_in_ptr,
+        qc_ptr, kc_ptr, vc_ptr, betac_ptr, sigc_in_ptr,
+        numf_ptr, denf_ptr, sig_out_ptr, z_out_ptr, numb_ptr, denb_ptr, camf_ptr, sigc_out_ptr, camb_ptr,
+        H, T, S, DK, DV, NV,
+        sqr_b, sqr_h, sqr_t, sqr_s, sqr_d, skr_b, skr_h, skr_t, skr_s, skr_d,
+        sq_b, sq_h, sq_t, sq_s, sq_d, sk_b, sk_h, sk_t, sk_s, sk_d, sv_b, sv_h, sv_t, sv_s, sv_d,
+        sbe_b, sbe_h, sbe_t, sbe_s, sg_b, sg_h, sg_t, ssg_b, ssg_h, ssg_v, ssg_k, sz_b, sz_h, sz_k,
+        sqc_b, sqc_h, sqc_t, sqc_s, sqc_d, skc_b, skc_h, skc_t, skc_s, skc_d, svc_b, svc_h, svc_t, svc_s, svc_d,
+        sbc_b, sbc_h, sbc_t, sbc_s, ssc_b, ssc_h, ssc_v, ssc_k,
+        HAS_STATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_S_NORM: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """The four scans of a one-segment GDN block in one launch. Grid (B*H, 4*NV + 2); the second index
+        picks the scan: [0, NV) forward numerator by value blocks (q_rot, k_rot, v; state Sigma), NV forward
+        normaliser (q, k, ones; state z), [NV+1, 2NV+1) and 2NV+1 the same backwards (exclusive, from zeros,
+        final states not stored), [2NV+2, 3NV+2) the camera forward (qc, kc, vc, beta_c; state Sigma_c) and
+        [3NV+2, 4NV+2) the camera backward. Each program runs `_scan_stream` as `_delta_rule_kernel` does."""
+        pid_bh = tl.program_id(0)
+        slot = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        bh = pid_bh.to(tl.int64)
+        beta = beta_ptr + b * sbe_b + h * sbe_h
+        gamma = gamma_ptr + b * sg_b + h * sg_h
+        qr, kr = qr_ptr + b * sqr_b + h * sqr_h, kr_ptr + b * skr_b + h * skr_h
+        q, k, v = q_ptr + b * sq_b + h * sq_h, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+        if slot < NV:
+            _scan_stream(qr, kr, v, beta, gamma, sig_in_ptr + b * ssg_b + h * ssg_h, numf_ptr + bh * T * S * DV,
+                         sig_out_ptr + bh * DV * DK, T, S, DK, DV, slot * BLOCK_V,
+                         sqr_t, sqr_s, sqr_d, skr_t, skr_s, skr_d, sv_t, sv_s, sv_d, sbe_t, sbe_s, sg_t, ssg_v, ssg_k,
+                         HAS_STATE, False, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION, True)
+        elif slot == NV:
+            _scan_stream(q, k, v_ptr, beta, gamma, z_in_ptr + b * sz_b + h * sz_h, denf_ptr + bh * T * S,
+                         z_out_ptr + bh * DK, T, S, DK, 1, 0,
+                         sq_t, sq_s, sq_d, sk_t, sk_s, sk_d, 0, 0, 0, sbe_t, sbe_s, sg_t, 0, sz_k,
+                         HAS_STATE, False, True, BLOCK_S_NORM, BLOCK_K, 16, PRECISION, True)
+        elif slot < 2 * NV + 1:
+            _scan_stream(qr, kr, v, beta, gamma, sig_in_ptr, numb_ptr + bh * T * S * DV, sig_out_ptr,
+                         T, S, DK, DV, (slot - NV - 1) * BLOCK_V,
+                         sqr_t, sqr_s, sqr_d, skr_t, skr_s, skr_d, sv_t, sv_s, sv_d, sbe_t, sbe_s, sg_t, 0, 0,
+                         False, True, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION, False)
+        elif slot == 2 * NV + 1:
+            _scan_stream(q, k, v_ptr, beta, gamma, z_in_ptr, denb_ptr + bh * T * S, z_out_ptr, T, S, DK, 1, 0,
+                         sq_t, sq_s, sq_d, sk_t, sk_s, sk_d, 0, 0, 0, sbe_t, sbe_s, sg_t, 0, 0,
+                         False, True, True, BLOCK_S_NORM, BLOCK_K, 16, PRECISION, False)
+        else:
+            qc, kc = qc_ptr + b * sqc_b + h * sqc_h, kc_ptr + b * skc_b + h * skc_h
+            vc, betac = vc_ptr + b * svc_b + h * svc_h, betac_ptr + b * sbc_b + h * sbc_h
+            if slot < 3 * NV + 2:
+                _scan_stream(qc, kc, vc, betac, gamma, sigc_in_ptr + b * ssc_b + h * ssc_h,
+                             camf_ptr + bh * T * S * DV, sigc_out_ptr + bh * DV * DK, T, S, DK, DV,
+                             (slot - 2 * NV - 2) * BLOCK_V,
+                             sqc_t, sqc_s, sqc_d, skc_t, skc_s, skc_d, svc_t, svc_s, svc_d, sbc_t, sbc_s, sg_t,
+                             ssc_v, ssc_k, HAS_STATE, False, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION, True)
+            else:
+                _scan_stream(qc, kc, vc, betac, gamma, sigc_in_ptr, camb_ptr + bh * T * S * DV, sigc_out_ptr,
+                             T, S, DK, DV, (slot - 3 * NV - 2) * BLOCK_V,
+                             sqc_t, sqc_s, sqc_d, skc_t, skc_s, skc_d, svc_t, svc_s, svc_d, sbc_t, sbc_s, sg_t,
+                             0, 0, False, True, False, BLOCK_S, BLOCK_K, BLOCK_V, PRECISION, False)
 
     # "parallel" strategy: three launches, most of the work independent of the state. The counts (heads,
     # frames, tokens, splits, blocks) and the strides of small loads (beta's and gamma's outer ones, the input
@@ -500,6 +563,46 @@ def _launch_stream(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, pr
     return out_a, st_a, out_b, st_b
 
 
+
+def _launch_block(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, betac, sigc, precision, config):
+    """The four scans of a one-segment GDN block in one launch of `_gdn_block_kernel` ("stream" tiles: the
+    numerator and camera programs walk the frames as `_delta_rule_kernel`'s do). Returns num_f, den_f,
+    Sigma, z, num_b, den_b, cam_f, Sigma_c, cam_b."""
+    B, H, T, S, Dk = qr.shape
+    Dv = v.shape[-1]
+    itemsize = max(t.element_size() for t in (qr, kr, q, k, v, qc, kc, vc))
+    key = ("block", Dk, Dv, precision, itemsize)
+    unknown = sorted(set(config or {}) - set(STREAM_CONFIG))
+    if unknown:
+        raise TritonScanError(f"gdn_block: {unknown} are not settings of the block launch; accepted: {STREAM_CONFIG}")
+    cfg = dict(_SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize), **(config or {}))
+    num_f, sig_out, den_f, z_out = _outputs(qr, v, True)
+    num_b, den_b = torch.empty_like(num_f), torch.empty_like(den_f)
+    cam_f, sigc_out = _outputs(qc, vc, False)[:2]
+    cam_b = torch.empty_like(cam_f)
+    outs = (num_f, den_f, sig_out, z_out, num_b, den_b, cam_f, sigc_out, cam_b)
+    if B * H == 0:
+        return outs
+    has_state = sigma is not None
+    sig_in, z_in, sigc_in = (sigma, z, sigc) if has_state else (sig_out, z_out, sigc_out)  # unread stand-ins
+    state_strides = ((*sigma.stride(), *z.stride()) if has_state else (0,) * 7,
+                     sigc.stride() if has_state else (0,) * 4)
+    while True:
+        nv = triton.cdiv(Dv, cfg["BLOCK_V"])
+        try:
+            _gdn_block_kernel[(B * H, 4 * nv + 2)](
+                qr, kr, q, k, v, beta, gamma, sig_in, z_in, qc, kc, vc, betac, sigc_in, *outs, H, T, S, Dk, Dv, nv,
+                *qr.stride(), *kr.stride(), *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gamma.stride(),
+                *state_strides[0], *qc.stride(), *kc.stride(), *vc.stride(), *betac.stride(), *state_strides[1],
+                HAS_STATE=has_state, PRECISION=precision, **cfg)
+            break
+        except triton.runtime.errors.OutOfResources:  # raised at compile time, before anything runs
+            if config or cfg["BLOCK_S"] <= 16:
+                raise
+            cfg = _SMALLER[key] = dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2,
+                                       num_stages=1)
+    return outs
+
 PARALLEL_CONFIG = (  # the tunables of the "parallel" strategy (launch_with_config's keywords)
     "P1_BLOCK_S",  # phase 1 (frame matrices): tokens per loop step
     "P1_BLOCK_R",  # phase 1: matrix rows per program
@@ -637,6 +740,28 @@ def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, reverse, precision, strategy
             q.new_empty(B, H, Dk, **f32))
 
 
+
+@torch.library.custom_op("sana_wm::gdn_block_scan", mutates_args=())
+def _gdn_block_scan_op(q_rot: torch.Tensor, k_rot: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       beta: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor | None, z: torch.Tensor | None,
+                       qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, beta_c: torch.Tensor,
+                       sigma_c: torch.Tensor | None, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_runnable(q, "gdn_block_triton")
+    return _launch_block(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, sigma_c, precision, None)
+
+
+@_gdn_block_scan_op.register_fake
+def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, sigma_c, precision):
+    B, H, T, S, Dk = q_rot.shape
+    Dv, Dc = v.shape[-1], vc.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    num, den = q.new_empty(B, H, T, S, Dv, **f32), q.new_empty(B, H, T, S, **f32)
+    cam = q.new_empty(B, H, T, S, Dc, **f32)
+    return (num, den, q.new_empty(B, H, Dv, Dk, **f32), q.new_empty(B, H, Dk, **f32), torch.empty_like(num),
+            torch.empty_like(den), cam, q.new_empty(B, H, Dc, Dk, **f32), torch.empty_like(cam))
+
 # public functions: the reference signatures (plus keyword-only precision and strategy) -------------------
 
 
@@ -687,6 +812,34 @@ def camera_scan_backward_triton(q, k, v, beta, gamma, *, precision=DEFAULT_PRECI
     """`kernels.camera_scan.camera_scan_backward`. Returns out `[B, H, T, S, D]`."""
     return delta_rule_scan_triton(q, k, v, beta, gamma, reverse=True, precision=precision, strategy=strategy)[0]
 
+
+
+def gdn_block_triton(q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_c, state_c, *,
+                     precision=DEFAULT_PRECISION, config: dict | None = None):
+    """The four scans of a one-segment GDN block (`engine.stage1.temporal.ScanOps.block`'s plain composition:
+    `gdn_forward`, `gdn_backward`, `camera_scan_forward`, `camera_scan_backward` on the same frames) in one
+    launch of the "stream" kernel: ~4x the programs of one scan in flight. state = (Sigma, z) and state_c =
+    Sigma_c, both given or both None (zeros). Returns num_f, den_f, (Sigma, z), num_b, den_b, cam_f, Sigma_c,
+    cam_b (fp32). `config`: explicit "stream" tiles (STREAM_CONFIG's keys; for the sweep) instead of `_blocks`."""
+    sigma, z = (None, None) if state is None else state
+    if (state is None) != (state_c is None) or (sigma is None) != (z is None):
+        raise TritonScanError("gdn_block_triton: pass both states (Sigma, z) and Sigma_c, or neither")
+    _check_inputs(q_rot, k_rot, v, beta, gamma, sigma, precision, "stream", "gdn_block_triton")
+    _check_inputs(qc, kc, vc, beta_c, gamma, state_c, precision, "stream", "gdn_block_triton (camera)")
+    if q.shape != q_rot.shape or k.shape != k_rot.shape or qc.shape != q_rot.shape:
+        raise TritonScanError(f"gdn_block_triton: q {tuple(q.shape)}, k {tuple(k.shape)}, qc {tuple(qc.shape)} must "
+                              f"match q_rot {tuple(q_rot.shape)}")
+    if z is not None and tuple(z.shape) != (q.shape[0], q.shape[1], q.shape[-1]):
+        raise TritonScanError(f"gdn_block_triton: z {tuple(z.shape)}: need {(q.shape[0], q.shape[1], q.shape[-1])}")
+    if config is not None:
+        _check_runnable(q, "gdn_block_triton")
+        outs = _launch_block(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, state_c, precision,
+                             config)
+    else:
+        outs = _gdn_block_scan_op(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, state_c,
+                                  precision)
+    num_f, den_f, sigma, z, num_b, den_b, cam_f, sigma_c, cam_b = outs
+    return num_f, den_f, (sigma, z), num_b, den_b, cam_f, sigma_c, cam_b
 
 def launch_with_config(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION,
                        strategy=DEFAULT_STRATEGY, qn=None, kn=None, z=None, **config):

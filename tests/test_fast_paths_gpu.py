@@ -159,6 +159,62 @@ def test_tf32_scans_close_to_fp32():
     assert 0 < err <= 1e-2  # not bit-equal (TF32 really used), but close
 
 
+def rollout_with_prompt_change(world, fast, quality="full", chunks=CHUNKS, change_after=4):
+    pipe = WorldPipeline(world)
+    apply_fast_paths(pipe, fast)
+    pipe.start(first_image(world.preset, 0), "a street", quality)
+    ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, seed=3,
+                 quality=quality)
+    out = []
+    for chunk in ro.chunks(chunks):
+        out.append(chunk)
+        if chunk.index == change_after:
+            pipe.old_texts = (pipe.stream.text, pipe.refiner.text)
+            pipe.set_prompt("a forest path in the rain")
+    return pipe, out, pipe.snapshot()
+
+
+@pytest.mark.gpu
+def test_graphs_follow_a_prompt_change_holding_the_text_once():
+    """A prompt change after the graphs are captured: the same chunks as the eager path; the pipeline's prompt K/V
+    are the graph runners' static copies (one copy on the device), and the previous prompt's objects are emptied."""
+    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=1)
+    _, plain, snap_plain = rollout_with_prompt_change(world, ())
+    pipe, fast, snap_fast = rollout_with_prompt_change(world, ("stage1-graph", "refiner-graph"))
+    err = compare(fast, plain, snap_fast, snap_plain, "full")
+    print(f"graphs across a prompt change: max rel err {err:.2e} (tol 1e-4)")
+    assert err <= 1e-4
+    runner, graphed = pipe.stream.runner, pipe.refiner.model
+    assert pipe.stream.text.kv is runner.text.kv and pipe.stream.text.bias is runner.text.bias
+    assert pipe.refiner.text.k is graphed.text.k and pipe.refiner.text.v is graphed.text.v
+    old_stage1, old_refiner = pipe.old_texts  # their values are gone from the static copies
+    assert old_stage1.kv is None and old_refiner.k is None
+
+@pytest.mark.gpu
+def test_triton_scans_close_to_fp32_and_block_launch_equals_four():
+    """`stage1-triton-scans` (TF32 dots) near the plain fp32 scans over a live loop, its GDN blocks' scans going
+    out as one launch each; the same loop with four launches per block is bit-equal to it."""
+    world = build_bench_world("tiny", device="cuda", dtype=torch.float32, seed=2)
+    _, _, plain, snap_plain = rollout(world, (), "preview", chunks=3)
+    calls = []
+
+    def counted(pipe):
+        ops = pipe.world.stage1.scan_ops
+        block = ops.gdn_block
+        ops.gdn_block = lambda *a: calls.append(1) or block(*a)
+
+    _, applied, fast, snap_fast = rollout(world, ("stage1-triton-scans",), "preview", chunks=3, before_start=counted)
+    assert "stage1-triton-scans" in applied and calls
+    err = compare(fast, plain, snap_fast, snap_plain, "preview")
+    print(f"triton scans (one launch a block, {len(calls)} launches): max rel err {err:.2e} (tol 1e-2)")
+    assert 0 < err <= 1e-2
+
+    def four(pipe):
+        pipe.world.stage1.scan_ops.gdn_block = None
+
+    _, _, separate, snap_separate = rollout(world, ("stage1-triton-scans",), "preview", chunks=3, before_start=four)
+    assert compare(separate, fast, snap_separate, snap_fast, "preview") == 0
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("lead,H,N,D", [((1,), 32, 2640, 128), ((3, 2), 5, 77, 32), ((), 1, 1, 16)])

@@ -305,6 +305,64 @@ def test_triton_scan_ops_on_gpu():
     check("ScanOps.camera_backward", (ops.camera_backward(q, k, v, beta, gamma),),
           (camera_scan_backward(q, k, v, beta, gamma),), "ieee")
 
+BLOCK_CASES = ("release-bfloat16-tf32", "release-bfloat16-tf32x3", "B2-S37-T4-bfloat16-tf32", "B2-S37-T4-float32-ieee",
+               "T1-S37-D16-float32-tf32", "B2-S130-D16-bfloat16-tf32x3", "S65-D48-bfloat16-tf32")
+
+
+def block_inputs(B, H, T, S, D, dtype, device, layout="contiguous", state=True):
+    """The arguments of ScanOps.block: main inputs, then camera inputs from another seed (their own beta)."""
+    q_rot, k_rot, q, k, v, beta, gamma = make_inputs(B, H, T, S, D, dtype, device, layout=layout)
+    _, _, qc, kc, vc, beta_c, _ = make_inputs(B, H, T, S, D, dtype, device, layout=layout, seed=5)
+    sigma, z = make_state(B, H, D, device)
+    sigma_c = make_state(B, H, D, device, seed=2)[0]
+    return (q_rot, k_rot, q, k, v, beta, gamma, (sigma, z) if state else None, qc, kc, vc, beta_c,
+            sigma_c if state else None)
+
+
+def flat_block(out) -> list[torch.Tensor]:
+    num_f, den_f, (sigma, z), num_b, den_b, cam_f, sigma_c, cam_b = out
+    return [num_f, den_f, sigma, z, num_b, den_b, cam_f, sigma_c, cam_b]
+
+
+def check_block(args, precision, label):
+    """gdn_block_triton against the plain ScanOps.block (the four references) and bit-equal to the four
+    separate Triton launches (the same per-program code and tiles)."""
+    from engine.fast.scans import triton_scan_ops
+    from engine.stage1.temporal import ScanOps
+
+    out = gt.gdn_block_triton(*args, precision=precision)
+    check(f"{label} gdn_block", flat_block(out), flat_block(ScanOps().block(*args)), precision)
+    separate = triton_scan_ops(precision=precision, strategy="stream")
+    separate.gdn_block = None
+    for a, b in zip(flat_block(out), flat_block(separate.block(*args)), strict=True):
+        assert torch.equal(a, b), label
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", [True, False])
+@pytest.mark.parametrize("B,H,T,S,D,dtype,precision", [c for c in CASES if c.id in BLOCK_CASES])
+def test_block_launch_matches_reference(B, H, T, S, D, dtype, precision, state, poison_cuda):
+    check_block(block_inputs(B, H, T, S, D, dtype, "cuda", layout="heads", state=state), precision,
+                f"B{B} H{H} T{T} S{S} D{D} {dtype}")
+
+
+@pytest.mark.gpu
+def test_block_launch_in_a_cuda_graph():
+    args = block_inputs(1, 20, 3, 880, 112, torch.bfloat16, "cuda", layout="heads")
+    eager = flat_block(gt.gdn_block_triton(*args))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gt.gdn_block_triton(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = flat_block(gt.gdn_block_triton(*args))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager, strict=True):
+        assert torch.equal(a, b)
+
 
 # CPU ------------------------------------------------------------------------------------------------------
 
@@ -395,6 +453,25 @@ def test_interpreter_launch_with_config_refuses_unknown_settings():
         gt.launch_with_config(q_rot, k_rot, v, beta, gamma, strategy="stream", P1_SPLIT=48)
 
 
+@interpreter
+@pytest.mark.parametrize("state", [True, False])
+@pytest.mark.parametrize("layout", ["heads", "strided"])
+@pytest.mark.parametrize("T,S,D", [(3, 37, 16), (1, 19, 20), (2, 21, 112)])
+def test_interpreter_block_launch(T, S, D, layout, state, poison_cpu):
+    check_block(block_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout, state=state), "ieee",
+                f"interpreter T{T} S{S} D{D} {layout}")
+
+
+@interpreter
+def test_interpreter_block_launch_config_and_errors():
+    args = block_inputs(1, 2, 2, 21, 16, torch.float32, "cpu")
+    small = gt.gdn_block_triton(*args, precision="ieee", config=dict(BLOCK_S=16, BLOCK_V=16, num_warps=2))
+    check("interpreter gdn_block BLOCK_S=16", flat_block(small), flat_block(gt.gdn_block_triton(*args,
+          precision="ieee")), "ieee")
+    with pytest.raises(gt.TritonScanError, match="P1_SPLIT.*not settings of the block launch"):
+        gt.gdn_block_triton(*args, config=dict(P1_SPLIT=16))
+
+
 def test_imports_without_triton_and_says_so():
     """With triton unimportable the module still imports; calling the Triton path raises TritonScanError."""
     code = (
@@ -439,6 +516,11 @@ def test_bad_inputs_are_refused():
         gt.gdn_forward_triton(q_rot, k_rot, q, k, v, beta, gamma, strategy="chunked")
     with pytest.raises(gt.TritonScanError, match="strategy 'chunked'"):
         gt.camera_scan_backward_triton(q, k, v, beta, gamma, strategy="chunked")
+    args = block_inputs(1, 2, 2, 5, 16, torch.float32, "cpu")
+    with pytest.raises(gt.TritonScanError, match="both states"):
+        gt.gdn_block_triton(*args[:12], None)
+    with pytest.raises(gt.TritonScanError, match="qc .* must match q_rot"):
+        gt.gdn_block_triton(*args[:8], *(t[:, :, :, :4] for t in args[8:12]), args[12])
 
 
 def test_triton_scan_ops_binds_precision():
@@ -451,7 +533,9 @@ def test_triton_scan_ops_binds_precision():
                      (ops.camera_forward, gt.camera_scan_forward_triton),
                      (ops.camera_backward, gt.camera_scan_backward_triton)):
         assert fn.func is base and fn.keywords == {"precision": "tf32", "strategy": gt.DEFAULT_STRATEGY}
+    assert ops.gdn_block.func is gt.gdn_block_triton and ops.gdn_block.keywords == {"precision": "tf32"}
     assert triton_scan_ops(strategy="parallel").gdn_forward.keywords["strategy"] == "parallel"
+    assert triton_scan_ops(strategy="parallel").gdn_block is None  # four launches of the parallel strategy
     with pytest.raises(ValueError, match="precision"):
         triton_scan_ops(precision="fp16")
     with pytest.raises(ValueError, match="strategy 'chunked'"):

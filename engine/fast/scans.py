@@ -4,8 +4,9 @@ The frame-wise delta-rule scans run in fp32 with many small batched matmuls; wit
 SIMT (CUDA-core) GEMM, the largest single kernel of the release stage-1 forward. `tf32_scan_ops()` returns a
 `ScanOps` whose functions are the reference scans run with TF32 matmuls allowed (~1e-3 relative on the scan,
 under the bf16 model's own rounding); the flag is restored after each call. `triton_scan_ops()` returns the
-Triton scans of kernels/gdn_triton.py (one launch per call, numerator and normaliser fused; CUDA only), in the
-chosen tl.dot precision.
+Triton scans of kernels/gdn_triton.py (one launch per call, numerator and normaliser fused; with the "stream"
+strategy a one-segment GDN block's four scans, main and camera, forward and backward, go out as one launch;
+CUDA only), in the chosen tl.dot precision.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def triton_scan_ops(precision: str | None = None, strategy: str | None = None) -
     if strategy not in gt.STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; accepted: {gt.STRATEGIES}")
     bind = lambda fn: functools.partial(fn, precision=precision, strategy=strategy)
+    block = functools.partial(gt.gdn_block_triton, precision=precision) if strategy == "stream" else None
     return ScanOps(gdn_forward=bind(gt.gdn_forward_triton), gdn_backward=bind(gt.gdn_backward_triton),
                    camera_forward=bind(gt.camera_scan_forward_triton),
-                   camera_backward=bind(gt.camera_scan_backward_triton))
+                   camera_backward=bind(gt.camera_scan_backward_triton), gdn_block=block)

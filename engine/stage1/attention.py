@@ -136,16 +136,8 @@ class SelfAttention(nn.Module):
         q_rot, k_rot = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
         fr = lambda t: frames_view(t, T)
         q, k, v, q_rot, k_rot = map(fr, (q, k, v, q_rot, k_rot))
-        state = None if cache is None else (cache.sigma, cache.z)
-        num_f, den_f, state = ctx.scans.gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
-        backward = [ctx.scans.gdn_backward(q_rot[:, :, s], k_rot[:, :, s], q[:, :, s], k[:, :, s], v[:, :, s],
-                                           beta[:, :, s], gamma[:, :, s]) for s in segment_slices(ctx)]
-        num_b = torch.cat([n for n, _ in backward], dim=2)
-        den_b = torch.cat([d for _, d in backward], dim=2)
-        main = (num_f + num_b) / (den_f + den_b + self.eps)[..., None]  # [B, H, T, S, D]
-        main = from_heads(main.reshape(B, H, N, self.head_dim)).to(a.dtype)
 
-        # camera branch
+        # camera branch inputs
         qc, kc, vc = self.q_proj_cam(a), self.k_proj_cam(a), self.v_proj_cam(a)
         kc = symmetric_short_conv(kc.reshape(B, T, S, C), self.conv_k_cam.weight, ctx.segments,
                                   causal_across_segments=False).reshape(B, N, C)
@@ -157,10 +149,24 @@ class SelfAttention(nn.Module):
                      / torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)) ** 2  # [B, H, N]
         beta_cam = beta / frames_view(inflation, T).mean(-1, keepdim=True).clamp_min(1.0)
         qu, ku, vu = map(fr, (qu, ku, vu))
-        cam_f, sigma_cam = ctx.scans.camera_forward(qu, ku, vu, beta_cam, gamma,
-                                                   None if cache is None else cache.sigma_cam)
-        cam_b = torch.cat([ctx.scans.camera_backward(qu[:, :, s], ku[:, :, s], vu[:, :, s], beta_cam[:, :, s],
-                                                     gamma[:, :, s]) for s in segment_slices(ctx)], dim=2)
+
+        # the scans: forward ones seeded from the cache, backward ones per segment
+        state = None if cache is None else (cache.sigma, cache.z)
+        sigma_cam = None if cache is None else cache.sigma_cam
+        if len(ctx.segments) == 1:
+            num_f, den_f, state, num_b, den_b, cam_f, sigma_cam, cam_b = ctx.scans.block(
+                q_rot, k_rot, q, k, v, beta, gamma, state, qu, ku, vu, beta_cam, sigma_cam)
+        else:
+            num_f, den_f, state = ctx.scans.gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
+            backward = [ctx.scans.gdn_backward(q_rot[:, :, s], k_rot[:, :, s], q[:, :, s], k[:, :, s], v[:, :, s],
+                                               beta[:, :, s], gamma[:, :, s]) for s in segment_slices(ctx)]
+            num_b = torch.cat([n for n, _ in backward], dim=2)
+            den_b = torch.cat([d for _, d in backward], dim=2)
+            cam_f, sigma_cam = ctx.scans.camera_forward(qu, ku, vu, beta_cam, gamma, sigma_cam)
+            cam_b = torch.cat([ctx.scans.camera_backward(qu[:, :, s], ku[:, :, s], vu[:, :, s], beta_cam[:, :, s],
+                                                         gamma[:, :, s]) for s in segment_slices(ctx)], dim=2)
+        main = (num_f + num_b) / (den_f + den_b + self.eps)[..., None]  # [B, H, T, S, D]
+        main = from_heads(main.reshape(B, H, N, self.head_dim)).to(a.dtype)
         cam = (cam_f + cam_b).reshape(B, H, N, self.head_dim).to(a.dtype)
         cam = from_heads(ucpe_transform(cam, ctx.P, ctx.cam_rope, inverse_rope=True))
         if cache is not None and ctx.write_cache:

@@ -68,6 +68,21 @@ class ScanOps:
     gdn_backward: Callable = gdn_backward
     camera_forward: Callable = camera_scan_forward
     camera_backward: Callable = camera_scan_backward
+    # all four scans of a one-segment GDN block in one call (same arguments and results as `block`), e.g.
+    # kernels.gdn_triton.gdn_block_triton's single launch; None: `block` calls the four functions above
+    gdn_block: Callable | None = None
+
+    def block(self, q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state):
+        """The forward and backward GDN scans (main q_rot, k_rot, q, k, v; state (Sigma, z) or None) and camera
+        scans (qc, kc, vc, beta_cam; state Sigma_c or None) over the same frames, the backward ones over all of
+        them (one segment). Returns num_f, den_f, (Sigma, z), num_b, den_b, cam_f, Sigma_c, cam_b."""
+        if self.gdn_block is not None:
+            return self.gdn_block(q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state)
+        num_f, den_f, state = self.gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
+        num_b, den_b = self.gdn_backward(q_rot, k_rot, q, k, v, beta, gamma)
+        cam_f, cam_state = self.camera_forward(qc, kc, vc, beta_cam, gamma, cam_state)
+        cam_b = self.camera_backward(qc, kc, vc, beta_cam, gamma)
+        return num_f, den_f, state, num_b, den_b, cam_f, cam_state, cam_b
 
 
 @dataclass

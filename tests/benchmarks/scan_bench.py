@@ -11,6 +11,10 @@ their defaults).
 
     PYTHONPATH=. python3 tests/benchmarks/scan_bench.py --strategy stream parallel --out scan_bench.json \
         [--sweep [tf32 ...]]
+
+`--block tf32 [...]` instead times one GDN block's four scans as the model runs them with `stage1-triton-scans`:
+one launch of `gdn_block_triton` against the four "stream" launches (graph replay), their difference (zero
+expected: same per-program code), and with `--sweep` the block launch's tile configs.
 """
 
 from __future__ import annotations
@@ -148,6 +152,11 @@ SWEEP_GRID = {  # "stream": BLOCK_S, BLOCK_V, num_warps, num_stages
     "tf32x3": ((32, 64, 128), (16, 32, 64), (4, 8), (2,)),
     "ieee": ((16, 32), (16, 32), (4, 8), (2,)),
 }
+BLOCK_SWEEP = {  # the block launch ("stream" tiles; each config is a compile of a four-branch kernel)
+    "tf32": ((64, 128), (16, 32, 64), (4, 8), (2,)),
+    "tf32x3": ((64, 128), (16, 32), (4, 8), (2,)),
+    "ieee": ((16, 32), (16, 32), (4,), (2,)),
+}
 PARALLEL_SWEEP = {  # "parallel": per phase, the settings tried together (the other phases at their defaults)
     "phase 1": dict(P1_BLOCK_S=(32, 64), P1_BLOCK_R=(32, 64), P1_SPLIT=(256, 512, 1024), P1_WARPS=(4, 8)),
     "phase 2": dict(P2_BLOCK_V=(16, 32, 64), P2_BLOCK_C=(16, 32), P2_WARPS=(4, 8)),
@@ -207,6 +216,37 @@ def sweep(x, args) -> list[dict]:
     return out
 
 
+def block_rows(x, args) -> dict:
+    """One GDN block's four scans (camera inputs: the main q, k, v again): the block launch vs four launches."""
+    from engine.fast.scans import triton_scan_ops
+
+    a = (x["q_rot"], x["k_rot"], x["q"], x["k"], x["v"], x["beta"], x["gamma"], (x["sigma"], x["z"]),
+         x["q_rot"], x["k_rot"], x["v"], x["beta"] * 0.5, x["sigma"] * 0.5)
+    rows, sweep_rows = [], []
+    for prec in args.block:
+        four = triton_scan_ops(precision=prec, strategy="stream")
+        four.gdn_block = None
+        one = functools.partial(gdn_triton.gdn_block_triton, *a, precision=prec)
+        diff = max_rel(one(), four.block(*a))
+        t_four, t_one = time_graph(functools.partial(four.block, *a), args.iters), time_graph(one, args.iters)
+        rows.append(dict(precision=prec, four_launches_ms=t_four, one_launch_ms=t_one, max_rel_diff=diff))
+        print(f"block {prec:7s} four launches {t_four:.4f} ms  one launch {t_one:.4f} ms  diff {diff:.1e}")
+        for bs, bv, warps, stages in itertools.product(*BLOCK_SWEEP[prec]) if args.sweep is not None else ():
+            cfg = dict(BLOCK_S=bs, BLOCK_V=bv, BLOCK_S_NORM=bs, num_warps=warps, num_stages=stages)
+            try:
+                ms = time_graph(functools.partial(gdn_triton.gdn_block_triton, *a, precision=prec, config=cfg),
+                                args.iters)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+                print(f"sweep block {prec} {cfg}: failed ({type(e).__name__})")
+                ms = float("inf")
+            sweep_rows.append(dict(precision=prec, ms=ms, **cfg))
+            print(f"sweep block {prec:7s} {ms:.4f} ms  {cfg}")
+        for r in sorted((r for r in sweep_rows if r["precision"] == prec), key=lambda r: r["ms"])[:3]:
+            print(f"best block {prec:7s} {r['ms']:.4f} ms  {({k: r[k] for k in SWEEP_KEYS})}")
+    return dict(shape=dict(B=args.batch, H=args.heads, T=args.frames, S=args.tokens, D=args.head_dim),
+                dtype=args.dtype, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=getattr(gdn_triton.triton, "__version__", None), block=rows, sweep=sweep_rows)
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1)
@@ -220,11 +260,17 @@ def main(argv=None) -> dict:
                     help="the Triton strategies to time side by side (default: all)")
     ap.add_argument("--sweep", nargs="*", default=None, choices=gdn_triton.PRECISIONS,
                     help="also time tile configs of the Triton kernels in these precisions")
+    ap.add_argument("--block", nargs="+", default=None, choices=gdn_triton.PRECISIONS,
+                    help="only time a GDN block's four scans, one launch vs four, in these precisions")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("scan_bench needs a CUDA device")
-    result = run(args)
+    if args.block:
+        result = block_rows(release_inputs(args.batch, args.heads, args.frames, args.tokens, args.head_dim,
+                                           getattr(torch, args.dtype), torch.device("cuda")), args)
+    else:
+        result = run(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
