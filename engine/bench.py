@@ -58,6 +58,7 @@ class BenchConfig:
     snapshot: bool = True
     gemm_size: int = 8192  # n of the n^3 GEMM ceiling (0 = skip)
     profile: bool = False  # profile one stage-1 forward (CUDA only)
+    profile_top: int = 25  # kernels listed per profile (by GPU time)
     fast: tuple[str, ...] = ()  # engine.fast path names
     out: str | None = None  # JSON path
     snapshot_dir: str | None = None  # where the snapshot file is written (default: a temp dir)
@@ -482,6 +483,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         from engine.fast import apply_fast_paths
 
         report["fast"] = apply_fast_paths(pipe, cfg.fast)
+        if "lean-memory" in cfg.fast:
+            from engine.fast.lean_memory import host_resident_bytes
+
+            report["host_resident_gb"] = round(host_resident_bytes(world) / 1e9, 3)
         from engine.fast import warm_compiled
 
         t0 = _sync(dev)  # as `sana-wm engine` does before serving: torch.compile paths compile ahead of a session
@@ -508,7 +513,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     _write(cfg, report)
     if cfg.profile:
         try:
-            report["profile"] = profile_stages(world, pipe)
+            report["profile"] = profile_stages(world, pipe, top=cfg.profile_top)
         except Exception:  # noqa: BLE001 - a failed profile must not lose the measurements
             import traceback
 
@@ -584,6 +589,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--no-snapshot", action="store_true", help="skip the snapshot size/time measurement")
     p.add_argument("--gemm", type=int, default=8192, help="n of the n^3 GEMM ceiling (0 = skip)")
     p.add_argument("--profile", action="store_true", help="profile one forward of each stage")
+    p.add_argument("--profile-top", type=int, default=25, help="kernels listed per profile (default 25)")
     p.add_argument("--fast", default="", help="comma-separated fast paths (see engine.fast.FAST_PATHS)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--snapshot-dir", default=None, help="directory for the temporary snapshot file")
@@ -597,10 +603,13 @@ def config_from_args(args) -> BenchConfig:
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     if args.chunks < 1:
         raise InputError(f"--chunks {args.chunks}; at least 1")
+    if args.profile_top < 1:
+        raise InputError(f"--profile-top {args.profile_top}; at least 1")
     return BenchConfig(preset=args.preset, chunks=args.chunks,
                        qualities=tuple(q for q in args.quality.split(",") if q), device=device, dtype=dtype,
                        seed=args.seed, warmup=args.warmup, replay_chunks=args.replay_chunks,
                        snapshot=not args.no_snapshot, gemm_size=args.gemm, profile=args.profile,
+                       profile_top=args.profile_top,
                        fast=tuple(f for f in args.fast.split(",") if f), out=args.out,
                        snapshot_dir=args.snapshot_dir, in_line_chunks=args.in_line_chunks)
 
