@@ -61,6 +61,12 @@ class GraphedRefinerModel:
             for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
                                 strict=True):
                 dst.copy_(src)
+        # the caller's prompt now reads the static copies (equal values), so the prompt's K/V (0.8 GB at the
+        # release size) are held once, not twice. A later prompt of the same shapes is copied into them, so the
+        # previous prompt object would read the new values: it is emptied, and a use of it fails loudly.
+        if self._text_src is not None:
+            self._text_src.k = self._text_src.v = self._text_src.bias = None
+        text.k, text.v, text.bias = self.text.k, self.text.v, self.text.bias
         self._text_src = text
 
     def _statics(self, latents: Tensor, rope: Rope) -> dict[str, Tensor]:

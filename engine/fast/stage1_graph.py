@@ -114,6 +114,11 @@ class Stage1GraphRunner:
                 sk.copy_(k)
                 sv.copy_(v)
             self.text.bias.copy_(text.bias)
+        # the prompt's K/V held once: the caller's prompt reads the static copies (equal values); the previous
+        # prompt object, whose values those copies no longer hold, is emptied (a use of it fails loudly)
+        if self._text_src is not None:
+            self._text_src.kv = self._text_src.bias = None
+        text.kv, text.bias = self.text.kv, self.text.bias
         self._text_src = text
 
     def _statics_for(self, x: torch.Tensor, plucker: torch.Tensor, ctx: FrameContext | None) -> _Statics:
