@@ -202,7 +202,7 @@ def export(world: World, path: str | Path, out: str | Path | None = None, *, ref
                 latents = pipe.refine(k, stage1, chunk_noise(m.seed, k, tuple(stage1.shape), stream=1))
             else:
                 latents = (refined if refined is not None else stage1).to(world.device, world.dtype)
-            frames = pixels_to_frames(pipe.decoder.decode_block(latents)).numpy()
+            frames = pixels_to_frames(pipe.decode(latents)).numpy()
             start = plan.decoded_start
             if quality == "full" and k == 0:
                 frames, start = frames[1:], 1

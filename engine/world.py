@@ -246,6 +246,9 @@ class WorldPipeline:
         # with it, the chunk's own work runs on a high-priority stream, so the pass beside it only takes what the
         # refiner and the decode leave idle
         self.main_stream: torch.cuda.Stream | None = None
+        # latent frames per VAE decoder call (fast path `lean-memory`: 1, a third of the decoder's activations held at
+        # once); None: a chunk in one call. The streaming decoder gives the same pixels for any split.
+        self.decode_frames_per_call: int | None = None
         # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
         self.staging = world.snapshot_staging()
         if world.fast:
@@ -342,8 +345,7 @@ class WorldPipeline:
         try:
             refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
             t2 = self._sync_stream()
-            pixels = self.decoder.decode_block(refined if refined is not None else clean)
-            frames = pixels_to_frames(pixels)
+            frames = pixels_to_frames(self.decode(refined if refined is not None else clean))
             t3 = time.perf_counter()
         finally:
             if side is not None:
@@ -363,6 +365,15 @@ class WorldPipeline:
             timings["refiner"] = t2 - t1
         return ChunkOutputs(clean.float().cpu(), None if refined is None else refined.float().cpu(),
                             frames.numpy(), timings)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The streaming VAE decode of a chunk's latents `[1, C, n, h, w]`, `decode_frames_per_call` latent frames per
+        decoder call (all n when None); the pixels of the calls joined on the device."""
+        n = latents.shape[2]
+        step = self.decode_frames_per_call or n
+        if step >= n:
+            return self.decoder.decode_block(latents)
+        return torch.cat([self.decoder.decode_block(latents[:, :, i:i + step]) for i in range(0, n, step)], dim=2)
 
     @torch.no_grad()
     def refine(self, chunk_index: int, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -388,7 +399,7 @@ class WorldPipeline:
             (ref,) = self._to_model(refined)
             self.refiner.replay_capture(ref[:, :, 1:] if first else ref)
             decode_input = ref
-        return pixels_to_frames(self.decoder.decode_block(decode_input)).numpy()
+        return pixels_to_frames(self.decode(decode_input)).numpy()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """Host copies of every cache and counter, keyed as `restore` reads them.

@@ -36,7 +36,12 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   chunk's refiner and decode on a high-priority one (`WorldPipeline.cache_stream`, `main_stream`); the chunk still
   ends when the pass has (the next chunk reads it). Opt-in: on the H100, before the priorities, it gained ~3 ms
   per preview chunk and lost ~40 ms per full chunk (the pass slowed the refiner more than it saved); the variant
-  with priorities is not measured yet.
+  with priorities is not measured yet;
+- `lean-memory`: not a speed path but a memory one: the weights no chunk reads (the prompt-time cross-attention K/V
+  projections and caption embedders, the VAE encoder, the text connectors; 5.1 GB at the release size) live in
+  page-locked host memory and are copied in per layer when a prompt is set or an image encoded, and the VAE decodes
+  one latent frame per call (a third of the decoder's activations held at once); engine/fast/lean_memory.py. Same
+  values; a prompt change copies ~3.7 GB more. Opt-in.
 
 `all` names the ones in `ALL`.
 """
@@ -47,7 +52,7 @@ from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn", "stage1-rope",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
-              "frames", "cache-overlap")
+              "frames", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile",
@@ -137,6 +142,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
                 if getattr(graphs, "graphs", None):  # captured with the plain GELU: capture again (first sight first)
                     graphs.graphs.clear()
                     graphs.seen.clear()
+        elif name == "lean-memory":
+            from engine.fast.lean_memory import use_lean_memory
+
+            done[name] = use_lean_memory(pipe)
         elif name == "frames":
             from engine.fast.frames import use_fast_frames
 
