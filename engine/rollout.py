@@ -228,6 +228,10 @@ class Pipeline(Protocol):
 
     def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs: ...
 
+    def finish_chunk(self) -> float:
+        """Work the last chunk left for later (its frames are out): done before anything reads the caches.
+        Returns its seconds (0.0 when there was none). Idempotent."""
+
     def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
                      camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> np.ndarray:
         """Rebuild the caches after a chunk from its stored latents: cache-write passes only, no denoising.
@@ -328,10 +332,17 @@ class Rollout:
         self._prefetch = (nxt, noise_worker().submit(draw_chunk_noise, *nxt))
         return noise, ref
 
+    def finish_chunk(self) -> float:
+        """The pipeline's deferred work of the last chunk (the stage-1 cache pass): a consumer calls this once it
+        has taken a chunk's frames, so that work runs while they are sent and before the next chunk's keys are
+        sampled; the next chunk runs it otherwise. Returns its seconds (0.0 when there was none)."""
+        return self.pipeline.finish_chunk()
+
     def chunks(self, max_chunks: int | None = None) -> Iterator[Chunk]:
         produced = 0
         while max_chunks is None or produced < max_chunks:
             plan = chunk_plan(self.next_index)
+            self.finish_chunk()  # before the keys are sampled: not on the path from keys to frames
             t0 = time.perf_counter()
             ctl = self.controls.next_chunk(plan)
             if ctl is None:

@@ -985,6 +985,13 @@ class EngineServer:
         live.jit.observe(live.chunk_seconds)
         live.last_sent = chunk.frame_start + n - 1
         self._encode.put(("chunk", self._recipients(live), live.driver, s.id, chunk, t_sampled, t_ready))
+        try:  # while the encoder thread sends the frames: the chunk's stage-1 cache pass (and a due snapshot)
+            s.finish_chunk()
+        except Exception as e:  # noqa: BLE001 - as a failed chunk: the session ends, the engine goes on
+            log.exception("session %s: finishing chunk %d failed", s.id, chunk.index)
+            self._send(self._recipients(live), error_from(
+                ProtocolError("internal", WHOLE_MESSAGE, f"chunk failed: {type(e).__name__}: {e}")))
+            self._end(live, "error", f"{type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ encoder thread
 

@@ -198,6 +198,7 @@ class Session:
         self._writer = SnapshotWriter(sdir, self.stats) if sdir is not None else None
         self._video: VideoWriter | None = None
         self._last_snapshot = -1
+        self._snapshot_due = False  # the last committed chunk's periodic snapshot is still to be taken
         self._last_committed = -1  # the last chunk whose commit record is in the action log
 
     # ------------------------------------------------------------------------------ properties
@@ -256,7 +257,9 @@ class Session:
 
     # ------------------------------------------------------------------------------ per chunk
     def step(self) -> Chunk | None:
-        """Generate the next chunk and commit it to the recording. None when the control source is done."""
+        """Generate the next chunk and commit it to the recording. None when the control source is done.
+        The last chunk's deferred work (`finish_chunk`) runs first if its consumer did not run it."""
+        self.finish_chunk()
         plan = chunk_plan(self.rollout.next_index)
         for frame in sorted(self.pending_prompts):
             if frame <= plan.pixel_start:
@@ -279,7 +282,16 @@ class Session:
         self._log.flush_chunk(chunk.index, chunk.frame_start, chunk.frame_start + chunk.frames.shape[0])
         self._last_committed = chunk.index
         self.stats["record_s"] = time.perf_counter() - t0
-        if (chunk.index + 1) % self.snapshot_every == 0:
+        self._snapshot_due = (chunk.index + 1) % self.snapshot_every == 0  # taken by `finish_chunk`
+
+    def finish_chunk(self) -> None:
+        """After a chunk's frames are handed on: the pipeline's deferred work of that chunk (the stage-1 cache
+        pass) and, every `snapshot_every` chunks, the snapshot, so neither sits between the chunk's keys and its
+        frames. The live server calls this right after queueing the frames; otherwise the next `step`, `pause` or
+        `close` does. Idempotent."""
+        self.rollout.finish_chunk()
+        if self._snapshot_due:
+            self._snapshot_due = False
             self.save_snapshot()
 
     def save_snapshot(self) -> None:

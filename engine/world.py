@@ -249,6 +249,13 @@ class WorldPipeline:
         # latent frames per VAE decoder call (fast path `lean-memory`: 1, a third of the decoder's activations held at
         # once); None: a chunk in one call. The streaming decoder gives the same pixels for any split.
         self.decode_frames_per_call: int | None = None
+        # the stage-1 cache-write pass of the last chunk when it has not run yet: (clean latents, camera tensors).
+        # A chunk's pass is needed by the next chunk only, so it runs after the chunk's frames are handed out
+        # (`finish_chunk`, which the session's consumer calls while the frames are encoded and sent) instead of
+        # between its denoising and its decode: off the path from sampled keys to frames. Anything that reads the
+        # stage-1 caches or changes what the pass reads (the prompt) runs it first; start/restore drop it.
+        self._pending_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.cache_pass_s: float | None = None  # seconds of the last deferred pass (the next chunk's timings)
         # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
         self.staging = world.snapshot_staging()
         if world.fast:
@@ -278,6 +285,7 @@ class WorldPipeline:
         if tuple(first_image.shape[-2:]) != tuple(self.pixel_hw):
             raise InputError(f"first image is {tuple(first_image.shape[-2:])}, the world generates {self.pixel_hw}")
         pixels = first_image.to(w.device, w.dtype).reshape(1, 3, 1, *self.pixel_hw)
+        self._pending_cache = self.cache_pass_s = None
         self.anchor = w.vae.encode(pixels, causal=True)
         self.quality = quality
         self.prompt = prompt
@@ -290,6 +298,7 @@ class WorldPipeline:
 
     @torch.no_grad()
     def set_prompt(self, prompt: str) -> None:
+        self.finish_chunk()  # the last chunk's pass reads the prompt it was generated with
         w = self.world
         emb = w.text.stage1.encode(prompt)
         self.stream.set_prompt(emb.embeds.to(w.device, w.dtype), emb.mask.to(w.device))
@@ -297,6 +306,19 @@ class WorldPipeline:
             remb = w.text.refiner.encode(prompt)
             self.refiner.set_prompt(remb.embeds.to(w.device, w.dtype), remb.mask.to(w.device))
         self.prompt = prompt
+
+    @torch.no_grad()
+    def finish_chunk(self) -> float:
+        """Run the last chunk's deferred stage-1 cache-write pass, if it has not run; returns its seconds (0.0 when
+        nothing was pending). Idempotent."""
+        if self._pending_cache is None:
+            return 0.0
+        clean, cc, cp = self._pending_cache
+        t0 = self._sync()
+        self._pending_cache = None
+        self.stream.write_cache(clean, cc, cp)
+        self.cache_pass_s = self._sync() - t0
+        return self.cache_pass_s
 
     def _to_model(self, *xs):
         w = self.world
@@ -322,13 +344,16 @@ class WorldPipeline:
         if quality != self.quality:
             raise InputError(f"quality {quality!r} differs from the session's {self.quality!r}; start a new session")
         first = inputs.plan.index == 0
+        self.finish_chunk()  # the previous chunk's pass, if its consumer did not run it
         cc, cp, noise = self._to_model(inputs.camera_conditions, inputs.chunk_plucker, inputs.noise)
         t0 = self._sync()
         clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
         side = self.cache_stream
         timings = {}
-        if side is None:
-            self.stream.write_cache(clean, cc, cp)
+        if self.cache_pass_s is not None:  # the previous chunk's pass, run after its frames were out
+            timings["stage1_prev_cache"], self.cache_pass_s = self.cache_pass_s, None
+        if side is None:  # the cache pass is deferred (`finish_chunk`); "stage1" here is the denoising
+            self._pending_cache = (clean, cc, cp)
             t1 = self._sync()
             timings["stage1"] = t1 - t0
         else:
@@ -390,6 +415,7 @@ class WorldPipeline:
         """Caches after `plan` from its stored latents: stage-1 t=0 pass, refiner capture pass, VAE decode.
         Returns the decoded frames `[F, H, W, 3]` uint8 (the decode is needed for the VAE's conv cache anyway)."""
         first = plan.index == 0
+        self.finish_chunk()
         clean, cc, cp = self._to_model(latents, camera_conditions, chunk_plucker)
         self.stream.write_cache(clean, cc, cp)
         decode_input = clean
@@ -409,6 +435,7 @@ class WorldPipeline:
         done first. On a CPU world they are fresh copies."""
         if self.anchor is None:
             raise RuntimeError("nothing to snapshot before start()")
+        self.finish_chunk()
         # the components hand out their live buffers (no device-side copy: 9 GB at the release size in full
         # quality); they are copied to the host below, before anything runs on them again
         state = {"anchor": self.anchor}
@@ -425,6 +452,7 @@ class WorldPipeline:
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         w = self.world
+        self._pending_cache = self.cache_pass_s = None
         self.anchor = state["anchor"].to(w.device, w.dtype)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ def chunks(world, quality, n=2):
     pipe = WorldPipeline(world)
     g = torch.Generator().manual_seed(0)
     pipe.start(torch.rand(1, 3, *world.preset.pixel_hw, generator=g) * 2 - 1, "a street at night", quality)
-    ro = Rollout(pipe, ScriptedControls.from_action("w-24,jw-24"), intrinsics_px=world.preset.default_intrinsics,
+    ro = Rollout(pipe, ScriptedControls.from_action("w-24,jw-24,a-24"), intrinsics_px=world.preset.default_intrinsics,
                  seed=1, quality=quality)
     return list(ro.chunks(n))
 
@@ -78,3 +78,32 @@ def test_bad_weights_directory_names_the_problem(weights_dir, tmp_path):
     save_file(state, str(f))
     with pytest.raises(InputError, match="final_layer.linear.weight"):
         build_world("tiny", weights=broken)
+
+
+@pytest.mark.parametrize("quality", ["preview", "full"])
+def test_stage1_cache_pass_runs_after_the_chunk_is_handed_out(world, quality):
+    """A chunk leaves its stage-1 cache pass pending (off the path from its keys to its frames); the consumer's
+    `finish_chunk` runs it once, the next chunk runs it otherwise, a snapshot or a prompt change runs it first,
+    a restore drops it. Either way the chunks are the same."""
+    pipe = WorldPipeline(world)
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, *world.preset.pixel_hw, generator=g) * 2 - 1
+    pipe.start(image, "a street at night", quality)
+    ro = Rollout(pipe, ScriptedControls.from_action("w-24,jw-24,a-24"), intrinsics_px=world.preset.default_intrinsics,
+                 seed=1, quality=quality)
+    gen = ro.chunks(3)
+    first = next(gen)
+    assert pipe.stream.next_frame == 0  # chunk 0's pass has not run yet
+    assert ro.finish_chunk() > 0 and pipe.stream.next_frame == first.latents.shape[2]
+    assert ro.finish_chunk() == 0.0  # once
+    second = next(gen)  # its consumer does not finish it: the next chunk does, before its keys are sampled
+    snap = pipe.snapshot()  # ... or a snapshot, first
+    assert int(snap["stage1.frames_written"]) == first.latents.shape[2] + second.latents.shape[2]
+    third = next(gen)
+    assert "stage1_prev_cache" in second.timings and "stage1_prev_cache" in third.timings
+    plain = chunks(world, quality, 3)
+    for a, b in zip((first, second, third), plain, strict=True):
+        assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+    pipe.restore(snap)  # a pending pass (the third chunk's) is dropped: the snapshot's state stands
+    assert pipe._pending_cache is None and pipe.finish_chunk() == 0.0
+    assert pipe.stream.next_frame == int(snap["stage1.frames_written"])
