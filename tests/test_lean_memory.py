@@ -1,9 +1,11 @@
 """`lean-memory` (engine/fast/lean_memory.py) against the plain path: the same chunks, prompt changes included, with
-the prompt- and image-only weights kept on the host between uses, and the VAE decoding one latent frame per call.
+the prompt- and image-only weights kept on the host between uses, the VAE decoding one latent frame per call and the
+refiner's K/V window without the active block's slots.
 
-CPU: the tiny world (the host residency moves nothing there, so stage-1 and refiner latents are bit-equal; the
-decode split may round differently, so frames are compared within a tolerance). GPU: the same with page-locked host
-weights, the graphs and the compiled blocks, and the device memory the weights no longer take."""
+CPU: the tiny world (the host residency moves nothing there, so the stage-1 latents are bit-equal; the refiner's
+two-segment attention and the decode split round differently, so refined latents and frames are compared within
+tolerances). GPU: the same with page-locked host weights, the graphs and the compiled blocks, and the device memory
+the weights no longer take."""
 
 import numpy as np
 import pytest
@@ -39,6 +41,10 @@ def frames_close(a: np.ndarray, b: np.ndarray, max_levels: int) -> None:
     assert diff.max() <= max_levels
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def owned(module):
     return list(module._parameters.values()) + list(module._buffers.values())
 
@@ -50,10 +56,12 @@ def test_lean_memory_equals_plain_on_cpu(quality):
     pipe, applied, lean = rollout(world, ("lean-memory",), quality)
     assert "lean-memory" in applied and pipe.decode_frames_per_call == 1
     assert host_resident_bytes(world) > 0
+    if quality == "full":
+        assert not pipe.refiner.window.active_slots
     for a, b in zip(lean, plain, strict=True):
         assert torch.equal(a.latents, b.latents)
         if quality == "full":
-            assert torch.equal(a.refined, b.refined)
+            assert rel(a.refined, b.refined) <= 1e-5
         frames_close(a.frames, b.frames, max_levels=1)
 
 
@@ -98,9 +106,9 @@ def test_decode_split_equals_one_call_on_cpu():
 @pytest.mark.parametrize("dtype,quality", [(torch.float32, "full"), (torch.bfloat16, "full"),
                                            (torch.bfloat16, "preview")])
 def test_lean_memory_equals_plain_on_gpu(dtype, quality):
-    """With the graphs, the compiled blocks and the other fast paths of `all`: the same chunks (the latents
-    bit-equal: the same bytes are multiplied), the weights on the host, pinned, between uses, and the device holding
-    that much less."""
+    """With the graphs, the compiled blocks and the other fast paths of `all`: the same chunks (the stage-1 latents
+    bit-equal: the same bytes are multiplied; the refined ones within rounding), the weights on the host, pinned,
+    between uses, and the device holding that much less."""
     names = ("all",)
     world = build_bench_world("tiny", device="cuda", dtype=dtype, seed=1)
     _, _, plain = rollout(world, names, quality)
@@ -117,8 +125,15 @@ def test_lean_memory_equals_plain_on_gpu(dtype, quality):
         for t in owned(m):
             if t is not None:
                 assert t.device.type == "cpu" and t.is_pinned()
+    if quality == "full":
+        assert not pipe.refiner.window.active_slots
     for a, b in zip(lean, plain, strict=True):
         assert torch.equal(a.latents, b.latents)
-        if quality == "full":
-            assert torch.equal(a.refined, b.refined)
-        frames_close(a.frames, b.frames, max_levels=1 if dtype == torch.float32 else 2)
+        if quality == "full":  # the two-segment attention (cuDNN's, with its log-sum-exp, in bf16)
+            err = rel(a.refined, b.refined)
+            print(f"refined: rel err {err:.2e}")
+            assert err <= (1e-5 if dtype == torch.float32 else 2e-2)
+        if dtype == torch.float32:
+            frames_close(a.frames, b.frames, max_levels=1)
+        else:  # bf16: the refined latents' rounding goes through the decoder
+            assert rel(torch.from_numpy(a.frames).float(), torch.from_numpy(b.frames).float()) <= 2e-2

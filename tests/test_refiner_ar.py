@@ -113,17 +113,23 @@ def long_video(data, cfg: ARConfig, blocks: int, seed: int = 0):
     return lat, noises
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["active-slots", "split-window"])
 @pytest.mark.parametrize("path", FIXTURES)
 @torch.no_grad()
-def test_cached_recipe_equals_explicit_recomputation(path):
+def test_cached_recipe_equals_explicit_recomputation(path, split):
+    """The window (and, split, the window without the active block's slots: two-segment attention, the capture
+    pass writing the history layer by layer) against the recipe recomputed with explicit concatenations."""
     data, model, ar_cfg, _ = load_fixture(path)
     blocks = max(6, ar_cfg.history_frames // ar_cfg.block_size + 3)  # the history fills, then slides
     lat, noises = long_video(data, ar_cfg, blocks)
     refiner = ARRefiner(model, ar_cfg)
+    refiner.split_window = split
     got = refiner.refine_video(lat, data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"], noises=noises)
     text = model.prepare_text(data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
     expected, hist_k, hist_v = recipe_without_cache(model, ar_cfg, lat, text, noises)
-    assert refiner.window.history_len == ar_cfg.history_frames
+    assert refiner.window.history_len == ar_cfg.history_frames and refiner.window.active_slots != split
+    tokens = refiner.window.k.shape[3] // refiner.window.tokens_per_frame
+    assert tokens == ar_cfg.sink_size + ar_cfg.history_frames + (0 if split else ar_cfg.block_size)
     assert rel(got, expected) <= 1e-5
     snap = refiner.window.snapshot()
     assert rel(snap["history_k"], torch.stack(hist_k)) <= 1e-5
@@ -158,6 +164,32 @@ def test_snapshot_restore_continues_identically(path, tmp_path):
         rel(torch.cat(rest_live, dim=2), data["output.latents"][:, :, ar_cfg.sink_size + 3 * ar_cfg.block_size :])
         <= PARITY_REL_TOL
     )
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+def test_split_window_snapshots_interchange(path):
+    """A snapshot of a split window restores into a window with active slots and the other way round; both go on
+    as a window of their own kind would (equal up to the rounding of the two-segment attention)."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    z, prompt, mask = data["inputs.stage1_latents"], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"]
+    live = {}
+    for split in (False, True):
+        live[split] = ARRefiner(model, ar_cfg)
+        live[split].split_window = split
+        noises = block_noises(data, live[split], z.shape[2])
+        live[split].start(z[:, :, : ar_cfg.sink_size], prompt, mask)
+        run_blocks(live[split], z, noises, range(3))
+    snaps = {split: live[split].snapshot() for split in live}
+    for k in snaps[False]:
+        assert rel(snaps[True][k].float(), snaps[False][k].float()) <= 1e-5, k
+    for split in (False, True):
+        other = ARRefiner(model, ar_cfg)
+        other.split_window = not split
+        other.restore(snaps[split])
+        assert other.window.active_slots == split
+        a = run_blocks(other, z, noises, range(3, len(noises)))
+        b = run_blocks(live[split], z, noises, range(3, len(noises)))
+        assert rel(torch.cat(a, dim=2), torch.cat(b, dim=2)) <= 1e-5
 
 
 def assert_same_window(a: ARRefiner, b: ARRefiner):
@@ -270,3 +302,28 @@ def test_fixture_parity_on_cuda(path):
     out16 = bf16.refine_video(z.cuda(), prompt.cuda(), mask.cuda(), noises=[n.cuda() for n in noises])
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
     assert rel(out16.float().cpu(), ref) <= 0.03  # measured 8e-3 on an H100
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_two_segment_attention_equals_one_attention_on_cuda(dtype):
+    """cuDNN's attention with its log-sum-exp (half types) or the fp32 path, per segment, merged: as close to an
+    fp64 reference as one SDPA over the concatenation is. The first segment is a view of a larger buffer, as the
+    window's are."""
+    import torch.nn.functional as F
+
+    from engine.refiner.model import two_segment_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=g)
+    q = r(1, 4, 300, 128).to(dtype)
+    buf_k, buf_v = r(1, 4, 1000, 128).to(dtype), r(1, 4, 1000, 128).to(dtype)
+    k1, v1 = buf_k[:, :, :700], buf_v[:, :, :700]
+    k2, v2 = r(1, 4, 300, 128).to(dtype), r(1, 4, 300, 128).to(dtype)
+    k, v = torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    one = F.scaled_dot_product_attention(q, k, v)
+    got = two_segment_attention(q, (k1, k2), (v1, v2))
+    e_one, e_got = rel(one.double(), ref), rel(got.double(), ref)
+    print(f"{dtype}: one SDPA {e_one:.2e}, two segments {e_got:.2e}")
+    assert got.dtype == dtype and e_got <= max(2 * e_one, 1e-6)

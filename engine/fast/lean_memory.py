@@ -115,6 +115,8 @@ def use_lean_memory(pipe) -> str:
     for m in prompt_and_image_modules(world):
         host_resident(m, world.device)
     pipe.decode_frames_per_call = 1
+    if pipe.refiner is not None:  # from the next start on
+        pipe.refiner.split_window = True
     gb = host_resident_bytes(world) / 1e9
     return (f"{gb:.2f} GB of prompt/image-only weights in page-locked host memory, copied in per layer when used; "
-            "VAE decode one latent frame per call")
+            "VAE decode one latent frame per call; refiner K/V window without the active block's slots")

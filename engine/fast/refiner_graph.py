@@ -14,6 +14,8 @@ attribute access goes to the wrapped model, calls go through the graphs. CUDA on
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ class GraphedRefinerModel:
         self.text: RefinerText | None = None
         self._text_src: RefinerText | None = None
         self._rope_key: tuple | None = None
+        self._window: weakref.ref | None = None  # the K/V window the graphs were captured with
         self.replays = 0
         self.parts: tuple | None = None  # steady-state block halves (None = plain; engine.fast.refiner_compile)
 
@@ -110,7 +113,12 @@ class GraphedRefinerModel:
                  kv=None) -> Tensor:
         if not isinstance(kv, RefinerKVWindow) or frame_positions is None or torch.is_tensor(sigma):
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
-        key = (tuple(latents.shape), kv.history_len, kv.active_len, id(kv))
+        if self._window is None or self._window() is not kv:  # another window (a new session's, a new layout): the
+            # graphs point at the old one's buffers, which may be gone (and its id reused): capture again
+            self.graphs.clear()
+            self.seen.clear()
+            self._window = weakref.ref(kv)
+        key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention)
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         self._sync_text(text)  # first: a new prompt buffer clears `seen`, which must not forget this first sight

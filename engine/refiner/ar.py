@@ -30,6 +30,11 @@ class RefinerKVWindow:
 
     Fresh buffers are filled with NaN so a read of a slot never written fails loudly. History frames are kept in
     time order (oldest first), so the keys are exactly those of the reference's concatenation.
+
+    `active_slots=False` (fast path `lean-memory`: 2.1 GB less at the release size) leaves out the active block's
+    slots: a layer attends to `[sink | history]` and to the block's own K/V as two segments (`two_segment_attention`,
+    equal up to rounding), and the capture pass writes the block's K/V into the history layer by layer, after the
+    layer has attended (`after_attention`; the history shifts by the frames it drops, as `append_active` does).
     """
 
     def __init__(
@@ -45,11 +50,14 @@ class RefinerKVWindow:
         block_frames: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        active_slots: bool = True,
     ) -> None:
         self.tokens_per_frame = tokens_per_frame
         self.sink_frames, self.max_history, self.max_block = sink_frames, history_frames, block_frames
+        self.active_slots = active_slots
+        self.capturing = False  # a capture pass is running (ARRefiner._capture): see `after_attention`
         s_sink = sink_frames * tokens_per_frame
-        cap = (sink_frames + history_frames + block_frames) * tokens_per_frame
+        cap = (sink_frames + history_frames + (block_frames if active_slots else 0)) * tokens_per_frame
         nan = float("nan")
         # [L, B, H, sink tokens, D]: the sink's keys after norm_k, before RoPE (re-rotated every block)
         self.sink_k_pre = torch.full((num_layers, batch, heads, s_sink, head_dim), nan, device=device, dtype=dtype)
@@ -71,9 +79,11 @@ class RefinerKVWindow:
     def buffers(self) -> tuple[Tensor, ...]:
         return self.sink_k_pre, self.k, self.v
 
-    def matches(self, batch: int, tokens_per_frame: int, device: torch.device, dtype: torch.dtype) -> bool:
+    def matches(self, batch: int, tokens_per_frame: int, device: torch.device, dtype: torch.dtype,
+                active_slots: bool = True) -> bool:
         return (
-            self.k.shape[1] == batch
+            self.active_slots == active_slots
+            and self.k.shape[1] == batch
             and self.tokens_per_frame == tokens_per_frame
             and self.k.device == device
             and self.k.dtype == dtype
@@ -100,21 +110,48 @@ class RefinerKVWindow:
             raise InputError(f"block of {frames} latent frames; the window takes 1..{self.max_block}")
         self.active_len = frames
 
-    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor):
         """`SelfAttentionKV`: write the active block's post-RoPE K/V `[B, H, N, D]` after the history and return
-        the window `[B, H, sink + history + N, D]` (views, no copy)."""
+        the window `[B, H, sink + history + N, D]` (views, no copy). Without active slots: the two segments
+        `((K_window, k), (V_window, v))`, the window `[B, H, sink + history, D]` as views."""
         start = self._tok(self.sink_frames + self.history_len)
         end = start + k.shape[2]
         if k.shape[2] != self._tok(self.active_len):
             raise RuntimeError(f"{k.shape[2]} active tokens for an open block of {self.active_len} frames")
+        if not self.active_slots:
+            return (self.k[layer, :, :, :start], k), (self.v[layer, :, :, :start], v)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    @property
+    def writes_after_attention(self) -> bool:
+        return self.capturing and not self.active_slots
+
+    def after_attention(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Without active slots, in a capture pass: the block's K/V `[B, H, N, D]` join this layer's history once
+        the layer has attended to it; the history keeps its newest `max_history` frames, oldest first."""
+        n = self._tok(self.active_len)
+        base, hist = self._tok(self.sink_frames), self._tok(self.history_len)
+        drop = max(0, hist + n - self._tok(self.max_history))
+        if drop:
+            keep = hist - drop
+            for dst in range(0, keep, drop):  # shift left in chunks of `drop` tokens, front to back (no overlap)
+                m = min(drop, keep - dst)
+                src = base + dst + drop
+                self.k[layer, :, :, base + dst : base + dst + m] = self.k[layer, :, :, src : src + m]
+                self.v[layer, :, :, base + dst : base + dst + m] = self.v[layer, :, :, src : src + m]
+            hist = keep
+        self.k[layer, :, :, base + hist : base + hist + n] = k
+        self.v[layer, :, :, base + hist : base + hist + n] = v
+
     def append_active(self) -> None:
         """The open block (its K/V last written by a capture pass) joins the history; the history keeps its newest
-        `max_history` frames."""
+        `max_history` frames. (Without active slots the capture pass wrote it there already, layer by layer.)"""
         total = self.history_len + self.active_len
+        if not self.active_slots:
+            self.history_len, self.active_len = min(total, self.max_history), 0
+            return
         drop = max(0, total - self.max_history)
         if drop:
             base, keep = self._tok(self.sink_frames), self._tok(total - drop)
@@ -200,6 +237,8 @@ class ARRefiner:
         self.text: RefinerText | None = None
         self.prompt: tuple[Tensor, Tensor] | None = None
         self.next_frame = 0  # absolute latent index of the next block's first frame
+        # windows without the active block's slots (fast path `lean-memory`; see RefinerKVWindow), from the next start
+        self.split_window = False
         self.latent_hw: tuple[int, int] | None = None
 
     # -- session state --------------------------------------------------------------------------------------------
@@ -221,7 +260,8 @@ class ARRefiner:
     def _ensure_window(self, batch: int, height: int, width: int) -> RefinerKVWindow:
         p = self.model.proj_in.weight
         tpf = height * width
-        if self.window is None or not self.window.matches(batch, tpf, p.device, p.dtype):
+        if self.window is None or not self.window.matches(batch, tpf, p.device, p.dtype, not self.split_window):
+            self.window = None  # the old buffers go before the new ones are made
             c = self.model.cfg
             self.window = RefinerKVWindow(
                 num_layers=self.model.num_layers,
@@ -234,6 +274,7 @@ class ARRefiner:
                 block_frames=self.cfg.block_size,
                 device=p.device,
                 dtype=p.dtype,
+                active_slots=not self.split_window,
             )
         else:
             self.window.clear()
@@ -284,7 +325,11 @@ class ARRefiner:
 
     def _capture(self, refined: Tensor, positions: Tensor) -> None:
         """The sigma = 0 pass over a refined block; its K/V join the history."""
-        self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window)
+        self.window.capturing = True
+        try:
+            self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window)
+        finally:
+            self.window.capturing = False
         self.window.append_active()
         self.next_frame += refined.shape[2]
 

@@ -47,7 +47,9 @@ class SelfAttentionKV(Protocol):
 
     `attend(layer, k_pre, k, v)` gets the current tokens' key after norm_k and before RoPE (`k_pre`), the rotated
     key `k` and the value `v`, all `[B, H, N, D]`, and returns the keys/values `[B, H, P + N, D]` the queries attend
-    to (no mask). Implementations may record what they are given.
+    to (no mask), or two segments `(prefix, current)` of them as tuples of keys and values (attended as one set,
+    `two_segment_attention`). Implementations may record what they are given. One that sets
+    `writes_after_attention` also gets `after_attention(layer, k, v)` once the layer has attended.
     """
 
     def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
@@ -113,13 +115,37 @@ class Attention(nn.Module):
         """`x [B, N, C_kv]` -> (normed key, value), each `[B, H, N, D]` (not rotated)."""
         return self._heads(self.norm_k(self.to_k(x))), self._heads(self.to_v(x))
 
-    def output(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        """SDPA of `q [B,H,N,D]` over `k, v [B,H,M,D]` (additive `bias` broadcast to [B,H,N,M]), gate from the
-        attention input `x [B, N, C]`, output projection -> `[B, N, C]`."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)  # [B, N, H, D]
+    def output(self, q: Tensor, k, v, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """SDPA of `q [B,H,N,D]` over `k, v [B,H,M,D]` (additive `bias` broadcast to [B,H,N,M]; or two segments of
+        keys and values as tuples, no bias), gate from the attention input `x [B, N, C]`, output projection ->
+        `[B, N, C]`."""
+        if isinstance(k, tuple):
+            out = two_segment_attention(q, k, v).transpose(1, 2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)  # [B, N, H, D]
         if self.to_gate_logits is not None:
             out = out * (2.0 * torch.sigmoid(self.to_gate_logits(x)))[..., None]
         return self.to_out[0](out.flatten(2))
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax attention `[B, H, N, D]` (default scale) and its log-sum-exp `[B, H, N]` (fp32, natural log) over
+    `k, v [B, H, M, D]`. CUDA half types: cuDNN's attention (the kernel SDPA picks on an H100); otherwise in fp32."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        return out, lse.reshape(q.shape[:3])
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def two_segment_attention(q: Tensor, ks: tuple[Tensor, Tensor], vs: tuple[Tensor, Tensor]) -> Tensor:
+    """Softmax attention of `q` over the keys of two segments taken as one set (no concatenation): each segment's
+    attention and log-sum-exp, merged with the weights exp(lse_i - lse). Equal to attention over the
+    concatenation up to rounding."""
+    (o1, l1), (o2, l2) = attention_with_lse(q, ks[0], vs[0]), attention_with_lse(q, ks[1], vs[1])
+    lse = torch.logaddexp(l1, l2)
+    return (o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]).to(q.dtype)
 
 
 class GELUProj(nn.Module):
@@ -230,9 +256,11 @@ class RefinerBlock(nn.Module):
         `parts = (attention_inputs, attention_outputs)` by default (fast paths pass compiled versions)."""
         inputs, outputs = parts or (attention_inputs, attention_outputs)
         h, q, k_pre, k, v, mod = inputs(self, x, temb, rope)
-        if kv is not None:
-            k, v = kv.attend(layer, k_pre, k, v)
-        return outputs(self, x, h, q, k, v, mod, text_k, text_v, text_bias)
+        kw, vw = (k, v) if kv is None else kv.attend(layer, k_pre, k, v)
+        out = outputs(self, x, h, q, kw, vw, mod, text_k, text_v, text_bias)
+        if getattr(kv, "writes_after_attention", False):
+            kv.after_attention(layer, k, v)
+        return out
 
 
 def attention_inputs(blk: RefinerBlock, x: Tensor, temb: Tensor, rope: Rope):
