@@ -228,9 +228,9 @@ class Pipeline(Protocol):
 
     def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs: ...
 
-    def finish_chunk(self) -> float:
-        """Work the last chunk left for later (its frames are out): done before anything reads the caches.
-        Returns its seconds (0.0 when there was none). Idempotent."""
+    def finish_chunk(self) -> bool:
+        """Work the last chunk left for later (its frames are out): done (or enqueued on the device) before
+        anything reads the caches. Returns whether there was any. Idempotent."""
 
     def replay_chunk(self, plan: ChunkPlan, latents: torch.Tensor, refined: torch.Tensor | None,
                      camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, quality: str) -> np.ndarray:
@@ -332,10 +332,10 @@ class Rollout:
         self._prefetch = (nxt, noise_worker().submit(draw_chunk_noise, *nxt))
         return noise, ref
 
-    def finish_chunk(self) -> float:
+    def finish_chunk(self) -> bool:
         """The pipeline's deferred work of the last chunk (the stage-1 cache pass): a consumer calls this once it
         has taken a chunk's frames, so that work runs while they are sent and before the next chunk's keys are
-        sampled; the next chunk runs it otherwise. Returns its seconds (0.0 when there was none)."""
+        sampled; the next chunk runs it otherwise. Returns whether there was any."""
         return self.pipeline.finish_chunk()
 
     def chunks(self, max_chunks: int | None = None) -> Iterator[Chunk]:

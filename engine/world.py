@@ -255,7 +255,9 @@ class WorldPipeline:
         # between its denoising and its decode: off the path from sampled keys to frames. Anything that reads the
         # stage-1 caches or changes what the pass reads (the prompt) runs it first; start/restore drop it.
         self._pending_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.cache_pass_s: float | None = None  # seconds of the last deferred pass (the next chunk's timings)
+        # timing of the last deferred pass, for the next chunk's timings: (start, end) CUDA events (the pass is
+        # enqueued, not waited for: the next chunk's host work overlaps it) or seconds on a CPU world
+        self._cache_pass_timing: tuple | float | None = None
         # page-locked host copies of the caches for snapshots (pinned memory needs CUDA)
         self.staging = world.snapshot_staging()
         if world.fast:
@@ -285,7 +287,7 @@ class WorldPipeline:
         if tuple(first_image.shape[-2:]) != tuple(self.pixel_hw):
             raise InputError(f"first image is {tuple(first_image.shape[-2:])}, the world generates {self.pixel_hw}")
         pixels = first_image.to(w.device, w.dtype).reshape(1, 3, 1, *self.pixel_hw)
-        self._pending_cache = self.cache_pass_s = None
+        self._pending_cache = self._cache_pass_timing = None
         self.anchor = w.vae.encode(pixels, causal=True)
         self.quality = quality
         self.prompt = prompt
@@ -308,17 +310,33 @@ class WorldPipeline:
         self.prompt = prompt
 
     @torch.no_grad()
-    def finish_chunk(self) -> float:
-        """Run the last chunk's deferred stage-1 cache-write pass, if it has not run; returns its seconds (0.0 when
-        nothing was pending). Idempotent."""
+    def finish_chunk(self) -> bool:
+        """Run the last chunk's deferred stage-1 cache-write pass, if it has not run: on CUDA it is enqueued on the
+        current stream and not waited for (whatever comes next on the stream runs after it). Returns whether a
+        pass ran. Idempotent."""
         if self._pending_cache is None:
-            return 0.0
+            return False
         clean, cc, cp = self._pending_cache
-        t0 = self._sync()
         self._pending_cache = None
-        self.stream.write_cache(clean, cc, cp)
-        self.cache_pass_s = self._sync() - t0
-        return self.cache_pass_s
+        if self.world.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.stream.write_cache(clean, cc, cp)
+            end.record()
+            self._cache_pass_timing = (start, end)
+        else:
+            t0 = time.perf_counter()
+            self.stream.write_cache(clean, cc, cp)
+            self._cache_pass_timing = time.perf_counter() - t0
+        return True
+
+    def _take_cache_pass_s(self) -> float | None:
+        """Seconds of the last deferred pass (GPU time on CUDA, waiting for it), once; None when none ran since."""
+        timing, self._cache_pass_timing = self._cache_pass_timing, None
+        if isinstance(timing, tuple):
+            timing[1].synchronize()
+            return timing[0].elapsed_time(timing[1]) / 1e3
+        return timing
 
     def _to_model(self, *xs):
         w = self.world
@@ -350,8 +368,8 @@ class WorldPipeline:
         clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
         side = self.cache_stream
         timings = {}
-        if self.cache_pass_s is not None:  # the previous chunk's pass, run after its frames were out
-            timings["stage1_prev_cache"], self.cache_pass_s = self.cache_pass_s, None
+        if (cache_s := self._take_cache_pass_s()) is not None:  # the previous chunk's pass (after its frames)
+            timings["stage1_prev_cache"] = cache_s
         if side is None:  # the cache pass is deferred (`finish_chunk`); "stage1" here is the denoising
             self._pending_cache = (clean, cc, cp)
             t1 = self._sync()
@@ -452,7 +470,7 @@ class WorldPipeline:
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         w = self.world
-        self._pending_cache = self.cache_pass_s = None
+        self._pending_cache = self._cache_pass_timing = None
         self.anchor = state["anchor"].to(w.device, w.dtype)
 
         def part(prefix: str) -> dict[str, torch.Tensor]:

@@ -139,8 +139,8 @@ class NoiseRecorder:
         n = 1 + 24 if inputs.plan.index == 0 else 24
         return SimpleNamespace(frames=np.zeros((n, 64, 96, 3), np.uint8), latents=None, refined=None, timings={})
 
-    def finish_chunk(self) -> float:
-        return 0.0
+    def finish_chunk(self) -> bool:
+        return False
 
     def restore(self, state) -> None:
         pass

@@ -94,8 +94,8 @@ def test_stage1_cache_pass_runs_after_the_chunk_is_handed_out(world, quality):
     gen = ro.chunks(3)
     first = next(gen)
     assert pipe.stream.next_frame == 0  # chunk 0's pass has not run yet
-    assert ro.finish_chunk() > 0 and pipe.stream.next_frame == first.latents.shape[2]
-    assert ro.finish_chunk() == 0.0  # once
+    assert ro.finish_chunk() and pipe.stream.next_frame == first.latents.shape[2]
+    assert not ro.finish_chunk()  # once
     second = next(gen)  # its consumer does not finish it: the next chunk does, before its keys are sampled
     snap = pipe.snapshot()  # ... or a snapshot, first
     assert int(snap["stage1.frames_written"]) == first.latents.shape[2] + second.latents.shape[2]
@@ -105,5 +105,5 @@ def test_stage1_cache_pass_runs_after_the_chunk_is_handed_out(world, quality):
     for a, b in zip((first, second, third), plain, strict=True):
         assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
     pipe.restore(snap)  # a pending pass (the third chunk's) is dropped: the snapshot's state stands
-    assert pipe._pending_cache is None and pipe.finish_chunk() == 0.0
+    assert pipe._pending_cache is None and not pipe.finish_chunk()
     assert pipe.stream.next_frame == int(snap["stage1.frames_written"])

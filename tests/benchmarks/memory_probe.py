@@ -63,8 +63,9 @@ def state(pipe) -> dict:
     if ref is not None and ref.window is not None:
         w = ref.window
         out["refiner window (all slots)"] = w.nbytes
-        active = w._tok(w.max_block)
-        out["refiner window active-block slots"] = 2 * nbytes([w.k[:, :, :, :active]])
+        if w.active_slots:  # lean-memory's split window has none
+            active = w._tok(w.max_block)
+            out["refiner window active-block slots"] = 2 * nbytes([w.k[:, :, :, :active]])
         if ref.text is not None:
             out["refiner text K/V"] = nbytes(list(ref.text.k) + list(ref.text.v))
     return out
