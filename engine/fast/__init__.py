@@ -11,7 +11,8 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `refiner-compile`: the refiner blocks' halves `torch.compile`d, in the graphs' steady state
   (engine/fast/refiner_compile.py; needs `refiner-graph`);
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
-- `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py);
+- `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py); a
+  GDN block's four scans (main and camera, forward and backward) in one launch: 0.475 -> 0.381 ms a block on the H100;
 - `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
   path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
@@ -37,11 +38,13 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   ends when the pass has (the next chunk reads it). Opt-in: on the H100, before the priorities, it gained ~3 ms
   per preview chunk and lost ~40 ms per full chunk (the pass slowed the refiner more than it saved); the variant
   with priorities is not measured yet;
-- `lean-memory`: not a speed path but a memory one: the weights no chunk reads (the prompt-time cross-attention K/V
-  projections and caption embedders, the VAE encoder, the text connectors; 5.1 GB at the release size) live in
-  page-locked host memory and are copied in per layer when a prompt is set or an image encoded, and the VAE decodes
-  one latent frame per call (a third of the decoder's activations held at once); engine/fast/lean_memory.py. Same
-  values; a prompt change copies ~3.7 GB more. Opt-in.
+- `lean-memory`: not a speed path but a memory one (engine/fast/lean_memory.py): the weights no chunk reads (the
+  prompt-time cross-attention K/V projections and caption embedders, the VAE encoder, the text connectors; 5.1 GB
+  at the release size) live in page-locked host memory and are copied in per layer when a prompt is set or an image
+  encoded; the VAE decodes one latent frame per call (a third of the decoder's activations held at once); the
+  refiner's K/V window has no slots for the block being refined (2.1 GB): two-segment attention, equal up to
+  rounding. H100, full bf16: peak 49.7 -> 40.3 GB allocated (41.9 GB reserved); a prompt change copies ~3.7 GB in.
+  Opt-in.
 
 `all` names the ones in `ALL`.
 """

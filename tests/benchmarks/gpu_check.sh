@@ -11,6 +11,7 @@
 #                                                # ffn_probe.py
 #   bash tests/benchmarks/gpu_check.sh ffn       # stage1-ffn alone: its kernel and model tests, its live-loop tests,
 #                                                # ffn_probe.py with the kernel's config sweep
+#   bash tests/benchmarks/gpu_check.sh memory    # memory_probe.py, full quality: all, then all,lean-memory
 #
 # The device image lacks pyzmq and PyAV: carry wheels in .whl/ (see the library's device README) for `latency`
 # (pyzmq) and for the session tests in `tests` (av); they are installed into /tmp/site when present.
@@ -36,6 +37,7 @@ case "${1:-}" in
     t 330 fast_paths tests/test_fast_paths_gpu.py  # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s
     t 60 snapshot tests/test_snapshot_staging.py
     t 150 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py tests/test_bench.py
+    t 240 lean tests/test_lean_memory.py  # session 5: 165 s
     ;;
   kernels)
     t 240 vae_fast tests/test_vae_fast.py  # session 4: 204 s
@@ -48,11 +50,12 @@ case "${1:-}" in
     t 300 gdn_parallel tests/test_gdn_triton.py -k "parallel or agree or long_recurrence"
     ;;
   bench)
-    timeout 320 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 8 --warmup 3 \
+    # full quality captures the refiner's graphs in chunks 3-4 (history full from chunk 3): warm up past them
+    timeout 360 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 10 --warmup 5 \
       --replay-chunks 2 --profile --out "$OUT/bench_all.json" > "$OUT/bench_all.log" 2>&1
     summary+=("bench all rc=$?")
-    timeout 220 python3 -m engine.bench --preset release --fast all,refiner-fp8 --quality full --chunks 7 \
-      --warmup 3 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8.json" > "$OUT/bench_fp8.log" 2>&1
+    timeout 220 python3 -m engine.bench --preset release --fast all,refiner-fp8 --quality full --chunks 10 \
+      --warmup 5 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8.json" > "$OUT/bench_fp8.log" 2>&1
     summary+=("bench fp8 rc=$?")
     tail -22 "$OUT/bench_all.log"; tail -10 "$OUT/bench_fp8.log"
     ;;
@@ -73,6 +76,13 @@ case "${1:-}" in
     summary+=("scan bench rc=$?"); tail -10 "$OUT/scan.log"
     timeout 120 python3 tests/benchmarks/ffn_probe.py --iters 30 --out "$OUT/ffn_probe.json" > "$OUT/ffn_probe.log" 2>&1
     summary+=("ffn probe rc=$?"); tail -12 "$OUT/ffn_probe.log"
+    ;;
+  memory)
+    for f in all all,lean-memory; do  # session 5: ~200 s each (compiles inside the chunks)
+      timeout 280 python3 tests/benchmarks/memory_probe.py --quality full --fast $f --chunks 7 \
+        --out "$OUT/memory_${f//,/_}.json" > "$OUT/memory_${f//,/_}.log" 2>&1
+      summary+=("memory $f rc=$?"); grep -E "peak|allocated|lean" "$OUT/memory_${f//,/_}.log"
+    done
     ;;
   ffn)
     t 150 dwconv_glu tests/test_dwconv_glu.py -k "not live_loop"
