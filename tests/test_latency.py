@@ -108,3 +108,17 @@ def test_a_dead_engine_ends_the_run_at_once():
         assert time.monotonic() - t0 < cfg.start_timeout_s / 10  # not after the start-up timeout
     finally:
         engine.close()
+
+
+def test_change_phases_are_stratified_and_seeded():
+    """One change in each n-th of the chunk cycle (so the median wait is the cycle's middle, not the draws'), in a
+    seeded shuffled order."""
+    import random
+
+    from engine.latency import change_phases
+
+    phases = change_phases(60, random.Random(0))
+    assert len(phases) == 60 and sorted(int(p * 60) for p in phases) == list(range(60))
+    assert phases != sorted(phases)
+    assert change_phases(60, random.Random(0)) == phases and change_phases(60, random.Random(1)) != phases
+    assert change_phases(0, random.Random(0)) == []
