@@ -965,7 +965,7 @@ class EngineServer:
                 c.credit -= need
         t_sampled = self.clock()
         try:
-            chunk = s.step()
+            chunk = s.step(finish=False)  # its deferred work runs below, once the frames are queued
         except Exception as e:  # noqa: BLE001 - a failed session ends; the engine and other sessions go on
             log.exception("session %s: chunk %d failed", s.id, s.next_chunk_index)
             self._send(self._recipients(live), error_from(

@@ -256,9 +256,11 @@ class Session:
         return session
 
     # ------------------------------------------------------------------------------ per chunk
-    def step(self) -> Chunk | None:
+    def step(self, finish: bool = True) -> Chunk | None:
         """Generate the next chunk and commit it to the recording. None when the control source is done.
-        The last chunk's deferred work (`finish_chunk`) runs first if its consumer did not run it."""
+        With `finish` the chunk's deferred work (`finish_chunk`: the stage-1 cache pass, a due snapshot) runs before
+        this returns; the live server passes False and calls `finish_chunk` once the frames are queued, so that work
+        is off the path from keys to frames. A step runs what the last one left first."""
         self.finish_chunk()
         plan = chunk_plan(self.rollout.next_index)
         for frame in sorted(self.pending_prompts):
@@ -270,6 +272,8 @@ class Session:
         self.frames_emitted = chunk.frame_start + chunk.frames.shape[0]
         if self.dir is not None:
             self._commit(plan, chunk)
+        if finish:
+            self.finish_chunk()
         return chunk
 
     def _commit(self, plan, chunk: Chunk) -> None:
@@ -287,8 +291,8 @@ class Session:
     def finish_chunk(self) -> None:
         """After a chunk's frames are handed on: the pipeline's deferred work of that chunk (the stage-1 cache
         pass) and, every `snapshot_every` chunks, the snapshot, so neither sits between the chunk's keys and its
-        frames. The live server calls this right after queueing the frames; otherwise the next `step`, `pause` or
-        `close` does. Idempotent."""
+        frames. `step()` calls it before it returns, unless told not to (the live server, which calls it right
+        after queueing the frames). Idempotent."""
         self.rollout.finish_chunk()
         if self._snapshot_due:
             self._snapshot_due = False

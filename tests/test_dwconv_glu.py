@@ -261,29 +261,34 @@ def test_graph_runner_recaptures_after_the_switch(compiled, monkeypatch):
     if compiled:
         runner.block_fn = compiled_block_fn()
     pipe.start(first_image(world.preset, 0), "a street", "preview")
-    chunks = Rollout(pipe, scripted_controls(10), intrinsics_px=world.preset.default_intrinsics,
-                     quality="preview").chunks(10)
-    for _ in range(4):
+    ro = Rollout(pipe, scripted_controls(10), intrinsics_px=world.preset.default_intrinsics, quality="preview")
+    chunks = ro.chunks(10)
+
+    def take():  # a chunk and its deferred cache pass, as the live server runs them
         next(chunks)
+        ro.finish_chunk()
+
+    for _ in range(4):
+        take()
     assert len(runner.graphs) == 2 and runner.replays > 0  # the steady read and write passes, plain FFN
     assert "dropped" in set_ffn_ops(pipe, counted_dwconv_glu)
     assert world.stage1.ffn_ops is counted_dwconv_glu and not runner.graphs and not runner.seen
     compiles, calls, replays = counters["stats"]["unique_graphs"], COUNTED["calls"], runner.replays
     layers = world.stage1.config.num_layers
     op_calls = lambda: COUNTED["calls"] - calls
-    next(chunks)  # read pass 1 and the write pass eager (first sight); pass 2 warms the capture stream, is captured
+    take()  # read pass 1 and the write pass eager (first sight); pass 2 warms the capture stream, is captured
     assert op_calls() == 4 * layers and len(runner.graphs) == 1 and runner.replays == replays + 3  # reads 2-4
-    next(chunks)  # the write pass captured, all five replayed
+    take()  # the write pass captured, all five replayed
     assert op_calls() == 5 * layers and len(runner.graphs) == 2 and runner.replays == replays + 8
-    next(chunks)
+    take()
     assert op_calls() == 5 * layers and runner.replays == replays + 13
     assert all(a == b for a, b in zip(captures[::2], captures[1::2], strict=True))  # nothing compiled in a capture
     assert (counters["stats"]["unique_graphs"] > compiles) == compiled  # the switch made the blocks recompile
     assert "dropped" in set_ffn_ops(pipe, None)
     assert world.stage1.ffn_ops is None and "dropped" not in set_ffn_ops(pipe, None)
     calls = COUNTED["calls"]
-    next(chunks)  # back on the plain FFN: eager first sights, then captures; the (compiled) blocks never call the op
-    next(chunks)
+    take()  # back on the plain FFN: eager first sights, then captures; the (compiled) blocks never call the op
+    take()
     assert COUNTED["calls"] == calls and len(runner.graphs) == 2
 
 

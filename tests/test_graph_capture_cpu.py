@@ -95,6 +95,7 @@ def test_each_steady_pass_runs_eagerly_once_then_replays(monkeypatch):
     pipe.start(first_image(world.preset, 0), "a street", "full")
     ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality="full")
     list(ro.chunks(chunks))
+    ro.finish_chunk()  # the last chunk's deferred cache pass
     # stage-1 steady from chunk 2: its first read pass eager, 3 reads replayed, the write eager (first sight);
     # chunks 3..: all 5 passes replayed
     assert pipe.stream.runner.replays == 3 + 5 * (chunks - 3) and len(pipe.stream.runner.graphs) == 2

@@ -206,5 +206,6 @@ def warm_compiled(world, qualities=("preview", "full"), chunks: int = 6, names=N
         ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, quality=quality)
         for _ in ro.chunks(chunks):
             pass
+        ro.finish_chunk()  # the last chunk's deferred cache pass too: its kind must not compile in a live session
         done.append(quality)
     return done
