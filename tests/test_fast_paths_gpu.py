@@ -37,7 +37,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def rollout(world, fast, quality, chunks=CHUNKS, before_start=None):
+def rollout(world, fast, quality, chunks=CHUNKS, before_start=None, prompt_after=None):
+    """A live loop of `chunks` chunks with the fast paths `fast`; returns (pipeline, what was switched on, the
+    chunks, a snapshot after them). `prompt_after`: the prompt changes after that chunk (the prompt objects it
+    replaces are kept in `pipe.old_texts`)."""
     pipe = WorldPipeline(world)
     applied = apply_fast_paths(pipe, fast)
     if before_start is not None:
@@ -45,7 +48,12 @@ def rollout(world, fast, quality, chunks=CHUNKS, before_start=None):
     pipe.start(first_image(world.preset, 0), "a street", quality)
     ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, seed=3,
                  quality=quality)
-    out = list(ro.chunks(chunks))
+    out = []
+    for chunk in ro.chunks(chunks):
+        out.append(chunk)
+        if chunk.index == prompt_after:
+            pipe.old_texts = (pipe.stream.text, None if pipe.refiner is None else pipe.refiner.text)
+            pipe.set_prompt("a forest path in the rain")
     return pipe, applied, out, pipe.snapshot()
 
 
@@ -159,28 +167,13 @@ def test_tf32_scans_close_to_fp32():
     assert 0 < err <= 1e-2  # not bit-equal (TF32 really used), but close
 
 
-def rollout_with_prompt_change(world, fast, quality="full", chunks=CHUNKS, change_after=4):
-    pipe = WorldPipeline(world)
-    apply_fast_paths(pipe, fast)
-    pipe.start(first_image(world.preset, 0), "a street", quality)
-    ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, seed=3,
-                 quality=quality)
-    out = []
-    for chunk in ro.chunks(chunks):
-        out.append(chunk)
-        if chunk.index == change_after:
-            pipe.old_texts = (pipe.stream.text, pipe.refiner.text)
-            pipe.set_prompt("a forest path in the rain")
-    return pipe, out, pipe.snapshot()
-
-
 @pytest.mark.gpu
 def test_graphs_follow_a_prompt_change_holding_the_text_once():
     """A prompt change after the graphs are captured: the same chunks as the eager path; the pipeline's prompt K/V
     are the graph runners' static copies (one copy on the device), and the previous prompt's objects are emptied."""
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=1)
-    _, plain, snap_plain = rollout_with_prompt_change(world, ())
-    pipe, fast, snap_fast = rollout_with_prompt_change(world, ("stage1-graph", "refiner-graph"))
+    _, _, plain, snap_plain = rollout(world, (), "full", prompt_after=4)
+    pipe, _, fast, snap_fast = rollout(world, ("stage1-graph", "refiner-graph"), "full", prompt_after=4)
     err = compare(fast, plain, snap_fast, snap_plain, "full")
     print(f"graphs across a prompt change: max rel err {err:.2e} (tol 1e-4)")
     assert err <= 1e-4

@@ -11,27 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from engine.bench import build_bench_world, first_image, scripted_controls
+from engine.bench import build_bench_world
 from engine.fast import apply_fast_paths
 from engine.fast.lean_memory import host_resident_bytes, prompt_and_image_modules
-from engine.rollout import Rollout
 from engine.world import WorldPipeline
+from tests.test_fast_paths_gpu import rollout as live_loop
 
 CHUNKS = 6
 
 
-def rollout(world, fast, quality, chunks=CHUNKS, prompt_at=3):
-    """Chunks of a live loop; the prompt changes before chunk `prompt_at`."""
-    pipe = WorldPipeline(world)
-    applied = apply_fast_paths(pipe, fast)
-    pipe.start(first_image(world.preset, 0), "a street", quality)
-    ro = Rollout(pipe, scripted_controls(chunks), intrinsics_px=world.preset.default_intrinsics, seed=3,
-                 quality=quality)
-    out = []
-    for chunk in ro.chunks(chunks):
-        out.append(chunk)
-        if chunk.index == prompt_at - 1:
-            pipe.set_prompt("a forest path in the rain")
+def rollout(world, fast, quality):
+    """Chunks of a live loop; the prompt changes before chunk 3."""
+    pipe, applied, out, _ = live_loop(world, fast, quality, chunks=CHUNKS, prompt_after=2)
     return pipe, applied, out
 
 
