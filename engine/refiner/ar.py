@@ -124,6 +124,17 @@ class RefinerKVWindow:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def _shift_left(self, layers, keep: int, drop: int) -> None:
+        """Drop the first `drop` history tokens of `layers` (a layer index or a slice): tokens [drop, drop + keep)
+        of the history move to [0, keep), in chunks of `drop` tokens front to back, so no chunk overlaps the
+        source it reads."""
+        base = self._tok(self.sink_frames)
+        for dst in range(0, keep, drop):
+            n = min(drop, keep - dst)
+            src = base + dst + drop
+            self.k[layers, :, :, base + dst : base + dst + n] = self.k[layers, :, :, src : src + n]
+            self.v[layers, :, :, base + dst : base + dst + n] = self.v[layers, :, :, src : src + n]
+
     @property
     def writes_after_attention(self) -> bool:
         return self.capturing and not self.active_slots
@@ -135,13 +146,8 @@ class RefinerKVWindow:
         base, hist = self._tok(self.sink_frames), self._tok(self.history_len)
         drop = max(0, hist + n - self._tok(self.max_history))
         if drop:
-            keep = hist - drop
-            for dst in range(0, keep, drop):  # shift left in chunks of `drop` tokens, front to back (no overlap)
-                m = min(drop, keep - dst)
-                src = base + dst + drop
-                self.k[layer, :, :, base + dst : base + dst + m] = self.k[layer, :, :, src : src + m]
-                self.v[layer, :, :, base + dst : base + dst + m] = self.v[layer, :, :, src : src + m]
-            hist = keep
+            hist -= drop
+            self._shift_left(layer, hist, drop)
         self.k[layer, :, :, base + hist : base + hist + n] = k
         self.v[layer, :, :, base + hist : base + hist + n] = v
 
@@ -155,13 +161,7 @@ class RefinerKVWindow:
         drop = max(0, total - self.max_history)
         if drop:
             base, keep = self._tok(self.sink_frames), self._tok(total - drop)
-            step = self._tok(drop)
-            # Shift left in chunks of `drop` frames, front to back: no chunk overlaps the source it reads.
-            for dst in range(0, keep, step):
-                n = min(step, keep - dst)
-                src = dst + step
-                self.k[:, :, :, base + dst : base + dst + n] = self.k[:, :, :, base + src : base + src + n]
-                self.v[:, :, :, base + dst : base + dst + n] = self.v[:, :, :, base + src : base + src + n]
+            self._shift_left(slice(None), keep, self._tok(drop))
             self.k[:, :, :, base + keep :] = float("nan")
             self.v[:, :, :, base + keep :] = float("nan")
         self.history_len, self.active_len = total - drop, 0
