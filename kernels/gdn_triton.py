@@ -443,6 +443,171 @@ if triton is not None:
             z = tl.load(states_b_ptr + slot * DK + offs_k, mask=mask_k, other=0.0)
             tl.store(outb_ptr + pid * S + rows, tl.sum(qt * z[None, :], axis=1), mask=mask_r)
 
+    # the phased block ("phases"): a one-segment GDN block's four scans as three launches. The frame matrices
+    # are computed once for both directions (the backward scan uses the same A_f, W_f), the recurrences of the
+    # six streams (main numerator, normaliser, camera; forward and backward) run side by side, and the readout adds
+    # the forward and backward states before one product per tile and writes the combined result (main: numerator
+    # over normaliser + eps; camera: the sum) in the model's dtype and layout `[B, T, S, H, D]`. -----------------
+
+    @triton.jit(do_not_specialize=["H", "T", "S", "SPLIT", "NSPLIT", "NA", "NW", "NR", "sbe_b", "sbe_h", "sbe_t",
+                                    "sbc_b", "sbc_h", "sbc_t"])
+    def _block_gram_kernel(
+        kr_ptr, v_ptr, k_ptr, kc_ptr, vc_ptr, beta_ptr, betac_ptr, wsm_ptr, wsc_ptr,
+        H, T, S, DK, DV, SPLIT, NSPLIT, NA, NW, NR,
+        skr_b, skr_h, skr_t, skr_s, skr_d, sv_b, sv_h, sv_t, sv_s, sv_d, sk_b, sk_h, sk_t, sk_s, sk_d,
+        skc_b, skc_h, skc_t, skc_s, skc_d, svc_b, svc_h, svc_t, svc_s, svc_d,
+        sbe_b, sbe_h, sbe_t, sbe_s, sbc_b, sbc_h, sbc_t, sbc_s,
+        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Phase 1 of the phased block. Grid (B*H*T * NSPLIT * NR,), NR = 3*NA + 2*NW + 1 row blocks varying
+        fastest: the main workspace `[B*H, T, NSPLIT, 2*DK + DV + 1, DK]` gets, per (batch, head, frame) and token
+        split, K~^T B K~, V^T B K~, K^T B K and sum_s beta_s k_s (as `_gram_kernel` with the normaliser); the camera
+        one `[B*H, T, NSPLIT, DK + DV, DK]` Kc^T Bc Kc and Vc^T Bc Kc."""
+        prog = tl.program_id(0)
+        r = prog % NR
+        split = (prog // NR) % NSPLIT
+        pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
+        bh, f, b, h = _batch_head_frame(pid, T, H)
+        s_lo = split * SPLIT
+        s_hi = tl.minimum(s_lo + SPLIT, S)
+        if r < 2 * NA + NW + 1:
+            out = wsm_ptr + (pid * NSPLIT + split) * (2 * DK + DV + 1) * DK
+            beta = beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t
+            kr = kr_ptr + b * skr_b + h * skr_h + f * skr_t
+            if r < NA:
+                _gram_block(kr, kr, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, skr_s, skr_d, skr_s, skr_d, sbe_s,
+                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+            elif r < NA + NW:
+                _gram_block(kr, v_ptr + b * sv_b + h * sv_h + f * sv_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
+                            (r - NA) * BLOCK_R, skr_s, skr_d, sv_s, sv_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R,
+                            PRECISION)
+            else:
+                k = k_ptr + b * sk_b + h * sk_h + f * sk_t
+                if r < 2 * NA + NW:
+                    _gram_block(k, k, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
+                                sk_s, sk_d, sk_s, sk_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+                else:
+                    _gram_block(k, k, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
+                                sk_s, sk_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+        else:
+            rc = r - (2 * NA + NW + 1)
+            out = wsc_ptr + (pid * NSPLIT + split) * (DK + DV) * DK
+            beta = betac_ptr + b * sbc_b + h * sbc_h + f * sbc_t
+            kc = kc_ptr + b * skc_b + h * skc_h + f * skc_t
+            if rc < NA:
+                _gram_block(kc, kc, beta, out, s_lo, s_hi, DK, DK, rc * BLOCK_R, skc_s, skc_d, skc_s, skc_d, sbc_s,
+                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+            else:
+                _gram_block(kc, vc_ptr + b * svc_b + h * svc_h + f * svc_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
+                            (rc - NA) * BLOCK_R, skc_s, skc_d, svc_s, svc_d, sbc_s, False, BLOCK_S, BLOCK_K,
+                            BLOCK_R, PRECISION)
+
+    @triton.jit(do_not_specialize=["H", "T", "NSPLIT", "NV", "sg_b", "sg_h", "sg_t", "ssg_b", "ssg_h", "ssg_v",
+                                    "sz_b", "sz_h", "ssc_b", "ssc_h", "ssc_v"])
+    def _block_recur_kernel(
+        wsm_ptr, wsc_ptr, gamma_ptr, sig_in_ptr, z_in_ptr, sigc_in_ptr, slots_ptr, zslots_ptr,
+        sig_out_ptr, z_out_ptr, sigc_out_ptr,
+        H, T, NSPLIT, DK, DV, NV,
+        sg_b, sg_h, sg_t, ssg_b, ssg_h, ssg_v, ssg_k, sz_b, sz_h, sz_k, ssc_b, ssc_h, ssc_v, ssc_k,
+        HAS_STATE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Phase 2 of the phased block. Grid (B*H, 4*NV + 2); the second index picks the stream: [0, NV) main
+        forward by value blocks (from the input state; final state stored), NV normaliser forward, [NV+1, 2NV+1)
+        and 2NV+1 the same backwards (from zeros), [2NV+2, 3NV+2) camera forward, [3NV+2, 4NV+2) camera backward.
+        State slots `[4, B*H, T + 1, DV, DK]` (main f, main b, camera f, camera b) and `[2, B*H, T + 1, DK]`
+        (normaliser f, b), as `_recur_stream` writes them; a backward stream's final state goes to its last slot
+        (the value it holds already)."""
+        pid_bh = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        BH = tl.num_programs(0).to(tl.int64)
+        b = pid_bh // H
+        h = pid_bh % H
+        RM = 2 * DK + DV + 1
+        wsm = wsm_ptr + pid_bh * T * NSPLIT * RM * DK
+        wsc = wsc_ptr + pid_bh * T * NSPLIT * (DK + DV) * DK
+        gamma = gamma_ptr + b * sg_b + h * sg_h
+        per = (T + 1) * DV * DK
+        zper = (T + 1) * DK
+        if j < NV:
+            _recur_stream(wsm, 0, DK, gamma, sig_in_ptr + b * ssg_b + h * ssg_h, slots_ptr + pid_bh * per,
+                          sig_out_ptr + pid_bh * DV * DK, T, NSPLIT, RM, DK, DV, j * BLOCK_V, sg_t, ssg_v, ssg_k,
+                          HAS_STATE, False, BLOCK_V, BLOCK_K, BLOCK_C, PRECISION)
+        elif j == NV:
+            _recur_stream(wsm, DK + DV, 2 * DK + DV, gamma, z_in_ptr + b * sz_b + h * sz_h,
+                          zslots_ptr + pid_bh * zper, z_out_ptr + pid_bh * DK, T, NSPLIT, RM, DK, 1, 0, sg_t, 0, sz_k,
+                          HAS_STATE, False, 16, BLOCK_K, BLOCK_C, PRECISION)
+        elif j < 2 * NV + 1:
+            slots = slots_ptr + (BH + pid_bh) * per
+            _recur_stream(wsm, 0, DK, gamma, sig_in_ptr, slots, slots + T * DV * DK, T, NSPLIT, RM, DK, DV,
+                          (j - NV - 1) * BLOCK_V, sg_t, 0, 0, False, True, BLOCK_V, BLOCK_K, BLOCK_C, PRECISION)
+        elif j == 2 * NV + 1:
+            zslots = zslots_ptr + (BH + pid_bh) * zper
+            _recur_stream(wsm, DK + DV, 2 * DK + DV, gamma, z_in_ptr, zslots, zslots + T * DK, T, NSPLIT, RM, DK,
+                          1, 0, sg_t, 0, 0, False, True, 16, BLOCK_K, BLOCK_C, PRECISION)
+        elif j < 3 * NV + 2:
+            _recur_stream(wsc, 0, DK, gamma, sigc_in_ptr + b * ssc_b + h * ssc_h,
+                          slots_ptr + (2 * BH + pid_bh) * per, sigc_out_ptr + pid_bh * DV * DK, T, NSPLIT, DK + DV,
+                          DK, DV, (j - 2 * NV - 2) * BLOCK_V, sg_t, ssc_v, ssc_k, HAS_STATE, False, BLOCK_V, BLOCK_K,
+                          BLOCK_C, PRECISION)
+        else:
+            slots = slots_ptr + (3 * BH + pid_bh) * per
+            _recur_stream(wsc, 0, DK, gamma, sigc_in_ptr, slots, slots + T * DV * DK, T, NSPLIT, DK + DV, DK, DV,
+                          (j - 3 * NV - 2) * BLOCK_V, sg_t, 0, 0, False, True, BLOCK_V, BLOCK_K, BLOCK_C, PRECISION)
+
+    @triton.jit(do_not_specialize=["H", "T", "S", "NV", "NS"])
+    def _block_readout_kernel(
+        qr_ptr, q_ptr, qc_ptr, slots_ptr, zslots_ptr, main_ptr, cam_ptr, eps,
+        H, T, S, DK, DV, NV, NS,
+        sqr_b, sqr_h, sqr_t, sqr_s, sqr_d, sq_b, sq_h, sq_t, sq_s, sq_d, sqc_b, sqc_h, sqc_t, sqc_s, sqc_d,
+        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Phase 3 of the phased block. Grid (B*H*T * NS * 2*NV,), value blocks (main then camera) varying fastest:
+        for a tile of a frame's tokens, main = q~ (Sigma_f + Sigma_b)^T / (q . (z_f + z_b) + eps) and camera =
+        qc (Sigma_c,f + Sigma_c,b)^T, the forward states after frame f's update (slot f + 1), the backward ones
+        before it (slot T - 1 - f); stored in the outputs' dtype at `[B, T, S, H, DV]`."""
+        prog = tl.program_id(0)
+        pid_v = prog % (2 * NV)
+        pid_s = (prog // (2 * NV)) % NS
+        pid = (prog // (2 * NV) // NS).to(tl.int64)  # (batch, head, frame)
+        bh, f, b, h = _batch_head_frame(pid, T, H)
+        BH = (tl.num_programs(0) // (2 * NV) // NS // T).to(tl.int64)
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask_r = rows < S
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < DK
+        fwd = bh * (T + 1) + f + 1
+        bwd = bh * (T + 1) + T - 1 - f
+        per_stream = BH * (T + 1)
+        if pid_v < NV:
+            vb = pid_v
+            qt = tl.load(qr_ptr + b * sqr_b + h * sqr_h + f * sqr_t + rows[:, None] * sqr_s + offs_k[None, :] * sqr_d,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            f_slot, b_slot = fwd, per_stream + bwd
+        else:
+            vb = pid_v - NV
+            qt = tl.load(qc_ptr + b * sqc_b + h * sqc_h + f * sqc_t + rows[:, None] * sqc_s + offs_k[None, :] * sqc_d,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            f_slot, b_slot = 2 * per_stream + fwd, 3 * per_stream + bwd
+        offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < DV
+        tile = offs_v[:, None] * DK + offs_k[None, :]
+        mask = mask_v[:, None] & mask_k[None, :]
+        st = (tl.load(slots_ptr + f_slot * DV * DK + tile, mask=mask, other=0.0)
+              + tl.load(slots_ptr + b_slot * DV * DK + tile, mask=mask, other=0.0))
+        o = tl.dot(qt, tl.trans(st), input_precision=PRECISION)
+        dst = ((b * T + f) * S + rows[:, None]) * H * DV + h * DV + offs_v[None, :]
+        if pid_v < NV:
+            qn = tl.load(q_ptr + b * sq_b + h * sq_h + f * sq_t + rows[:, None] * sq_s + offs_k[None, :] * sq_d,
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            z = (tl.load(zslots_ptr + fwd * DK + offs_k, mask=mask_k, other=0.0)
+                 + tl.load(zslots_ptr + (per_stream + bwd) * DK + offs_k, mask=mask_k, other=0.0))
+            den = tl.sum(qn * z[None, :], axis=1) + eps
+            o = o / den[:, None]
+            tl.store(main_ptr + dst, o.to(main_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])
+        else:
+            tl.store(cam_ptr + dst, o.to(cam_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_v[None, :])
+
 
 def _check_runnable(x: torch.Tensor, name: str) -> None:
     if triton is None:
@@ -707,6 +872,72 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
     return out_a, st_a, out_b, st_b
 
 
+def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, betac, sigc, eps, out_dtype, precision,
+                         config):
+    """The phased block (three launches: `_block_gram_kernel`, `_block_recur_kernel`, `_block_readout_kernel`;
+    tiles: PARALLEL_CONFIG's keys, defaults `_parallel_blocks`). Returns main, Sigma, z, cam, Sigma_c: main and cam
+    `[B, T, S, H, Dv]` in out_dtype, the final forward states fp32. Workspaces (torch.empty): the frame matrices
+    `[B*H, T, splits, 2*Dk + Dv + 1, Dk]` and `[B*H, T, splits, Dk + Dv, Dk]`, the per-frame states
+    `[4, B*H, T + 1, Dv, Dk]` and `[2, B*H, T + 1, Dk]`."""
+    B, H, T, S, Dk = qr.shape
+    Dv = v.shape[-1]
+    itemsize = max(t.element_size() for t in (qr, kr, q, k, v, qc, kc, vc))
+    key = ("phases", Dk, Dv, precision, itemsize)
+    unknown = sorted(set(config or {}) - set(PARALLEL_CONFIG))
+    if unknown:
+        raise TritonScanError(f"gdn_block_phases: {unknown} are not settings of the phased block; accepted: "
+                              f"{PARALLEL_CONFIG}")
+    cfg = dict(_SMALLER.get(key) or _parallel_blocks(Dk, Dv, precision), **(config or {}))
+    dev = qr.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    main = torch.empty(B, T, S, H, Dv, device=dev, dtype=out_dtype)
+    cam = torch.empty(B, T, S, H, Dv, device=dev, dtype=out_dtype)
+    sig_out, z_out, sigc_out = torch.empty(B, H, Dv, Dk, **f32), torch.empty(B, H, Dk, **f32), torch.empty(
+        B, H, Dv, Dk, **f32)
+    outs = (main, sig_out, z_out, cam, sigc_out)
+    BH = B * H
+    if BH == 0:
+        return outs
+    has_state = sigma is not None
+    sig_in, z_in, sigc_in = (sigma, z, sigc) if has_state else (sig_out, z_out, sigc_out)  # unread stand-ins
+    state_strides = ((*sigma.stride(), *z.stride(), *sigc.stride()) if has_state else (0,) * 11)
+    block_k = max(16, triton.next_power_of_2(Dk))
+    slots = torch.empty(4, BH, T + 1, Dv, Dk, **f32)
+    zslots = torch.empty(2, BH, T + 1, Dk, **f32)
+    while True:
+        nsplit = max(1, triton.cdiv(S, cfg["P1_SPLIT"]))
+        wsm = torch.empty(BH, T, nsplit, 2 * Dk + Dv + 1, Dk, **f32)
+        wsc = torch.empty(BH, T, nsplit, Dk + Dv, Dk, **f32)
+        na, nw = triton.cdiv(Dk, cfg["P1_BLOCK_R"]), triton.cdiv(Dv, cfg["P1_BLOCK_R"])
+        nr = 3 * na + 2 * nw + 1
+        nv2, nv3 = triton.cdiv(Dv, cfg["P2_BLOCK_V"]), triton.cdiv(Dv, cfg["P3_BLOCK_V"])
+        ns = triton.cdiv(S, cfg["P3_BLOCK_S"])
+        try:  # OutOfResources is raised at compile time, before that phase runs; a retry redoes every phase
+            if T > 0:
+                _block_gram_kernel[(BH * T * nsplit * nr,)](
+                    kr, v, k, kc, vc, beta, betac, wsm, wsc, H, T, S, Dk, Dv, cfg["P1_SPLIT"], nsplit, na, nw, nr,
+                    *kr.stride(), *v.stride(), *k.stride(), *kc.stride(), *vc.stride(), *beta.stride(),
+                    *betac.stride(), BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"],
+                    PRECISION=precision, num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
+            _block_recur_kernel[(BH, 4 * nv2 + 2)](
+                wsm, wsc, gamma, sig_in, z_in, sigc_in, slots, zslots, sig_out, z_out, sigc_out, H, T, nsplit, Dk,
+                Dv, nv2, *gamma.stride(), *state_strides, HAS_STATE=has_state, BLOCK_V=cfg["P2_BLOCK_V"],
+                BLOCK_K=block_k, BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision,
+                num_warps=cfg["P2_WARPS"], num_stages=cfg["num_stages"])
+            if T > 0 and S > 0:
+                _block_readout_kernel[(BH * T * ns * 2 * nv3,)](
+                    qr, q, qc, slots, zslots, main, cam, eps, H, T, S, Dk, Dv, nv3, ns, *qr.stride(), *q.stride(),
+                    *qc.stride(), BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k, BLOCK_V=cfg["P3_BLOCK_V"],
+                    PRECISION=precision, num_warps=cfg["P3_WARPS"], num_stages=cfg["num_stages"])
+            break
+        except triton.runtime.errors.OutOfResources:
+            smaller = _shrink(cfg)
+            if config or smaller is cfg:
+                raise
+            cfg = _SMALLER[key] = smaller
+    return outs
+
+
 # torch custom ops: opaque to dynamo, CUDA-graph friendly (torch.empty + launches, no sync) ------------------
 
 
@@ -766,6 +997,28 @@ def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, sigma_c,
     cam = q.new_empty(B, H, T, S, Dc, **f32)
     return (num, den, q.new_empty(B, H, Dv, Dk, **f32), q.new_empty(B, H, Dk, **f32), torch.empty_like(num),
             torch.empty_like(den), cam, q.new_empty(B, H, Dc, Dk, **f32), torch.empty_like(cam))
+
+@torch.library.custom_op("sana_wm::gdn_block_phases", mutates_args=())
+def _gdn_block_phases_op(q_rot: torch.Tensor, k_rot: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor | None,
+                         z: torch.Tensor | None, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                         beta_c: torch.Tensor, sigma_c: torch.Tensor | None, eps: float, out_dtype: torch.dtype,
+                         precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    _check_runnable(q, "gdn_block_phases_triton")
+    return _launch_block_phases(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, sigma_c, eps,
+                                out_dtype, precision, None)
+
+
+@_gdn_block_phases_op.register_fake
+def _(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, sigma_c, eps, out_dtype, precision):
+    B, H, T, S, Dk = q_rot.shape
+    Dv = v.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, T, S, H, Dv, dtype=out_dtype), q.new_empty(B, H, Dv, Dk, **f32),
+            q.new_empty(B, H, Dk, **f32), q.new_empty(B, T, S, H, Dv, dtype=out_dtype),
+            q.new_empty(B, H, Dv, Dk, **f32))
+
 
 # public functions: the reference signatures (plus keyword-only precision and strategy) -------------------
 
@@ -845,6 +1098,44 @@ def gdn_block_triton(q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta
                                   precision)
     num_f, den_f, sigma, z, num_b, den_b, cam_f, sigma_c, cam_b = outs
     return num_f, den_f, (sigma, z), num_b, den_b, cam_f, sigma_c, cam_b
+
+def gdn_block_phases_triton(q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_c, state_c, *, eps: float,
+                            out_dtype: torch.dtype | None = None, precision=DEFAULT_PRECISION,
+                            config: dict | None = None):
+    """A one-segment GDN block's scans combined as the block uses them (`engine.stage1.temporal.ScanOps.
+    block_combined`'s plain composition), in three launches ("phases"): the frame matrices of the main, normaliser
+    and camera streams once for both directions, the six recurrences side by side, and a readout that adds the
+    forward and backward states and writes the combined results. Returns main `[B, H, T, S, Dv]` =
+    (num_f + num_b) / (den_f + den_b + eps), (Sigma, z), cam `[B, H, T, S, Dv]` = cam_f + cam_b, Sigma_c; main and
+    cam in out_dtype (default q_rot's), as views of `[B, T, S, H, Dv]` buffers (the heads-last layout the block
+    reshapes to `[B, N, C]` without a copy), the states fp32. A different association than the four scans (states
+    summed before the product), so equal to them at the rounding level of the precision. `config`: explicit tiles
+    (PARALLEL_CONFIG's keys)."""
+    sigma, z = (None, None) if state is None else state
+    if (state is None) != (state_c is None) or (sigma is None) != (z is None):
+        raise TritonScanError("gdn_block_phases_triton: pass both states (Sigma, z) and Sigma_c, or neither")
+    _check_inputs(q_rot, k_rot, v, beta, gamma, sigma, precision, "parallel", "gdn_block_phases_triton")
+    _check_inputs(qc, kc, vc, beta_c, gamma, state_c, precision, "parallel", "gdn_block_phases_triton (camera)")
+    if q.shape != q_rot.shape or k.shape != k_rot.shape or qc.shape != q_rot.shape or vc.shape != v.shape:
+        raise TritonScanError(f"gdn_block_phases_triton: q {tuple(q.shape)}, k {tuple(k.shape)}, qc "
+                              f"{tuple(qc.shape)}, vc {tuple(vc.shape)} must match q_rot {tuple(q_rot.shape)} / v "
+                              f"{tuple(v.shape)}")
+    if z is not None and tuple(z.shape) != (q.shape[0], q.shape[1], q.shape[-1]):
+        raise TritonScanError(f"gdn_block_phases_triton: z {tuple(z.shape)}: need "
+                              f"{(q.shape[0], q.shape[1], q.shape[-1])}")
+    out_dtype = out_dtype or q_rot.dtype
+    if not out_dtype.is_floating_point:
+        raise TritonScanError(f"gdn_block_phases_triton: out_dtype {out_dtype} is not a floating-point dtype")
+    if config is not None:
+        _check_runnable(q, "gdn_block_phases_triton")
+        outs = _launch_block_phases(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, state_c,
+                                    float(eps), out_dtype, precision, config)
+    else:
+        outs = _gdn_block_phases_op(q_rot, k_rot, q, k, v, beta, gamma, sigma, z, qc, kc, vc, beta_c, state_c,
+                                    float(eps), out_dtype, precision)
+    main, sigma, z, cam, sigma_c = outs
+    return main.permute(0, 3, 1, 2, 4), (sigma, z), cam.permute(0, 3, 1, 2, 4), sigma_c
+
 
 def launch_with_config(q, k, v, beta, gamma, state=None, *, reverse=False, precision=DEFAULT_PRECISION,
                        strategy=DEFAULT_STRATEGY, qn=None, kn=None, z=None, **config):

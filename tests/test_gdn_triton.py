@@ -364,6 +364,78 @@ def test_block_launch_in_a_cuda_graph():
         assert torch.equal(a, b)
 
 
+def combined_ref(args, eps=1e-8):
+    """The plain ScanOps.block_combined (the four references, combined in fp32) as fp32: main, Sigma, z, cam,
+    Sigma_c."""
+    from engine.stage1.temporal import ScanOps
+
+    main, (sigma, z), cam, sigma_c = ScanOps().block_combined(*args, eps=eps, out_dtype=torch.float32)
+    return [main, sigma, z, cam, sigma_c]
+
+
+def check_phases(args, precision, label, out_dtype=torch.float32, config=None):
+    """gdn_block_phases_triton against the plain composition; outputs in out_dtype are compared after the
+    reference is rounded to it the same way (the kernel rounds its fp32 result once)."""
+    main, (sigma, z), cam, sigma_c = gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=out_dtype,
+                                                                precision=precision, config=config)
+    assert main.dtype == out_dtype and cam.dtype == out_dtype and main.shape == cam.shape == args[4].shape
+    ref = combined_ref(args)
+    if out_dtype != torch.float32:  # compare in fp32 after the reference gets the same one rounding
+        ref = [r.to(out_dtype).float() if i in (0, 3) else r for i, r in enumerate(ref)]
+        out_dtype_tol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[out_dtype]
+    else:
+        out_dtype_tol = 0.0
+    outs = [main.float(), sigma, z, cam.float(), sigma_c]
+    errs = [max_rel(a, b) for a, b in zip(outs, ref, strict=True)]
+    print(f"{label} phases [{precision}]: max rel err " + " ".join(f"{e:.2e}" for e in errs))
+    # main is a quotient of two fp32 dot products; relative to its max it rounds like them (plus one output rounding)
+    assert max(errs) < TOL[precision] + 2 * out_dtype_tol, (label, precision, errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", [True, False])
+@pytest.mark.parametrize("B,H,T,S,D,dtype,precision", [c for c in CASES if c.id in BLOCK_CASES])
+def test_block_phases_match_reference(B, H, T, S, D, dtype, precision, state, poison_cuda):
+    args = block_inputs(B, H, T, S, D, dtype, "cuda", layout="heads", state=state)
+    check_phases(args, precision, f"B{B} H{H} T{T} S{S} D{D} {dtype}")
+    if dtype == torch.bfloat16:  # the model's case: the results written in bf16
+        check_phases(args, precision, f"B{B} H{H} T{T} S{S} D{D} {dtype} -> bf16", out_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_block_phases_near_one_launch_and_in_a_cuda_graph():
+    """At the release shapes in bf16 / tf32 (the model's setting) the phased block is near the one launch combined
+    in torch, and a captured replay on new inputs equals the eager call."""
+    from engine.stage1.temporal import ScanOps
+
+    args = block_inputs(1, 20, 3, 880, 112, torch.bfloat16, "cuda", layout="heads")
+    one = ScanOps(gdn_block=gt.gdn_block_triton).block_combined(*args, eps=1e-8, out_dtype=torch.float32)
+    eager = gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.float32)
+    errs = [max_rel(a, b) for a, b in zip((eager[0], *eager[1], eager[2], eager[3]),
+                                          (one[0], *one[1], one[2], one[3]), strict=True)]
+    print("phases vs one launch [tf32]:", " ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) < TOL["tf32"]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.float32)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.float32)
+    fresh = block_inputs(1, 20, 3, 880, 112, torch.bfloat16, "cuda", layout="heads")
+    for old, new in zip(args, fresh, strict=True):
+        for o, n in zip(old if isinstance(old, tuple) else (old,), new if isinstance(new, tuple) else (new,),
+                        strict=True):
+            o.copy_(n)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.float32)
+    for a, b in zip((captured[0], *captured[1], captured[2], captured[3]), (want[0], *want[1], want[2], want[3]),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
 # CPU ------------------------------------------------------------------------------------------------------
 
 
@@ -470,6 +542,31 @@ def test_interpreter_block_launch_config_and_errors():
           precision="ieee")), "ieee")
     with pytest.raises(gt.TritonScanError, match="P1_SPLIT.*not settings of the block launch"):
         gt.gdn_block_triton(*args, config=dict(P1_SPLIT=16))
+
+
+@interpreter
+@pytest.mark.parametrize("state", [True, False])
+@pytest.mark.parametrize("layout", ["heads", "strided"])
+@pytest.mark.parametrize("T,S,D", [(3, 37, 16), (1, 19, 20), (2, 21, 112)])
+def test_interpreter_block_phases(T, S, D, layout, state, poison_cpu):
+    check_phases(block_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout, state=state), "ieee",
+                 f"interpreter T{T} S{S} D{D} {layout}")
+
+
+@interpreter
+def test_interpreter_block_phases_splits_tiles_dtype_and_errors(poison_cpu):
+    """Token splits (the last partial), small tiles, a bf16 output, and the refusals."""
+    args = block_inputs(1, 2, 3, 37, 16, torch.float32, "cpu", layout="heads")
+    check_phases(args, "ieee", "interpreter P1_SPLIT=16", config=dict(
+        gt._parallel_blocks(16, 16, "ieee"), P1_SPLIT=16, P1_BLOCK_S=16, P1_BLOCK_R=16, P2_BLOCK_V=16, P3_BLOCK_S=16,
+        P3_BLOCK_V=16))
+    check_phases(args, "ieee", "interpreter -> bf16", out_dtype=torch.bfloat16)
+    with pytest.raises(gt.TritonScanError, match="BLOCK_S.*not settings of the phased block"):
+        gt.gdn_block_phases_triton(*args, eps=1e-8, config=dict(BLOCK_S=16))
+    with pytest.raises(gt.TritonScanError, match="pass both states"):
+        gt.gdn_block_phases_triton(*args[:-1], None, eps=1e-8)
+    with pytest.raises(gt.TritonScanError, match="out_dtype torch.int32"):
+        gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.int32)
 
 
 def test_imports_without_triton_and_says_so():

@@ -13,6 +13,10 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `refiner-rope`: the refiner's RoPE as one fused Triton kernel (engine/fast/refiner_rope.py, kernels/rope.py);
 - `stage1-triton-scans`: the GDN / camera scans as Triton kernels (kernels/gdn_triton.py, engine/fast/scans.py); a
   GDN block's four scans (main and camera, forward and backward) in one launch: 0.475 -> 0.381 ms a block on the H100;
+- `stage1-block-phases`: the Triton scans (as `stage1-triton-scans`, which it supersedes), with a one-segment GDN
+  block's scans in three launches that also combine them (`gdn_block_phases_triton`): the frame matrices once for
+  both directions, the six recurrences side by side, one readout per token tile from the summed forward and
+  backward states, written in the model's dtype (not bit-equal to the one launch: tf32-level rounding);
 - `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
   path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
@@ -53,14 +57,16 @@ from __future__ import annotations
 
 from engine.errors import InputError
 
-FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-ffn", "stage1-rope",
+FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
+              "stage1-ffn", "stage1-rope",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile",
        "refiner-rope", "refiner-gelu", "vae-fast", "frames")
-CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-ffn", "stage1-rope", "refiner-graph", "refiner-compile",
+CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
+             "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "cache-overlap")
 
 
@@ -110,6 +116,12 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             pipe.world.stage1.scan_ops = triton_scan_ops()
             done[name] = "Stage1Transformer.scan_ops -> Triton scans (kernels/gdn_triton.py)"
+        elif name == "stage1-block-phases":
+            from engine.fast.scans import triton_scan_ops
+
+            pipe.world.stage1.scan_ops = triton_scan_ops(block="phases")
+            done[name] = ("Stage1Transformer.scan_ops -> Triton scans, a GDN block's combined in three launches "
+                          "(kernels/gdn_triton.py gdn_block_phases_triton)")
         elif name == "stage1-ffn":
             from engine.fast.stage1_ffn import fused_ffn_op, set_ffn_ops
 

@@ -154,8 +154,9 @@ class SelfAttention(nn.Module):
         state = None if cache is None else (cache.sigma, cache.z)
         sigma_cam = None if cache is None else cache.sigma_cam
         if len(ctx.segments) == 1:
-            num_f, den_f, state, num_b, den_b, cam_f, sigma_cam, cam_b = ctx.scans.block(
-                q_rot, k_rot, q, k, v, beta, gamma, state, qu, ku, vu, beta_cam, sigma_cam)
+            main, state, cam, sigma_cam = ctx.scans.block_combined(
+                q_rot, k_rot, q, k, v, beta, gamma, state, qu, ku, vu, beta_cam, sigma_cam, eps=self.eps,
+                out_dtype=a.dtype)  # [B, H, T, S, D] each
         else:
             num_f, den_f, state = ctx.scans.gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
             backward = [ctx.scans.gdn_backward(q_rot[:, :, s], k_rot[:, :, s], q[:, :, s], k[:, :, s], v[:, :, s],
@@ -165,9 +166,10 @@ class SelfAttention(nn.Module):
             cam_f, sigma_cam = ctx.scans.camera_forward(qu, ku, vu, beta_cam, gamma, sigma_cam)
             cam_b = torch.cat([ctx.scans.camera_backward(qu[:, :, s], ku[:, :, s], vu[:, :, s], beta_cam[:, :, s],
                                                          gamma[:, :, s]) for s in segment_slices(ctx)], dim=2)
-        main = (num_f + num_b) / (den_f + den_b + self.eps)[..., None]  # [B, H, T, S, D]
-        main = from_heads(main.reshape(B, H, N, self.head_dim)).to(a.dtype)
-        cam = (cam_f + cam_b).reshape(B, H, N, self.head_dim).to(a.dtype)
+            main = ((num_f + num_b) / (den_f + den_b + self.eps)[..., None]).to(a.dtype)
+            cam = (cam_f + cam_b).to(a.dtype)
+        main = from_heads(main.reshape(B, H, N, self.head_dim))
+        cam = cam.reshape(B, H, N, self.head_dim)
         cam = from_heads(ucpe_transform(cam, ctx.P, ctx.cam_rope, inverse_rope=True))
         if cache is not None and ctx.write_cache:
             cache.write_states(state[0], state[1], sigma_cam)

@@ -71,6 +71,9 @@ class ScanOps:
     # all four scans of a one-segment GDN block in one call (same arguments and results as `block`), e.g.
     # kernels.gdn_triton.gdn_block_triton's single launch; None: `block` calls the four functions above
     gdn_block: Callable | None = None
+    # the block's scans already combined (same arguments as `block_combined`), e.g.
+    # kernels.gdn_triton.gdn_block_phases_triton; None: `block_combined` combines `block`'s results in torch
+    gdn_block_combined: Callable | None = None
 
     def block(self, q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state):
         """The forward and backward GDN scans (main q_rot, k_rot, q, k, v; state (Sigma, z) or None) and camera
@@ -83,6 +86,19 @@ class ScanOps:
         cam_f, cam_state = self.camera_forward(qc, kc, vc, beta_cam, gamma, cam_state)
         cam_b = self.camera_backward(qc, kc, vc, beta_cam, gamma)
         return num_f, den_f, state, num_b, den_b, cam_f, cam_state, cam_b
+
+    def block_combined(self, q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state, *,
+                       eps: float, out_dtype: torch.dtype):
+        """`block`'s scans combined as a GDN block uses them: main = (num_f + num_b) / (den_f + den_b + eps) and
+        cam = cam_f + cam_b, `[B, H, T, S, D]` in out_dtype (computed in fp32). Returns main, (Sigma, z), cam,
+        Sigma_c."""
+        if self.gdn_block_combined is not None:
+            return self.gdn_block_combined(q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state,
+                                           eps=eps, out_dtype=out_dtype)
+        num_f, den_f, state, num_b, den_b, cam_f, cam_state, cam_b = self.block(
+            q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state)
+        main = ((num_f + num_b) / (den_f + den_b + eps)[..., None]).to(out_dtype)
+        return main, state, (cam_f + cam_b).to(out_dtype), cam_state
 
 
 @dataclass

@@ -14,7 +14,9 @@ their defaults).
 
 `--block tf32 [...]` instead times one GDN block's four scans as the model runs them with `stage1-triton-scans`:
 one launch of `gdn_block_triton` against the four "stream" launches (graph replay), their difference (zero
-expected: same per-program code), and with `--sweep` the block launch's tile configs.
+expected: same per-program code); then the combined results a block uses (`ScanOps.block_combined`): the one
+launch with the combination in eager torch against `gdn_block_phases_triton` (`stage1-block-phases`), and their
+difference; with `--sweep` the block launch's tile configs and the phased block's, one phase at a time.
 """
 
 from __future__ import annotations
@@ -219,7 +221,9 @@ def sweep(x, args) -> list[dict]:
 def block_rows(x, args) -> dict:
     """One GDN block's four scans (camera inputs: the main q, k, v again): the block launch vs four launches."""
     from engine.fast.scans import triton_scan_ops
+    from engine.stage1.temporal import ScanOps
 
+    one_launch = lambda prec: functools.partial(gdn_triton.gdn_block_triton, precision=prec)
     a = (x["q_rot"], x["k_rot"], x["q"], x["k"], x["v"], x["beta"], x["gamma"], (x["sigma"], x["z"]),
          x["q_rot"], x["k_rot"], x["v"], x["beta"] * 0.5, x["sigma"] * 0.5)
     rows, sweep_rows = [], []
@@ -241,8 +245,38 @@ def block_rows(x, args) -> dict:
                 ms = float("inf")
             sweep_rows.append(dict(precision=prec, ms=ms, **cfg))
             print(f"sweep block {prec:7s} {ms:.4f} ms  {cfg}")
-        for r in sorted((r for r in sweep_rows if r["precision"] == prec), key=lambda r: r["ms"])[:3]:
+        for r in sorted((r for r in sweep_rows if r["precision"] == prec and "BLOCK_S" in r),
+                        key=lambda r: r["ms"])[:3]:
             print(f"best block {prec:7s} {r['ms']:.4f} ms  {({k: r[k] for k in SWEEP_KEYS})}")
+        # the combined results the blocks use: the one launch + the combination in torch (eager kernels; compiled,
+        # inductor fuses them into the neighbours) vs the phased block, which combines in its readout
+        out_dtype = x["q"].dtype
+        combined_one = functools.partial(ScanOps(gdn_block=one_launch(prec)).block_combined, *a, eps=1e-8,
+                                         out_dtype=out_dtype)
+        phases = functools.partial(gdn_triton.gdn_block_phases_triton, *a, eps=1e-8, out_dtype=out_dtype,
+                                   precision=prec)
+        m1, s1, c1, sc1 = combined_one()
+        m2, s2, c2, sc2 = phases()
+        diff = max(max_rel(p, q) for p, q in zip((m2, *s2, c2, sc2), (m1, *s1, c1, sc1), strict=True))
+        t_comb, t_phases = time_graph(combined_one, args.iters), time_graph(phases, args.iters)
+        rows[-1].update(one_launch_combined_ms=t_comb, phases_ms=t_phases, phases_max_rel_diff=diff)
+        print(f"block {prec:7s} one launch + torch combine {t_comb:.4f} ms  phases (combined) {t_phases:.4f} ms  "
+              f"diff {diff:.1e}")
+        base = gdn_triton._parallel_blocks(args.head_dim, args.head_dim, prec)
+        for phase, grid in PARALLEL_SWEEP.items() if args.sweep is not None else ():
+            for values in itertools.product(*grid.values()):
+                cfg = dict(base, **dict(zip(grid, values, strict=True)))
+                try:
+                    ms = time_graph(functools.partial(gdn_triton.gdn_block_phases_triton, *a, eps=1e-8,
+                                                      out_dtype=out_dtype, precision=prec, config=cfg), args.iters)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+                    print(f"sweep phases {prec} {cfg}: failed ({type(e).__name__})")
+                    ms = float("inf")
+                sweep_rows.append(dict(precision=prec, ms=ms, launch="phases", varied=phase, **cfg))
+                print(f"sweep phases {prec:7s} {ms:.4f} ms  {phase}: {shown(phase, cfg)}")
+            mine = [r for r in sweep_rows if r.get("varied") == phase and r["precision"] == prec]
+            for r in sorted(mine, key=lambda r: r["ms"])[:3]:
+                print(f"best phases {prec:7s} {phase}: {r['ms']:.4f} ms  {shown(phase, r)}")
     return dict(shape=dict(B=args.batch, H=args.heads, T=args.frames, S=args.tokens, D=args.head_dim),
                 dtype=args.dtype, device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=getattr(gdn_triton.triton, "__version__", None), block=rows, sweep=sweep_rows)
