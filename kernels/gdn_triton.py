@@ -246,10 +246,12 @@ if triton is not None:
     @triton.jit
     def _gram_block(k_ptr, x_ptr, beta_ptr, out_ptr, s_lo, s_hi, DK, NX, x0, sk_s, sk_d, sx_s, sx_d, sb_s,
                     X_ONES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr = False):
         """Rows x0.. of X^T B K over tokens [s_lo, s_hi) of one frame, stored to `out` (rows of length DK).
         X is `[S, NX]` (a column slice of K for K^T B K, of V for V^T B K); X_ONES: X is a column of ones
-        (NX = 1), the row sum_s beta_s k_s, summed in exact fp32."""
+        (NX = 1), the row sum_s beta_s k_s, summed in exact fp32. BF16_SPLIT (K and X bf16): the fp32 products
+        x beta are split into a bf16 high part and a bf16 remainder, and each goes through a bf16 dot against the
+        exact bf16 K (two bf16 tensor-core dots, ~2^-16 relative: closer than one TF32 dot, and faster)."""
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < DK
         offs_r = x0 + tl.arange(0, BLOCK_R)
@@ -260,14 +262,21 @@ if triton is not None:
             rows = s0 + tl.arange(0, BLOCK_S)
             mask_s = rows < s_hi
             kt = tl.load(k_ptr + rows[:, None] * sk_s + offs_k[None, :] * sk_d,
-                         mask=mask_s[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                         mask=mask_s[:, None] & mask_k[None, :], other=0.0)
             bt = tl.load(beta_ptr + rows * sb_s, mask=mask_s, other=0.0).to(tl.float32)
             if X_ONES:
-                acc_row += tl.sum(kt * bt[:, None], axis=0)
+                acc_row += tl.sum(kt.to(tl.float32) * bt[:, None], axis=0)
             else:
                 xt = tl.load(x_ptr + rows[:, None] * sx_s + offs_r[None, :] * sx_d,
                              mask=mask_s[:, None] & mask_x[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(tl.trans(xt * bt[:, None]), kt, acc, input_precision=PRECISION)
+                xb = xt * bt[:, None]
+                if BF16_SPLIT:
+                    hi = xb.to(tl.bfloat16)
+                    lo = (xb - hi.to(tl.float32)).to(tl.bfloat16)
+                    acc = tl.dot(tl.trans(hi), kt, acc)
+                    acc = tl.dot(tl.trans(lo), kt, acc)
+                else:
+                    acc = tl.dot(tl.trans(xb), kt.to(tl.float32), acc, input_precision=PRECISION)
         if X_ONES:
             tl.store(out_ptr + offs_k, acc_row, mask=mask_k)
         else:
@@ -458,6 +467,7 @@ if triton is not None:
         skc_b, skc_h, skc_t, skc_s, skc_d, svc_b, svc_h, svc_t, svc_s, svc_d,
         sbe_b, sbe_h, sbe_t, sbe_s, sbc_b, sbc_h, sbc_t, sbc_s,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        BF16_SPLIT: tl.constexpr,
     ):
         """Phase 1 of the phased block. Grid (B*H*T * NSPLIT * NR,), NR = 3*NA + 2*NW + 1 row blocks varying
         fastest: the main workspace `[B*H, T, NSPLIT, 2*DK + DV + 1, DK]` gets, per (batch, head, frame) and token
@@ -476,19 +486,19 @@ if triton is not None:
             kr = kr_ptr + b * skr_b + h * skr_h + f * skr_t
             if r < NA:
                 _gram_block(kr, kr, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, skr_s, skr_d, skr_s, skr_d, sbe_s,
-                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
             elif r < NA + NW:
                 _gram_block(kr, v_ptr + b * sv_b + h * sv_h + f * sv_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
                             (r - NA) * BLOCK_R, skr_s, skr_d, sv_s, sv_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R,
-                            PRECISION)
+                            PRECISION, BF16_SPLIT)
             else:
                 k = k_ptr + b * sk_b + h * sk_h + f * sk_t
                 if r < 2 * NA + NW:
                     _gram_block(k, k, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
-                                sk_s, sk_d, sk_s, sk_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+                                sk_s, sk_d, sk_s, sk_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
                 else:
                     _gram_block(k, k, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
-                                sk_s, sk_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+                                sk_s, sk_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
         else:
             rc = r - (2 * NA + NW + 1)
             out = wsc_ptr + (pid * NSPLIT + split) * (DK + DV) * DK
@@ -496,11 +506,11 @@ if triton is not None:
             kc = kc_ptr + b * skc_b + h * skc_h + f * skc_t
             if rc < NA:
                 _gram_block(kc, kc, beta, out, s_lo, s_hi, DK, DK, rc * BLOCK_R, skc_s, skc_d, skc_s, skc_d, sbc_s,
-                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
             else:
                 _gram_block(kc, vc_ptr + b * svc_b + h * svc_h + f * svc_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
                             (rc - NA) * BLOCK_R, skc_s, skc_d, svc_s, svc_d, sbc_s, False, BLOCK_S, BLOCK_K,
-                            BLOCK_R, PRECISION)
+                            BLOCK_R, PRECISION, BF16_SPLIT)
 
     @triton.jit(do_not_specialize=["H", "T", "NSPLIT", "NV", "sg_b", "sg_h", "sg_t", "ssg_b", "ssg_h", "ssg_v",
                                     "sz_b", "sz_h", "ssc_b", "ssc_h", "ssc_v"])
@@ -561,6 +571,7 @@ if triton is not None:
         H, T, S, DK, DV, NV, NS,
         sqr_b, sqr_h, sqr_t, sqr_s, sqr_d, sq_b, sq_h, sq_t, sq_s, sq_d, sqc_b, sqc_h, sqc_t, sqc_s, sqc_d,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr,
+        BF16_SPLIT: tl.constexpr,
     ):
         """Phase 3 of the phased block. Grid (B*H*T * NS * 2*NV,), value blocks (main then camera) varying fastest:
         for a tile of a frame's tokens, main = q~ (Sigma_f + Sigma_b)^T / (q . (z_f + z_b) + eps) and camera =
@@ -582,12 +593,12 @@ if triton is not None:
         if pid_v < NV:
             vb = pid_v
             qt = tl.load(qr_ptr + b * sqr_b + h * sqr_h + f * sqr_t + rows[:, None] * sqr_s + offs_k[None, :] * sqr_d,
-                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             f_slot, b_slot = fwd, per_stream + bwd
         else:
             vb = pid_v - NV
             qt = tl.load(qc_ptr + b * sqc_b + h * sqc_h + f * sqc_t + rows[:, None] * sqc_s + offs_k[None, :] * sqc_d,
-                         mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             f_slot, b_slot = 2 * per_stream + fwd, 3 * per_stream + bwd
         offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < DV
@@ -595,7 +606,13 @@ if triton is not None:
         mask = mask_v[:, None] & mask_k[None, :]
         st = (tl.load(slots_ptr + f_slot * DV * DK + tile, mask=mask, other=0.0)
               + tl.load(slots_ptr + b_slot * DV * DK + tile, mask=mask, other=0.0))
-        o = tl.dot(qt, tl.trans(st), input_precision=PRECISION)
+        if BF16_SPLIT:  # q is bf16 (exact); the state as a bf16 high part plus a bf16 remainder, two bf16 dots
+            hi = st.to(tl.bfloat16)
+            lo = (st - hi.to(tl.float32)).to(tl.bfloat16)
+            o = tl.dot(qt, tl.trans(hi))
+            o = tl.dot(qt, tl.trans(lo), o)
+        else:
+            o = tl.dot(qt.to(tl.float32), tl.trans(st), input_precision=PRECISION)
         dst = ((b * T + f) * S + rows[:, None]) * H * DV + h * DV + offs_v[None, :]
         if pid_v < NV:
             qn = tl.load(q_ptr + b * sq_b + h * sq_h + f * sq_t + rows[:, None] * sq_s + offs_k[None, :] * sq_d,
@@ -806,6 +823,18 @@ def _parallel_blocks(Dk: int, Dv: int, precision: str) -> dict:
     return dict(cfg, P1_BLOCK_S=64, P1_BLOCK_R=64, P3_BLOCK_S=64, P3_BLOCK_V=64)
 
 
+def _phases_blocks(Dk: int, Dv: int, precision: str, bf16_split: bool) -> dict:
+    """Tiles of the phased block (`gdn_block_phases_triton`). With bf16 inputs under "tf32" (the model's case: the
+    products split into bf16 dots) the fastest of scan_bench.py --block tf32 --sweep on an H200 at the release
+    shapes, one phase varied at a time: phase 1 (64 tokens, 32 rows, one split, 4 warps) 0.312 -> 0.203 ms a
+    block, phase 3 (128 tokens, 64 values, 4 warps) -0.023 ms, phase 2 (32, 32, 4 warps) -0.008 ms; otherwise
+    the "parallel" strategy's `_parallel_blocks`."""
+    if bf16_split and triton.next_power_of_2(Dk) <= 128:
+        return dict(P1_BLOCK_S=64, P1_BLOCK_R=32, P1_SPLIT=1024, P1_WARPS=4, P2_BLOCK_V=32, P2_BLOCK_C=32, P2_WARPS=4,
+                    P3_BLOCK_S=128, P3_BLOCK_V=64, P3_WARPS=4, num_stages=2)
+    return _parallel_blocks(Dk, Dv, precision)
+
+
 def _shrink(cfg: dict) -> dict:
     """Halve the tiles of every phase (not below 16) and drop pipelining: a config for a GPU with less shared
     memory. Returns cfg itself when nothing can shrink."""
@@ -875,19 +904,22 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
 def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, betac, sigc, eps, out_dtype, precision,
                          config):
     """The phased block (three launches: `_block_gram_kernel`, `_block_recur_kernel`, `_block_readout_kernel`;
-    tiles: PARALLEL_CONFIG's keys, defaults `_parallel_blocks`). Returns main, Sigma, z, cam, Sigma_c: main and cam
+    tiles: PARALLEL_CONFIG's keys, defaults `_phases_blocks`). Returns main, Sigma, z, cam, Sigma_c: main and cam
     `[B, T, S, H, Dv]` in out_dtype, the final forward states fp32. Workspaces (torch.empty): the frame matrices
     `[B*H, T, splits, 2*Dk + Dv + 1, Dk]` and `[B*H, T, splits, Dk + Dv, Dk]`, the per-frame states
     `[4, B*H, T + 1, Dv, Dk]` and `[2, B*H, T + 1, Dk]`."""
     B, H, T, S, Dk = qr.shape
     Dv = v.shape[-1]
     itemsize = max(t.element_size() for t in (qr, kr, q, k, v, qc, kc, vc))
-    key = ("phases", Dk, Dv, precision, itemsize)
+    # bf16 inputs under "tf32": the fp32 operand of each frame-matrix and readout product as two bf16 parts (exact
+    # bf16 x (hi + lo) in two bf16 dots, ~2^-16 relative): more accurate than one TF32 dot and faster on sm_90
+    bf16_split = precision == "tf32" and all(t.dtype == torch.bfloat16 for t in (qr, kr, q, k, v, qc, kc, vc))
+    key = ("phases", Dk, Dv, precision, itemsize, bf16_split)
     unknown = sorted(set(config or {}) - set(PARALLEL_CONFIG))
     if unknown:
         raise TritonScanError(f"gdn_block_phases: {unknown} are not settings of the phased block; accepted: "
                               f"{PARALLEL_CONFIG}")
-    cfg = dict(_SMALLER.get(key) or _parallel_blocks(Dk, Dv, precision), **(config or {}))
+    cfg = dict(_SMALLER.get(key) or _phases_blocks(Dk, Dv, precision, bf16_split), **(config or {}))
     dev = qr.device
     f32 = dict(device=dev, dtype=torch.float32)
     main = torch.empty(B, T, S, H, Dv, device=dev, dtype=out_dtype)
@@ -918,7 +950,8 @@ def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, bet
                     kr, v, k, kc, vc, beta, betac, wsm, wsc, H, T, S, Dk, Dv, cfg["P1_SPLIT"], nsplit, na, nw, nr,
                     *kr.stride(), *v.stride(), *k.stride(), *kc.stride(), *vc.stride(), *beta.stride(),
                     *betac.stride(), BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"],
-                    PRECISION=precision, num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
+                    PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P1_WARPS"],
+                    num_stages=cfg["num_stages"])
             _block_recur_kernel[(BH, 4 * nv2 + 2)](
                 wsm, wsc, gamma, sig_in, z_in, sigc_in, slots, zslots, sig_out, z_out, sigc_out, H, T, nsplit, Dk,
                 Dv, nv2, *gamma.stride(), *state_strides, HAS_STATE=has_state, BLOCK_V=cfg["P2_BLOCK_V"],
@@ -928,7 +961,8 @@ def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, bet
                 _block_readout_kernel[(BH * T * ns * 2 * nv3,)](
                     qr, q, qc, slots, zslots, main, cam, eps, H, T, S, Dk, Dv, nv3, ns, *qr.stride(), *q.stride(),
                     *qc.stride(), BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k, BLOCK_V=cfg["P3_BLOCK_V"],
-                    PRECISION=precision, num_warps=cfg["P3_WARPS"], num_stages=cfg["num_stages"])
+                    PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P3_WARPS"],
+                    num_stages=cfg["num_stages"])
             break
         except triton.runtime.errors.OutOfResources:
             smaller = _shrink(cfg)

@@ -561,6 +561,10 @@ def test_interpreter_block_phases_splits_tiles_dtype_and_errors(poison_cpu):
         gt._parallel_blocks(16, 16, "ieee"), P1_SPLIT=16, P1_BLOCK_S=16, P1_BLOCK_R=16, P2_BLOCK_V=16, P3_BLOCK_S=16,
         P3_BLOCK_V=16))
     check_phases(args, "ieee", "interpreter -> bf16", out_dtype=torch.bfloat16)
+    # bf16 inputs outside "tf32" (which splits products into bf16 dots: Triton 3.6's interpreter computes bf16 dots
+    # wrongly, so that path is tested on the GPU only, by the bf16 / tf32 cases of test_block_phases_match_reference)
+    bf16 = block_inputs(1, 2, 3, 37, 16, torch.bfloat16, "cpu", layout="heads")
+    check_phases(bf16, "tf32x3", "interpreter bf16 inputs, tf32x3")
     with pytest.raises(gt.TritonScanError, match="BLOCK_S.*not settings of the phased block"):
         gt.gdn_block_phases_triton(*args, eps=1e-8, config=dict(BLOCK_S=16))
     with pytest.raises(gt.TritonScanError, match="pass both states"):

@@ -62,9 +62,10 @@ FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-tri
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
-# opt-in by name; the Triton scans supersede the TF32 ones, vae-fast supersedes vae-pad)
-ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-ffn", "refiner-graph", "refiner-compile",
-       "refiner-rope", "refiner-gelu", "vae-fast", "frames")
+# opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
+# supersedes vae-pad)
+ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "refiner-graph",
+       "refiner-compile", "refiner-rope", "refiner-gelu", "vae-fast", "frames")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "cache-overlap")

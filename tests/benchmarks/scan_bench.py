@@ -165,6 +165,12 @@ PARALLEL_SWEEP = {  # "parallel": per phase, the settings tried together (the ot
     "phase 3": dict(P3_BLOCK_S=(32, 64, 128), P3_BLOCK_V=(32, 64, 128), P3_WARPS=(4, 8)),
 }
 
+PHASES_SWEEP = {  # the phased block (`--block ... --sweep`): per phase, as PARALLEL_SWEEP, with larger phase-1 tiles
+    "phase 1": dict(P1_BLOCK_S=(32, 64, 128), P1_BLOCK_R=(32, 64, 128), P1_SPLIT=(512, 1024), P1_WARPS=(4, 8)),
+    "phase 2": PARALLEL_SWEEP["phase 2"],
+    "phase 3": PARALLEL_SWEEP["phase 3"],
+}
+
 
 def sweep_configs(strategy: str, prec: str, D: int):
     """(label, launch_with_config keywords) per config to time."""
@@ -180,7 +186,7 @@ def sweep_configs(strategy: str, prec: str, D: int):
 
 def shown(label: str, cfg: dict) -> dict:
     """The settings a sweep line varies (a parallel phase's), or every setting (stream)."""
-    keys = PARALLEL_SWEEP[label] if label in PARALLEL_SWEEP else SWEEP_KEYS
+    keys = PHASES_SWEEP[label] if label in PHASES_SWEEP else SWEEP_KEYS
     return {k: cfg[k] for k in keys}
 
 
@@ -235,7 +241,8 @@ def block_rows(x, args) -> dict:
         t_four, t_one = time_graph(functools.partial(four.block, *a), args.iters), time_graph(one, args.iters)
         rows.append(dict(precision=prec, four_launches_ms=t_four, one_launch_ms=t_one, max_rel_diff=diff))
         print(f"block {prec:7s} four launches {t_four:.4f} ms  one launch {t_one:.4f} ms  diff {diff:.1e}")
-        for bs, bv, warps, stages in itertools.product(*BLOCK_SWEEP[prec]) if args.sweep is not None else ():
+        stream_sweep = args.sweep is not None and args.block_sweep in ("stream", "both")
+        for bs, bv, warps, stages in itertools.product(*BLOCK_SWEEP[prec]) if stream_sweep else ():
             cfg = dict(BLOCK_S=bs, BLOCK_V=bv, BLOCK_S_NORM=bs, num_warps=warps, num_stages=stages)
             try:
                 ms = time_graph(functools.partial(gdn_triton.gdn_block_triton, *a, precision=prec, config=cfg),
@@ -262,8 +269,10 @@ def block_rows(x, args) -> dict:
         rows[-1].update(one_launch_combined_ms=t_comb, phases_ms=t_phases, phases_max_rel_diff=diff)
         print(f"block {prec:7s} one launch + torch combine {t_comb:.4f} ms  phases (combined) {t_phases:.4f} ms  "
               f"diff {diff:.1e}")
-        base = gdn_triton._parallel_blocks(args.head_dim, args.head_dim, prec)
-        for phase, grid in PARALLEL_SWEEP.items() if args.sweep is not None else ():
+        split = prec == "tf32" and out_dtype == torch.bfloat16  # as gdn_block_phases_triton decides
+        base = gdn_triton._phases_blocks(args.head_dim, args.head_dim, prec, split)
+        phases_sweep = args.sweep is not None and args.block_sweep in ("phases", "both")
+        for phase, grid in PHASES_SWEEP.items() if phases_sweep else ():
             for values in itertools.product(*grid.values()):
                 cfg = dict(base, **dict(zip(grid, values, strict=True)))
                 try:
@@ -296,6 +305,8 @@ def main(argv=None) -> dict:
                     help="also time tile configs of the Triton kernels in these precisions")
     ap.add_argument("--block", nargs="+", default=None, choices=gdn_triton.PRECISIONS,
                     help="only time a GDN block's four scans, one launch vs four, in these precisions")
+    ap.add_argument("--block-sweep", default="both", choices=("stream", "phases", "both"),
+                    help="with --block and --sweep: which block launch's tiles to sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
