@@ -16,7 +16,10 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-block-phases`: the Triton scans (as `stage1-triton-scans`, which it supersedes), with a one-segment GDN
   block's scans in three launches that also combine them (`gdn_block_phases_triton`): the frame matrices once for
   both directions, the six recurrences side by side, one readout per token tile from the summed forward and
-  backward states, written in the model's dtype (not bit-equal to the one launch: tf32-level rounding);
+  backward states, written in the model's dtype; bf16 products as two bf16 dots (not bit-equal to the one launch:
+  TF32-level rounding; a live loop 8.8e-3 from it in bf16, tests/test_fast_paths_gpu.py). H200, graph replay: a
+  block 0.45 (one launch + torch combine) -> 0.20 ms; H100, same card: a preview chunk 286 -> 268 ms, stage-1
+  238 -> 216 ms (tests/benchmarks/results/h100_2026-11-27_s6_*);
 - `stage1-ffn`: the FFN's depthwise 3x3 conv + bias + GLU as one Triton kernel between two token-major GEMMs
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
   path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
