@@ -2,7 +2,8 @@
 # What to run on the lent GPU, one part per device call (each fits the 600 s per-call limit). Writes logs and JSON
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
-#   bash tests/benchmarks/gpu_check.sh tests     # the engine's @pytest.mark.gpu tests, file by file, with time limits
+#   bash tests/benchmarks/gpu_check.sh tests     # tests/test_fast_paths_gpu.py (the live-loop comparisons)
+#   bash tests/benchmarks/gpu_check.sh tests2    # the engine's other @pytest.mark.gpu test files, with time limits
 #   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8, dwconv_glu (stage1-ffn) and refiner-gelu test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
 #   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
@@ -34,7 +35,10 @@ t() {  # t <seconds> <name> <pytest args...>
 }
 case "${1:-}" in
   tests)
-    t 330 fast_paths tests/test_fast_paths_gpu.py  # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s
+    # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s; session 6 added 3 (~120 s, on an H200)
+    t 560 fast_paths tests/test_fast_paths_gpu.py
+    ;;
+  tests2)
     t 60 snapshot tests/test_snapshot_staging.py
     t 150 models tests/test_stage1_parity.py tests/test_refiner_ar.py tests/test_latency.py tests/test_bench.py
     t 240 lean tests/test_lean_memory.py  # session 5: 165 s
@@ -92,6 +96,7 @@ case "${1:-}" in
     summary+=("ffn probe --sweep rc=$?"); grep '^best' "$OUT/ffn_probe_sweep.log"; tail -12 "$OUT/ffn_probe_sweep.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|kernels|scans|bench|latency|probes|ffn" >&2; exit 2 ;;
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests2|kernels|scans|bench|latency|probes|ffn|memory" >&2
+    exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
