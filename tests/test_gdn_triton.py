@@ -8,7 +8,10 @@ S-long dot products in another order), "tf32" rounds the product inputs to 10-bi
 upcast the same inputs, so bf16 inputs need no looser tolerance. Fresh buffers are poisoned with NaN so an
 element the kernel fails to write shows up. Every comparison runs for both strategies ("stream": one launch
 walking the frames; "parallel": frame matrices, recurrence, readout in three launches), and the strategies are
-compared with each other. Run with `-s` to see the measured errors.
+compared with each other. A one-segment GDN block's scans are also checked as the block launches them: the one
+launch (`gdn_block_triton`, bit-equal to four launches) and the phased block (`gdn_block_phases_triton`, combined
+results, against the plain composition `ScanOps.block_combined`; with bf16 inputs under "tf32" its products run as
+split bf16 dots, which only the GPU tests exercise). Run with `-s` to see the measured errors.
 
 The CPU tests check that the module imports without Triton and that the Triton path refuses CPU tensors
 with a clear error; with TRITON_INTERPRET=1 (and Triton installed) the kernels of both strategies run on CPU
@@ -571,6 +574,13 @@ def test_interpreter_block_phases_splits_tiles_dtype_and_errors(poison_cpu):
         gt.gdn_block_phases_triton(*args[:-1], None, eps=1e-8)
     with pytest.raises(gt.TritonScanError, match="out_dtype torch.int32"):
         gt.gdn_block_phases_triton(*args, eps=1e-8, out_dtype=torch.int32)
+
+
+def test_triton_scan_ops_refuses_an_unknown_block_launch():
+    from engine.fast.scans import triton_scan_ops
+
+    with pytest.raises(ValueError, match=r"block 'fused'; accepted: \('stream', 'phases'\)"):
+        triton_scan_ops(block="fused")
 
 
 def test_imports_without_triton_and_says_so():
