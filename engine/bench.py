@@ -514,6 +514,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         _write(cfg, report)
     report["gemm"] = gemm_ceiling(dev, dtype if dev.type == "cuda" else torch.float32,
                                   cfg.gemm_size if dev.type == "cuda" else min(cfg.gemm_size, 256))
+    from engine.targets import bench_targets
+
+    report["targets"] = bench_targets(report)
     _write(cfg, report)
     if cfg.profile:
         try:
@@ -577,6 +580,10 @@ def format_table(report: dict) -> str:
             lines.append(f"  {k['ms']:>8.2f} ms {k['calls']:>5}x {100 * k['share']:5.1f}%  {k['name'][:80]}")
     for q, err in report.get("errors", {}).items():
         lines.append(f"ERROR in {q}: {err.strip().splitlines()[-1]}")
+    if "targets" in report:
+        from engine.targets import format_targets
+
+        lines.append(format_targets(report["targets"]))
     return "\n".join(lines)
 
 

@@ -461,6 +461,9 @@ def run_latency(cfg: LatencyConfig) -> dict:
     report["jitter"] = asdict(seen["jitter"]) if seen["jitter"] is not None else None
     report["errors"] = seen["errors"]
     report["samples"] = samples
+    from engine.targets import latency_targets
+
+    report["targets"] = latency_targets(report)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(report, indent=1))
@@ -489,6 +492,10 @@ def format_table(report: dict) -> str:
     j = report["jitter"] or {}
     lines.append(f"unmatched {report['unmatched']}  dropped frames {report['dropped_frames']}  underruns "
                  f"{j.get('underruns', '-')}  engine errors {len(report['errors'])}")
+    if "targets" in report:
+        from engine.targets import format_targets
+
+        lines.append(format_targets(report["targets"]))
     return "\n".join(lines)
 
 

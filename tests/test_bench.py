@@ -42,6 +42,11 @@ def test_report_has_every_measurement(report):
                                          "vae_decode_block"}
     assert report["profile"]["stage1_forward"]["top_kernels"]
     assert "errors" not in report
+    # issue 7's checks ride along, marked as not applying to a tiny CPU run (fp32: no bf16 memory check)
+    t = report["targets"]
+    assert not t["applies"] and t["met"] + t["missed"] == len(t["checks"]) == 9
+    assert {c["target"] for c in t["checks"]} == {"stage-1 chunk", "VAE block (decode stage)", "memory growth",
+                                                  "realtime factor", "realtime factor (fp32)", "refiner block (fp32)"}
 
 
 def test_random_init_follows_the_recipe():

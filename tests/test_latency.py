@@ -53,6 +53,9 @@ def test_latency_through_the_real_server_tiny_cpu(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     table = format_table(report)
     assert "keypress->generated" in table and "keypress->photon" in table
+    (check,) = report["targets"]["checks"]
+    assert not report["targets"]["applies"] and check["measured"] == report["generated"]["p50_ms"]
+    assert "issue 7 targets" in table
 
 
 @pytest.mark.slow
