@@ -19,7 +19,7 @@ def bench_report(fast=("all",), preset="release", device="cuda", dtype="bf16", p
     if full is not None:
         qualities["full"] = full
     return {"config": {"preset": preset, "fast": list(fast), "dtype": dtype},
-            "env": {"device": device, "gpu": "Test GPU" if device == "cuda" else None}, "qualities": qualities}
+            "env": {"device": device, "gpu": "NVIDIA H100 test" if device == "cuda" else None}, "qualities": qualities}
 
 
 def quality(realtime, peak, growth=0, **medians):
@@ -49,7 +49,7 @@ def test_bench_targets_bf16():
         full=quality(1.55, 43.0, growth=4096, stage1_chunk=190.0, decode=72.0, refiner=640.0))
     t = bench_targets(report)
     c = by_name(t)
-    assert t["applies"] and t["device"] == "Test GPU"
+    assert t["applies"] and t["why_not"] is None and t["device"] == "NVIDIA H100 test"
     assert c[("preview", "stage-1 chunk")]["measured"] == 210.0  # the chunk's sum, not the denoising alone
     assert not c[("preview", "stage-1 chunk")]["met"] and c[("full", "stage-1 chunk")]["met"]
     assert c[("preview", "realtime factor")]["met"]
@@ -76,11 +76,15 @@ def test_bench_targets_fp8_limits_and_no_bf16_memory_check():
 def test_targets_do_not_apply_off_the_release_gpu_run():
     t = bench_targets(bench_report(preset="tiny", device="cpu", dtype="fp32",
                                    preview=quality(7.0, None, stage1=100.0, decode=20.0)))
-    assert not t["applies"] and "do not apply" in format_targets(t)
+    assert not t["applies"] and t["why_not"] == "not the release preset" and "do not apply" in format_targets(t)
+    h200 = bench_report(preview=quality(5.7, 38.0, stage1_chunk=209.0, decode=49.0))
+    h200["env"]["gpu"] = "NVIDIA H200"
+    t = bench_targets(h200)
+    assert not t["applies"] and t["why_not"] == "on NVIDIA H200, not the issue's H100" and t["missed"] == 1
 
 
 def test_latency_targets():
-    report = {"config": {"quality": "preview", "preset": "release"}, "env": {"device": "cuda", "gpu": "G"},
+    report = {"config": {"quality": "preview", "preset": "release"}, "env": {"device": "cuda", "gpu": "NVIDIA H100"},
               "generated": {"n": 60, "p50_ms": 1150.0}}
     t = latency_targets(report)
     (c,) = t["checks"]
