@@ -253,7 +253,7 @@ if triton is not None:
     @triton.jit
     def _gram_block(k_ptr, x_ptr, beta_ptr, out_ptr, s_lo, s_hi, DK, NX, x0, sk_s, sk_d, sx_s, sx_d, sb_s,
                     X_ONES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr = False):
+                    PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr):
         """Rows x0.. of X^T B K over tokens [s_lo, s_hi) of one frame, stored to `out` (rows of length DK).
         X is `[S, NX]` (a column slice of K for K^T B K, of V for V^T B K); X_ONES: X is a column of ones
         (NX = 1), the row sum_s beta_s k_s, summed in exact fp32. BF16_SPLIT (K and X bf16): the fp32 products
@@ -289,6 +289,27 @@ if triton is not None:
         else:
             tl.store(out_ptr + offs_r[:, None] * DK + offs_k[None, :], acc, mask=mask_x[:, None] & mask_k[None, :])
 
+    @triton.jit
+    def _gram_rows(r, ka, v, kb, beta, out, s_lo, s_hi, DK, DV, NA, NW, ska_s, ska_d, sv_s, sv_d, skb_s, skb_d, sbe_s,
+                   HAS_NORM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr):
+        """Row block r of one stream's frame matrices (pointers at the (batch, head, frame)), into `out`'s rows:
+        [0, DK) K^T B K (r < NA), [DK, DK+DV) V^T B K (r < NA + NW), with HAS_NORM then [.., +DK) K'^T B K' and one
+        row sum_s beta_s k'_s (kb = K')."""
+        if r < NA:
+            _gram_block(ka, ka, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, ska_s, ska_d, ska_s, ska_d, sbe_s,
+                        False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
+        elif r < NA + NW:
+            _gram_block(ka, v, beta, out + DK * DK, s_lo, s_hi, DK, DV, (r - NA) * BLOCK_R, ska_s, ska_d, sv_s, sv_d,
+                        sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
+        elif HAS_NORM:
+            if r < 2 * NA + NW:
+                _gram_block(kb, kb, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
+                            skb_s, skb_d, skb_s, skb_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
+            else:
+                _gram_block(kb, kb, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
+                            skb_s, skb_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
+
     @triton.jit(do_not_specialize=["H", "T", "S", "R", "SPLIT", "NSPLIT", "NA", "NW", "NR", "sbe_b", "sbe_h",
                                     "sbe_t"])
     def _gram_kernel(
@@ -313,22 +334,9 @@ if triton is not None:
         s_hi = tl.minimum(s_lo + SPLIT, S)
         out = ws_ptr + (pid * NSPLIT + split) * R * DK
         beta = beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t
-        ka = ka_ptr + b * ska_b + h * ska_h + f * ska_t
-        if r < NA:
-            _gram_block(ka, ka, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, ska_s, ska_d, ska_s, ska_d, sbe_s,
-                        False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
-        elif r < NA + NW:
-            _gram_block(ka, v_ptr + b * sv_b + h * sv_h + f * sv_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
-                        (r - NA) * BLOCK_R, ska_s, ska_d, sv_s, sv_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R,
-                        PRECISION)
-        elif HAS_NORM:
-            kb = kb_ptr + b * skb_b + h * skb_h + f * skb_t
-            if r < 2 * NA + NW:
-                _gram_block(kb, kb, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
-                            skb_s, skb_d, skb_s, skb_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
-            else:
-                _gram_block(kb, kb, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
-                            skb_s, skb_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION)
+        _gram_rows(r, ka_ptr + b * ska_b + h * ska_h + f * ska_t, v_ptr + b * sv_b + h * sv_h + f * sv_t,
+                   kb_ptr + b * skb_b + h * skb_h + f * skb_t, beta, out, s_lo, s_hi, DK, DV, NA, NW, ska_s, ska_d,
+                   sv_s, sv_d, skb_s, skb_d, sbe_s, HAS_NORM, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, False)
 
     @triton.jit
     def _sum_splits(ptr, offs, mask, NSPLIT, split_stride):
@@ -487,37 +495,18 @@ if triton is not None:
         bh, f, b, h = _batch_head_frame(pid, T, H)
         s_lo = split * SPLIT
         s_hi = tl.minimum(s_lo + SPLIT, S)
-        if r < 2 * NA + NW + 1:
-            out = wsm_ptr + (pid * NSPLIT + split) * (2 * DK + DV + 1) * DK
-            beta = beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t
-            kr = kr_ptr + b * skr_b + h * skr_h + f * skr_t
-            if r < NA:
-                _gram_block(kr, kr, beta, out, s_lo, s_hi, DK, DK, r * BLOCK_R, skr_s, skr_d, skr_s, skr_d, sbe_s,
-                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
-            elif r < NA + NW:
-                _gram_block(kr, v_ptr + b * sv_b + h * sv_h + f * sv_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
-                            (r - NA) * BLOCK_R, skr_s, skr_d, sv_s, sv_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R,
-                            PRECISION, BF16_SPLIT)
-            else:
-                k = k_ptr + b * sk_b + h * sk_h + f * sk_t
-                if r < 2 * NA + NW:
-                    _gram_block(k, k, beta, out + (DK + DV) * DK, s_lo, s_hi, DK, DK, (r - NA - NW) * BLOCK_R,
-                                sk_s, sk_d, sk_s, sk_d, sbe_s, False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
-                else:
-                    _gram_block(k, k, beta, out + (2 * DK + DV) * DK, s_lo, s_hi, DK, 1, 0,
-                                sk_s, sk_d, 0, 0, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
-        else:
-            rc = r - (2 * NA + NW + 1)
-            out = wsc_ptr + (pid * NSPLIT + split) * (DK + DV) * DK
-            beta = betac_ptr + b * sbc_b + h * sbc_h + f * sbc_t
+        if r < 2 * NA + NW + 1:  # the main stream with its normaliser
+            _gram_rows(r, kr_ptr + b * skr_b + h * skr_h + f * skr_t, v_ptr + b * sv_b + h * sv_h + f * sv_t,
+                       k_ptr + b * sk_b + h * sk_h + f * sk_t, beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t,
+                       wsm_ptr + (pid * NSPLIT + split) * (2 * DK + DV + 1) * DK, s_lo, s_hi, DK, DV, NA, NW,
+                       skr_s, skr_d, sv_s, sv_d, sk_s, sk_d, sbe_s, True, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION,
+                       BF16_SPLIT)
+        else:  # the camera stream
             kc = kc_ptr + b * skc_b + h * skc_h + f * skc_t
-            if rc < NA:
-                _gram_block(kc, kc, beta, out, s_lo, s_hi, DK, DK, rc * BLOCK_R, skc_s, skc_d, skc_s, skc_d, sbc_s,
-                            False, BLOCK_S, BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
-            else:
-                _gram_block(kc, vc_ptr + b * svc_b + h * svc_h + f * svc_t, beta, out + DK * DK, s_lo, s_hi, DK, DV,
-                            (rc - NA) * BLOCK_R, skc_s, skc_d, svc_s, svc_d, sbc_s, False, BLOCK_S, BLOCK_K,
-                            BLOCK_R, PRECISION, BF16_SPLIT)
+            _gram_rows(r - (2 * NA + NW + 1), kc, vc_ptr + b * svc_b + h * svc_h + f * svc_t, kc,
+                       betac_ptr + b * sbc_b + h * sbc_h + f * sbc_t, wsc_ptr + (pid * NSPLIT + split) * (DK + DV) * DK,
+                       s_lo, s_hi, DK, DV, NA, NW, skc_s, skc_d, svc_s, svc_d, skc_s, skc_d, sbc_s, False, BLOCK_S,
+                       BLOCK_K, BLOCK_R, PRECISION, BF16_SPLIT)
 
     @triton.jit(do_not_specialize=["H", "T", "NSPLIT", "NV", "sg_b", "sg_h", "sg_t", "ssg_b", "ssg_h", "ssg_v",
                                     "sz_b", "sz_h", "ssc_b", "ssc_h", "ssc_v"])

@@ -532,9 +532,11 @@ def test_interpreter_launch_with_config_refuses_unknown_settings():
 @pytest.mark.parametrize("state", [True, False])
 @pytest.mark.parametrize("layout", ["heads", "strided"])
 @pytest.mark.parametrize("T,S,D", [(3, 37, 16), (1, 19, 20), (2, 21, 112)])
-def test_interpreter_block_launch(T, S, D, layout, state, poison_cpu):
-    check_block(block_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout, state=state), "ieee",
-                f"interpreter T{T} S{S} D{D} {layout}")
+def test_interpreter_block_launches(T, S, D, layout, state, poison_cpu):
+    """Both ways a block's scans go out, on the same inputs: the one launch and the phased block."""
+    args = block_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout, state=state)
+    check_block(args, "ieee", f"interpreter T{T} S{S} D{D} {layout}")
+    check_phases(args, "ieee", f"interpreter T{T} S{S} D{D} {layout}")
 
 
 @interpreter
@@ -545,15 +547,6 @@ def test_interpreter_block_launch_config_and_errors():
           precision="ieee")), "ieee")
     with pytest.raises(gt.TritonScanError, match="P1_SPLIT.*not settings of the block launch"):
         gt.gdn_block_triton(*args, config=dict(P1_SPLIT=16))
-
-
-@interpreter
-@pytest.mark.parametrize("state", [True, False])
-@pytest.mark.parametrize("layout", ["heads", "strided"])
-@pytest.mark.parametrize("T,S,D", [(3, 37, 16), (1, 19, 20), (2, 21, 112)])
-def test_interpreter_block_phases(T, S, D, layout, state, poison_cpu):
-    check_phases(block_inputs(2, 3, T, S, D, torch.float32, "cpu", layout=layout, state=state), "ieee",
-                 f"interpreter T{T} S{S} D{D} {layout}")
 
 
 @interpreter
