@@ -16,6 +16,7 @@ from engine.stage1.config import Stage1Config
 from engine.stage1.geometry import apply_rope, ucpe_transform
 from engine.stage1.temporal import (
     FrameContext,
+    combine_scans,
     key_scale,
     rms_downscale,
     sdpa,
@@ -166,8 +167,7 @@ class SelfAttention(nn.Module):
             cam_f, sigma_cam = ctx.scans.camera_forward(qu, ku, vu, beta_cam, gamma, sigma_cam)
             cam_b = torch.cat([ctx.scans.camera_backward(qu[:, :, s], ku[:, :, s], vu[:, :, s], beta_cam[:, :, s],
                                                          gamma[:, :, s]) for s in segment_slices(ctx)], dim=2)
-            main = ((num_f + num_b) / (den_f + den_b + self.eps)[..., None]).to(a.dtype)
-            cam = (cam_f + cam_b).to(a.dtype)
+            main, cam = combine_scans(num_f, den_f, num_b, den_b, cam_f, cam_b, self.eps, a.dtype)
         main = from_heads(main.reshape(B, H, N, self.head_dim))
         cam = cam.reshape(B, H, N, self.head_dim)
         cam = from_heads(ucpe_transform(cam, ctx.P, ctx.cam_rope, inverse_rope=True))

@@ -97,8 +97,15 @@ class ScanOps:
                                            eps=eps, out_dtype=out_dtype)
         num_f, den_f, state, num_b, den_b, cam_f, cam_state, cam_b = self.block(
             q_rot, k_rot, q, k, v, beta, gamma, state, qc, kc, vc, beta_cam, cam_state)
-        main = ((num_f + num_b) / (den_f + den_b + eps)[..., None]).to(out_dtype)
-        return main, state, (cam_f + cam_b).to(out_dtype), cam_state
+        main, cam = combine_scans(num_f, den_f, num_b, den_b, cam_f, cam_b, eps, out_dtype)
+        return main, state, cam, cam_state
+
+
+def combine_scans(num_f, den_f, num_b, den_b, cam_f, cam_b, eps: float, out_dtype: torch.dtype):
+    """A GDN block's scan results combined (in their fp32): main = (num_f + num_b) / (den_f + den_b + eps), cam =
+    cam_f + cam_b, both in out_dtype."""
+    main = ((num_f + num_b) / (den_f + den_b + eps)[..., None]).to(out_dtype)
+    return main, (cam_f + cam_b).to(out_dtype)
 
 
 @dataclass
