@@ -363,6 +363,7 @@ def _profile(fn, dev: torch.device, top: int) -> dict:
             fn()
             _sync(dev)
     kernels: dict[str, list[float]] = {}
+    host: dict[str, list[float]] = {}  # on CUDA: host ops by self time (what the host did while kernels ran)
     for e in prof.events():
         if str(getattr(e, "device_type", "")).endswith(kind):
             if kind == "CUDA":
@@ -370,15 +371,23 @@ def _profile(fn, dev: torch.device, top: int) -> dict:
             else:  # CPU: leaf ops only (self time), so nested ops are not counted twice
                 d = getattr(e, "self_cpu_time_total", 0.0) or 0.0
             kernels.setdefault(e.name, []).append(float(d))
+        elif kind == "CUDA":
+            host.setdefault(e.name, []).append(float(getattr(e, "self_cpu_time_total", 0.0) or 0.0))
     total_us = sum(sum(v) for v in kernels.values())
-    rows = sorted(((sum(v), len(v), k) for k, v in kernels.items()), reverse=True)[:top]
-    return {
+
+    def table(d, n):
+        rows = sorted(((sum(v), len(v), k) for k, v in d.items()), reverse=True)[:n]
+        return [{"name": k[:160], "ms": round(us / 1e3, 3), "calls": c} for us, c, k in rows]
+
+    out = {
         "wall_ms": round(wall * 1e3, 3),
         "gpu_kernel_ms": round(total_us / 1e3, 3),
         "kernel_launches": sum(len(v) for v in kernels.values()),
-        "top_kernels": [{"name": k[:160], "ms": round(us / 1e3, 3), "calls": n,
-                         "share": round(us / max(total_us, 1e-9), 4)} for us, n, k in rows],
+        "top_kernels": [dict(r, share=round(r["ms"] * 1e3 / max(total_us, 1e-9), 4)) for r in table(kernels, top)],
     }
+    if host:
+        out["top_host_ops"] = table(host, min(top, 20))
+    return out
 
 
 def _steady_camera(world: World, pipe: WorldPipeline, T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from engine.errors import InputError
 from engine.fast import ALL, apply_fast_paths, expand
 from engine.fast.frames import pixels_to_frames_fast, restore_plain_frames
 from engine.fast.refiner_rope import restore_plain_rope
+from engine.fast.stage1_gemms import conv_major_tconv, unfuse_in_projections
 from engine.fast.stage1_rope import restore_plain_rope as restore_plain_stage1_rope
 from engine.fast.vae_pad import reflect_pad_hw1, restore_plain_pad, use_fast_reflect_pad
 from engine.presets import get_preset
@@ -82,6 +83,8 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
     (torch.float32, 1e-4, "full", True, ("stage1-ffn", "refiner-gelu")),
     (torch.bfloat16, 3e-2, "full", True, ("stage1-ffn", "refiner-gelu")),
     (torch.float32, 1e-4, "preview", True, ("stage1-rope",)), (torch.bfloat16, 3e-2, "preview", True, ("stage1-rope",)),
+    (torch.float32, 1e-4, "preview", True, ("stage1-fused-proj", "stage1-tconv")),
+    (torch.bfloat16, 3e-2, "full", True, ("stage1-fused-proj", "stage1-tconv")),
 ])
 def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them; `extra` fast paths with
@@ -95,6 +98,8 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     finally:
         restore_plain_rope()
         restore_plain_stage1_rope()
+        unfuse_in_projections(world.stage1)
+        conv_major_tconv(world.stage1)
         restore_plain_pad(world.vae)
         restore_plain_frames()
     assert set(applied) == set(names)

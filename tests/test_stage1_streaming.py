@@ -198,3 +198,28 @@ def test_chunk_schedule_and_bad_snapshot():
     del snap["blocks.1.sink_k"]
     with pytest.raises(InputError, match=r"blocks\.1\.sink_k"):
         cache.restore(snap)
+
+
+def test_softmax_window_keys_values_view_or_concatenation():
+    """`SoftmaxBlockCache.keys_values`: the chunk's keys, then sink, then recent; a view of the window buffers when
+    they are contiguous there (nothing copied but the chunk), a concatenation when the sink is short; the cached
+    window (`buffers`) unchanged either way."""
+    from engine.stage1.cache import SoftmaxBlockCache
+
+    g = torch.Generator().manual_seed(9)
+    S, D = 2, 4
+    rnd = lambda frames: [torch.randn(1, 2, frames * S, D, generator=g) for _ in range(4)]
+    for first in (4, 2):  # a full sink (the stream's first chunk has 4 frames) and a short one
+        cache = SoftmaxBlockCache(1, 2, D, S, 8, 4, 4, torch.float32, "cpu")
+        sink, recent, chunk = rnd(first), rnd(3), rnd(3)
+        got = cache.keys_values(*sink)  # nothing cached yet: the chunk alone
+        assert all(torch.equal(a, b) for a, b in zip(got, sink, strict=True))
+        cache.append(*sink)
+        cache.append(*recent)
+        before = {k: v.clone() for k, v in cache.buffers().items()}
+        got = cache.keys_values(*chunk)
+        for name, kv, s, r, c in zip(cache.NAMES, got, sink, recent, chunk, strict=True):
+            assert torch.equal(kv, torch.cat([c, s, r], dim=2))
+            shares = kv.untyped_storage().data_ptr() == cache.slots[name].untyped_storage().data_ptr()
+            assert shares == (first == 4)
+        assert all(torch.equal(v, before[k]) for k, v in cache.buffers().items())

@@ -29,6 +29,13 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Correct on the H100 (its GPU tests, and
   the compiled live loop at 6.1e-5 in fp32) but slower: a preview chunk 333 vs 293 ms, stage-1 276 vs 239 ms (same
   card, one call; the cause, ~60 us more per call, is not profiled yet). Not in `all`;
+- `stage1-fused-proj`: a self-attention layer's input linears (qkv, camera q/k/v, output gate; GDN: beta and decay
+  gates) as one GEMM over their concatenated weights (zero rows to a multiple of 64: cuBLASLt's bias epilogue), the
+  parameters views of it (engine/fast/stage1_gemms.py; world-wide; rounding-level differences);
+- `stage1-tconv`: the FFN temporal conv weights stored tap-major, so its taps are three contiguous copies instead of
+  a per-channel interleave (engine/fast/stage1_gemms.py; world-wide). With `stage1-fused-proj`, H100, same card: a
+  release stage-1 forward 40.7 -> 39.2 ms of GPU time (GEMMs 18.6 -> 17.7, the tap pass 46 -> 18 us a block), a
+  preview chunk's stage-1 218.1 -> 211.3 ms (tests/benchmarks/results/h100_2026-11-27_s7_*);
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -61,14 +68,15 @@ from __future__ import annotations
 from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
-              "stage1-ffn", "stage1-rope",
+              "stage1-ffn", "stage1-rope", "stage1-fused-proj", "stage1-tconv",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
-ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "refiner-graph",
-       "refiner-compile", "refiner-rope", "refiner-gelu", "vae-fast", "frames")
+ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn",
+       "stage1-fused-proj", "stage1-tconv", "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu",
+       "vae-fast", "frames")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "cache-overlap")
@@ -135,6 +143,14 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             use_triton_rope()
             done[name] = "engine.stage1.{geometry,attention}.apply_rope -> kernels.rope.rope_pairs_triton (process)"
+        elif name == "stage1-fused-proj":
+            from engine.fast.stage1_gemms import use_fused_in_projections
+
+            done[name] = use_fused_in_projections(pipe)
+        elif name == "stage1-tconv":
+            from engine.fast.stage1_gemms import use_tap_major_tconv
+
+            done[name] = use_tap_major_tconv(pipe)
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 

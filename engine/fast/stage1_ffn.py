@@ -34,10 +34,6 @@ def set_ffn_ops(pipe, op) -> str:
     if pipe.world.stage1.ffn_ops is op:
         return what + " (already)"
     pipe.world.stage1.ffn_ops = op
-    if isinstance(pipe.stream, GraphedStage1Stream):
-        runner = pipe.stream.runner
-        if runner.graphs or runner.seen:
-            runner.graphs.clear()
-            runner.seen.clear()  # each kind runs eagerly once (compiles, if compiled) before its capture
-            what += "; the stage-1 graphs captured before are dropped"
+    if isinstance(pipe.stream, GraphedStage1Stream) and pipe.stream.runner.drop_graphs():
+        what += "; the stage-1 graphs captured before are dropped"
     return what

@@ -68,6 +68,14 @@ class Stage1GraphRunner:
         self.replays = 0
         self.block_fn = None  # steady-state block call (None = plain; engine.fast.stage1_compile sets a compiled one)
 
+    def drop_graphs(self) -> bool:
+        """Forget the captured graphs (they read the model's parameters and ops as they were at capture): each kind
+        runs eagerly once more (a compiled block call compiles there) before its new capture. True if any were."""
+        had = bool(self.graphs or self.seen)
+        self.graphs.clear()
+        self.seen.clear()
+        return had
+
     def _require_cuda(self) -> None:
         if self.device.type != "cuda":
             raise RuntimeError("Stage1GraphRunner needs a CUDA device")
@@ -135,10 +143,10 @@ class Stage1GraphRunner:
     def _context(self, camera_conditions: torch.Tensor, T: int, h: int, w: int) -> FrameContext | None:
         """The eager frame context of this chunk, or None when the statics already hold it (same chunk)."""
         # the same tensor object, unmodified (its version counter): the chunk's 4 steps and its cache pass get the
-        # one camera tensor, so only its first forward builds the context (no device -> host copy, no host sync,
-        # for the others). The reference keeps the object alive, so its id cannot be reused by another tensor. A write
-        # that bypasses the version counter (`.data`, DLPack, a shared numpy buffer) would go unseen; WorldPipeline
-        # hands in a fresh device tensor per chunk.
+        # one camera tensor, so only its first forward builds the context (a few small kernels and two page-locked
+        # copies; none for the others). The reference keeps the object alive, so its id cannot be reused by another
+        # tensor. A write that bypasses the version counter (`.data`, DLPack, a shared numpy buffer) would go unseen;
+        # WorldPipeline hands in a fresh device tensor per chunk.
         key = (self.cache.frames_written, T, h, w)
         src = self._ctx_src
         if key == self._ctx_key and src is not None and src[0] is camera_conditions \

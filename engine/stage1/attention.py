@@ -7,6 +7,8 @@ bidirectional, whole-sequence chunk-causal and streaming forwards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,21 @@ from engine.stage1.temporal import (
     symmetric_short_conv,
     window_mask,
 )
+
+
+@dataclass
+class Projections:
+    """What a self-attention layer computes from its input `a [B, N, C]` by linear maps (`SelfAttention.project`)."""
+
+    q: torch.Tensor  # [B, N, C] each, from `qkv`
+    k: torch.Tensor
+    v: torch.Tensor
+    q_cam: torch.Tensor  # [B, N, C] each, the camera branch's
+    k_cam: torch.Tensor
+    v_cam: torch.Tensor
+    gate: torch.Tensor  # [B, N, C] output gate logits
+    beta: torch.Tensor | None  # [B, N, H] write-strength logits per token (GDN blocks)
+    decay: torch.Tensor | None  # [B, T, H] fp32 decay logits per frame (GDN blocks)
 
 
 class RMSNorm(nn.Module):
@@ -98,33 +115,64 @@ class SelfAttention(nn.Module):
         self.k_norm_cam = RMSNorm(C, 1e-5)
         if not softmax:
             self.conv_k_cam = ShortConv(C, config.conv_kernel_size)
+        # `in_projections()`' weights and biases concatenated (fast path `stage1-fused-proj`, which makes the linears'
+        # parameters views of them); not in the state dict. None: `project` calls the linears one by one
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
 
     def forward(self, a: torch.Tensor, ctx: FrameContext, cache=None) -> torch.Tensor:
         """a `[B, N, C]` (modulated LN output) -> `[B, N, C]`."""
+        p = self.project(a, ctx.frames)
         if self.softmax:
-            out = self._softmax(a, ctx, cache)
+            out = self._softmax(p, ctx, cache)
         else:
-            out = self._gdn(a, ctx, cache)
-        out = out * F.silu(self.output_gate(a).float())
+            out = self._gdn(p, ctx, cache)
+        out = out * F.silu(p.gate.float())
         return self.proj(out.to(a.dtype))
 
-    # GDN ------------------------------------------------------------------------------------------
-    def _gates(self, a: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """beta `[B, H, T, S]` per token, gamma `[B, H, T]` fp32 per frame."""
+    # the projections of the block input ---------------------------------------------------------------
+    def in_projections(self) -> list[tuple[str, nn.Linear]]:
+        """The linears this layer applies to its input `a`, in `project`'s order (GDN blocks add beta and decay)."""
+        names = ["qkv", "q_proj_cam", "k_proj_cam", "v_proj_cam", "output_gate"]
+        names += [] if self.softmax else ["beta_proj", "gate_proj"]
+        return [(n, getattr(self, n)) for n in names]
+
+    def project(self, a: torch.Tensor, T: int) -> Projections:
+        """Everything this layer computes from `a [B, N, C]` by a linear map. With `fused_weight` set (fast path
+        `stage1-fused-proj`) one GEMM over the concatenated weights; the decay logits are then the frame mean of the
+        per-token ones (mean and the affine map commute), else `gate_proj` of the frame mean of `a`."""
         B, N, C = a.shape
-        beta = torch.sigmoid(self.beta_proj(a)).transpose(1, 2).reshape(B, self.heads, T, N // T)
-        g = self.gate_proj(a.reshape(B, T, N // T, C).mean(2)).float()  # [B, T, H]
-        gamma = torch.exp(-self.A_log.float().exp() * F.softplus(g + self.dt_bias.float()))
+        if self.fused_weight is not None:
+            y = F.linear(a, self.fused_weight, self.fused_bias)
+            sizes = [lin.out_features for _, lin in self.in_projections()]
+            parts = y.split(sizes + [y.shape[-1] - sum(sizes)], dim=-1)  # the last: zero padding rows, if any
+            (q, k, v), rest = parts[0].split(C, dim=-1), parts[1:]
+            decay = None if self.softmax else rest[5].reshape(B, T, N // T, -1).float().mean(2)
+        else:
+            q, k, v = self.qkv(a).split(C, dim=-1)
+            rest = [self.q_proj_cam(a), self.k_proj_cam(a), self.v_proj_cam(a), self.output_gate(a)]
+            if not self.softmax:
+                rest.append(self.beta_proj(a))
+            decay = None if self.softmax else self.gate_proj(a.reshape(B, T, N // T, C).mean(2)).float()
+        return Projections(q, k, v, rest[0], rest[1], rest[2], rest[3],
+                           None if self.softmax else rest[4], decay)
+
+    # GDN ------------------------------------------------------------------------------------------
+    def _gates(self, p: Projections, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """beta `[B, H, T, S]` per token, gamma `[B, H, T]` fp32 per frame."""
+        B, N, _ = p.beta.shape
+        beta = torch.sigmoid(p.beta).transpose(1, 2).reshape(B, self.heads, T, N // T)
+        gamma = torch.exp(-self.A_log.float().exp() * F.softplus(p.decay + self.dt_bias.float()))  # [B, T, H]
         return beta, gamma.transpose(1, 2)
 
-    def _gdn(self, a: torch.Tensor, ctx: FrameContext, cache: GDNBlockCache | None) -> torch.Tensor:
-        B, N, C = a.shape
+    def _gdn(self, p: Projections, ctx: FrameContext, cache: GDNBlockCache | None) -> torch.Tensor:
+        B, N, C = p.q.shape
         T, S, H = ctx.frames, ctx.tokens_per_frame, self.heads
-        beta, gamma = self._gates(a, T)
+        beta, gamma = self._gates(p, T)
         kscale = key_scale(self.head_dim, S)
 
         # main branch
-        q, k, v = self.qkv(a).split(C, dim=-1)
+        q, k, v = p.q, p.k, p.v
         k_frames = k.reshape(B, T, S, C)
         left = None if cache is None else cache.k_tail
         k = symmetric_short_conv(k_frames, self.conv_k.weight, ctx.segments, left,
@@ -139,7 +187,7 @@ class SelfAttention(nn.Module):
         q, k, v, q_rot, k_rot = map(fr, (q, k, v, q_rot, k_rot))
 
         # camera branch inputs
-        qc, kc, vc = self.q_proj_cam(a), self.k_proj_cam(a), self.v_proj_cam(a)
+        qc, kc, vc = p.q_cam, p.k_cam, p.v_cam
         kc = symmetric_short_conv(kc.reshape(B, T, S, C), self.conv_k_cam.weight, ctx.segments,
                                   causal_across_segments=False).reshape(B, N, C)
         qc = to_heads(F.relu(self.q_norm_cam(qc)), H)
@@ -157,7 +205,7 @@ class SelfAttention(nn.Module):
         if len(ctx.segments) == 1:
             main, state, cam, sigma_cam = ctx.scans.block_combined(
                 q_rot, k_rot, q, k, v, beta, gamma, state, qu, ku, vu, beta_cam, sigma_cam, eps=self.eps,
-                out_dtype=a.dtype)  # [B, H, T, S, D] each
+                out_dtype=p.q.dtype)  # [B, H, T, S, D] each
         else:
             num_f, den_f, state = ctx.scans.gdn_forward(q_rot, k_rot, q, k, v, beta, gamma, state)
             backward = [ctx.scans.gdn_backward(q_rot[:, :, s], k_rot[:, :, s], q[:, :, s], k[:, :, s], v[:, :, s],
@@ -167,7 +215,7 @@ class SelfAttention(nn.Module):
             cam_f, sigma_cam = ctx.scans.camera_forward(qu, ku, vu, beta_cam, gamma, sigma_cam)
             cam_b = torch.cat([ctx.scans.camera_backward(qu[:, :, s], ku[:, :, s], vu[:, :, s], beta_cam[:, :, s],
                                                          gamma[:, :, s]) for s in segment_slices(ctx)], dim=2)
-            main, cam = combine_scans(num_f, den_f, num_b, den_b, cam_f, cam_b, self.eps, a.dtype)
+            main, cam = combine_scans(num_f, den_f, num_b, den_b, cam_f, cam_b, self.eps, p.q.dtype)
         main = from_heads(main.reshape(B, H, N, self.head_dim))
         cam = cam.reshape(B, H, N, self.head_dim)
         cam = from_heads(ucpe_transform(cam, ctx.P, ctx.cam_rope, inverse_rope=True))
@@ -185,15 +233,14 @@ class SelfAttention(nn.Module):
         return qu, ku, vu
 
     # softmax --------------------------------------------------------------------------------------
-    def _softmax(self, a: torch.Tensor, ctx: FrameContext, cache: SoftmaxBlockCache | None) -> torch.Tensor:
-        C, H = a.shape[-1], self.heads
-        q, k, v = self.qkv(a).split(C, dim=-1)
-        q = apply_rope(to_heads(self.q_norm(q), H), ctx.rope)
-        k = apply_rope(to_heads(self.k_norm(k), H), ctx.rope)
-        v = to_heads(v, H)
-        qc = to_heads(self.q_norm_cam(self.q_proj_cam(a)), H)
-        kc = to_heads(self.k_norm_cam(self.k_proj_cam(a)), H)
-        vc = to_heads(self.v_proj_cam(a), H)
+    def _softmax(self, p: Projections, ctx: FrameContext, cache: SoftmaxBlockCache | None) -> torch.Tensor:
+        H = self.heads
+        q = apply_rope(to_heads(self.q_norm(p.q), H), ctx.rope)
+        k = apply_rope(to_heads(self.k_norm(p.k), H), ctx.rope)
+        v = to_heads(p.v, H)
+        qc = to_heads(self.q_norm_cam(p.q_cam), H)
+        kc = to_heads(self.k_norm_cam(p.k_cam), H)
+        vc = to_heads(p.v_cam, H)
         qc, kc, vc = self._ucpe(qc, kc, vc, ctx)
 
         mask = window_mask(ctx.segments, ctx.tokens_per_frame)
@@ -202,13 +249,11 @@ class SelfAttention(nn.Module):
         if cache is not None:
             if len(ctx.segments) != 1:
                 raise ValueError("a cached (streaming) forward takes exactly one chunk")
-            ck, cv, ckc, cvc = cache.window()
-            K, V = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            Kc, Vc = torch.cat([ckc, kc], dim=2), torch.cat([cvc, vc], dim=2)
-            if ctx.write_cache:
-                cache.append(k, v, kc, vc)
+            K, V, Kc, Vc = cache.keys_values(k, v, kc, vc)  # this chunk's tokens, then the cached window
         main = from_heads(sdpa(q, K, V, ctx.mode.main_softmax_scale, mask))
         cam = sdpa(qc, Kc, Vc, ctx.mode.camera_softmax_scale, mask)
+        if cache is not None and ctx.write_cache:  # after the attention: K, V may be views of the window buffers
+            cache.append(k, v, kc, vc)
         cam = from_heads(ucpe_transform(cam, ctx.P, ctx.cam_rope, inverse_rope=True))
         return main + self.out_proj_cam(cam)
 

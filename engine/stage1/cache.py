@@ -60,26 +60,43 @@ class GDNBlockCache(BlockCache):
 
 
 class SoftmaxBlockCache(BlockCache):
-    """K/V window: `sink_*` holds chunk 0 for the whole session, `recent_*` the latest later chunk."""
+    """K/V window: `sink_*` holds chunk 0 for the whole session, `recent_*` the latest later chunk.
+
+    Each of k, v, k_cam, v_cam is one buffer `[B, H, chunk | sink | recent, D]`: `sink` and `recent` are views of it
+    (what snapshots hold), the leading `chunk` slots take the keys of the chunk being computed, so that the window
+    a forward attends to is one view of the buffer, not a concatenation (`keys_values`)."""
 
     NAMES = ("k", "v", "k_cam", "v_cam")
 
     def __init__(self, batch, heads, head_dim, tokens_per_frame, channels, sink_frames, recent_frames,
                  dtype, device) -> None:
         super().__init__(batch, tokens_per_frame, channels, dtype, device)
-        alloc = lambda frames: torch.zeros(batch, heads, frames * tokens_per_frame, head_dim,
-                                           dtype=dtype, device=device)
-        self.sink = {n: alloc(sink_frames) for n in self.NAMES}  # each [B, H, N_sink, D]
-        self.recent = {n: alloc(recent_frames) for n in self.NAMES}  # each [B, H, N_recent, D]
+        self.sink_cap, self.recent_cap = sink_frames * tokens_per_frame, recent_frames * tokens_per_frame
+        self.chunk_cap = self.recent_cap  # a chunk that fits `recent`
+        total = self.chunk_cap + self.sink_cap + self.recent_cap
+        self.slots = {n: torch.zeros(batch, heads, total, head_dim, dtype=dtype, device=device) for n in self.NAMES}
+        s0 = self.chunk_cap
+        self.sink = {n: b[:, :, s0 : s0 + self.sink_cap] for n, b in self.slots.items()}  # each [B, H, N_sink, D]
+        self.recent = {n: b[:, :, s0 + self.sink_cap :] for n, b in self.slots.items()}  # each [B, H, N_recent, D]
         self.sink_len = 0  # valid tokens in sink (0 before chunk 0 is written)
         self.recent_len = 0  # valid tokens in recent
 
-    def window(self) -> tuple[torch.Tensor, ...]:
-        """Cached (k, v, k_cam, v_cam), each `[B, H, n, D]`: sink tokens then recent tokens."""
-        return tuple(
-            torch.cat([self.sink[n][:, :, : self.sink_len], self.recent[n][:, :, : self.recent_len]], dim=2)
-            for n in self.NAMES
-        )
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, k_cam: torch.Tensor,
+                    v_cam: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a chunk with keys/values `[B, H, n, D]` attends to: (K, V, K_cam, V_cam), each `[B, H, n + window,
+        D]`, the chunk's own tokens first, then sink, then recent (softmax attention does not depend on the order of
+        its keys). The chunk's tokens are written into the leading slots and the result is a view of the buffers
+        when the window is contiguous there (the sink full, or no recent chunk yet); a concatenation otherwise. The
+        cache's contents (`buffers`) are not changed."""
+        n = k.shape[2]
+        new = dict(zip(self.NAMES, (k, v, k_cam, v_cam), strict=True))
+        if n <= self.chunk_cap and (self.recent_len == 0 or self.sink_len == self.sink_cap):
+            start, end = self.chunk_cap - n, self.chunk_cap + self.sink_len + self.recent_len
+            for name, t in new.items():
+                self.slots[name][:, :, start : self.chunk_cap].copy_(t)
+            return tuple(self.slots[name][:, :, start:end] for name in self.NAMES)
+        return tuple(torch.cat([new[n], self.sink[n][:, :, : self.sink_len], self.recent[n][:, :, : self.recent_len]],
+                               dim=2) for n in self.NAMES)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, k_cam: torch.Tensor, v_cam: torch.Tensor) -> None:
         """Store a chunk's K/V `[B, H, n, D]`: chunk 0 becomes the sink, later chunks replace `recent`."""
@@ -138,7 +155,11 @@ class Stage1Cache:
         self.frames_written = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self.blocks for t in b.buffers().values())
+        """Device memory the caches hold: every storage behind `buffers()` once (a softmax block's window
+        buffers, scratch slots included)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for b in self.blocks for t in b.buffers().values()}
+        return sum(storages.values())
 
     def snapshot(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Copies of every buffer and counter, keyed `blocks.{i}.{name}` / `frames_written` (`copy=False`: the live

@@ -74,10 +74,11 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, *, inverse: bool = False) -
     broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype.
 
     The same under `torch.compile` (inductor runs the complex multiply as eager kernels). Real-arithmetic forms
-    (a cos - b sin, a sin + b cos over unflatten/stack) were tried twice, over `view_as_real(table)` (session 3) and
-    over real (cos, sin) tables (session 4): inductor compiled both to wrong values on the H100 (relative error
-    0.2 on stage-1 latents in tests/test_fast_paths_gpu.py::test_graphs_equal_eager; correct on the CPU), so
-    neither is used."""
+    (a cos - b sin, a sin + b cos over unflatten/stack) were tried three times, over `view_as_real(table)` (sessions 3
+    and 7) and over real (cos, sin) tables (session 4): inductor compiled them to wrong values on the H100 (relative
+    error 0.23 on stage-1 latents in tests/test_fast_paths_gpu.py::test_graphs_equal_eager, fp32, with the torch
+    scans; also when those scans stack their frames instead of writing a preallocated output; correct on the CPU),
+    so none is used (tests/benchmarks/rope_probe.py reproduces it)."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     rot = table.conj() if inverse else table
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
@@ -88,13 +89,16 @@ def ucpe_ray_matrices(camera_conditions: torch.Tensor, height: int, width: int) 
 
     Row f: c2w_f (16 values, row-major) then latent-scale fx, fy, cx, cy. Rays through integer pixel
     centres (no +0.5); the ray frame has z along the world ray and x = normalize(camera_down x z).
-    """
+
+    Computed on the cameras' device with elementwise products (no matmul, so no TF32 on a GPU) and without a
+    device -> host sync (rays whose direction is not finite get the identity through `torch.where`)."""
     cc = camera_conditions.float()
     B, T, _ = cc.shape
+    dev = cc.device
     c2w = cc[..., :16].reshape(B, T, 4, 4)
     fx, fy, cx, cy = (cc[..., 16 + i, None, None] for i in range(4))  # [B, T, 1, 1]
-    ys = torch.arange(height, dtype=torch.float32)[:, None]
-    xs = torch.arange(width, dtype=torch.float32)[None, :]
+    ys = torch.arange(height, dtype=torch.float32, device=dev)[:, None]
+    xs = torch.arange(width, dtype=torch.float32, device=dev)[None, :]
     X = (xs - cx) / fx  # [B, T, h, w]
     Y = (ys - cy) / fy
     X, Y = torch.broadcast_tensors(X, Y)
@@ -102,28 +106,28 @@ def ucpe_ray_matrices(camera_conditions: torch.Tensor, height: int, width: int) 
     d_cam = torch.stack([X * inv, Y * inv, inv], dim=-1)  # [B, T, h, w, 3]
     R = c2w[..., :3, :3]
     t = c2w[..., :3, 3]
-    d_world = torch.einsum("btij,bthwj->bthwi", R, d_cam)
+    d_world = (R[:, :, None, None] * d_cam[..., None, :]).sum(-1)  # R d per ray
     cam_y = R[..., :, 1][:, :, None, None, :].expand_as(d_world)
     z_ray = F.normalize(d_world, dim=-1, eps=1e-6)
     x_ray = F.normalize(torch.cross(cam_y, z_ray, dim=-1), dim=-1, eps=1e-6)
     y_ray = F.normalize(torch.cross(z_ray, x_ray, dim=-1), dim=-1, eps=1e-6)
-    r_w2l = torch.stack([x_ray, y_ray, z_ray], dim=-1).transpose(-1, -2)  # rows = ray axes
-    t_w2l = -torch.einsum("bthwij,btj->bthwi", r_w2l, t)
-    P = torch.zeros(*d_world.shape[:-1], 4, 4)
+    r_w2l = torch.stack([x_ray, y_ray, z_ray], dim=-2)  # rows = ray axes
+    t_w2l = -(r_w2l * t[:, :, None, None, None, :]).sum(-1)
+    P = torch.zeros(*d_world.shape[:-1], 4, 4, device=dev)
     P[..., :3, :3] = r_w2l
     P[..., :3, 3] = t_w2l
     P[..., 3, 3] = 1.0
     bad = torch.isnan(d_world).any(-1)
-    P[bad] = torch.eye(4)
+    P = torch.where(bad[..., None, None], torch.eye(4, device=dev), P)
     return P.reshape(B, T * height * width, 4, 4)
 
 
 def invert_se3(P: torch.Tensor) -> torch.Tensor:
-    """Closed-form inverse of rigid transforms `[..., 4, 4]`."""
+    """Closed-form inverse of rigid transforms `[..., 4, 4]` (elementwise: no matmul, so no TF32 on a GPU)."""
     Rinv = P[..., :3, :3].transpose(-1, -2)
     out = torch.zeros_like(P)
     out[..., :3, :3] = Rinv
-    out[..., :3, 3] = -(Rinv @ P[..., :3, 3:]).squeeze(-1)
+    out[..., :3, 3] = -(Rinv * P[..., None, :3, 3]).sum(-1)
     out[..., 3, 3] = 1.0
     return out
 

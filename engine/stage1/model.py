@@ -46,6 +46,14 @@ from engine.stage1.temporal import (
 TIMESTEP_CHANNELS = 256
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through page-locked memory without blocking (the caching host allocator
+    keeps the staging buffer until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
@@ -256,13 +264,17 @@ class Stage1Transformer(nn.Module):
         return self.final_layer.linear.weight.dtype
 
     def _context(self, camera_conditions, frame_offset, T, h, w, segments, mode, write) -> FrameContext:
+        """The frame context of a forward. No device -> host sync and no stream sync: the RoPE tables (functions of
+        positions only) are computed on the host and copied in without blocking, the ray matrices on the cameras'
+        device (a sync here left the GPU idle while the host built the context, twice a live chunk)."""
         D = self.config.linear_head_dim
         device = camera_conditions.device
         angles = rope_angles(D, torch.arange(frame_offset, frame_offset + T), h, w)
-        P = ucpe_ray_matrices(camera_conditions.cpu(), h, w).to(device)
+        P = ucpe_ray_matrices(camera_conditions, h, w)
+        cam_angles = camera_rope_angles(angles, D)
         return FrameContext(
             frames=T, height=h, width=w, segments=tuple(segments),
-            rope=rope_table(angles).to(device), cam_rope=rope_table(camera_rope_angles(angles, D)).to(device),
+            rope=to_device(rope_table(angles), device), cam_rope=to_device(rope_table(cam_angles), device),
             P=P, P_inv=invert_se3(P), mode=mode, write_cache=write, scans=self.scan_ops,
             ffn=self.ffn_ops,
         )

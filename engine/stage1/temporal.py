@@ -185,19 +185,28 @@ def temporal_conv(
     s `[B, T, S, C]`, weight `[C, C, 3, 1]` (full channel mixing, no bias), left `[B, 1, S, C]` = the frame
     before frame 0 (None = zeros). The left tap crosses segments; the right tap is zero at a segment end.
 
-    One GEMM with K = 3C: each token's (previous, own, next frame) features interleaved per channel, `[N, C, 3]`,
-    times the weight viewed `[C, 3C]` as it is stored (index 3i + tau), with s added in the GEMM's epilogue
-    (addmm). The three taps are summed in the GEMM's fp32 accumulator and rounded once. (The earlier form, three
-    GEMMs of K = C whose rounded outputs were added, took 0.31 ms a release block eagerly on an H100:
-    tests/benchmarks/ffn_probe.py, "temporal conv alone".)
+    One GEMM with K = 3C: each token's (previous, own, next frame) features times the weight viewed `[C, 3C]` in
+    its storage order, with s added in the GEMM's epilogue (addmm). The three taps are summed in the GEMM's fp32
+    accumulator and rounded once. (The earlier form, three GEMMs of K = C whose rounded outputs were added, took
+    0.31 ms a release block eagerly on an H100: tests/benchmarks/ffn_probe.py, "temporal conv alone".) The taps
+    follow the weight's storage, so the GEMM reads it in place:
+
+    - stored as the conv's (contiguous, index 3i + tau): the taps interleaved per channel, `[N, C, 3]`;
+    - stored tap-major (`[C, 3, C]` memory, index tau C + i; fast path `stage1-tconv`): three contiguous copies
+      `[N, 3, C]`, a cheaper pass than the interleave.
     """
     B, T, S, C = s.shape
     prev = torch.cat([s.new_zeros(s[:, :1].shape) if left is None else left.to(s.dtype), s[:, :-1]], dim=1)
     nxt = torch.cat([s[:, 1:], s.new_zeros(s[:, :1].shape)], dim=1)
     for _, e in segments:  # python-int indexing: no host->device index copy (CUDA-graph capturable)
         nxt[:, e - 1] = 0
-    taps = torch.stack([prev, s, nxt], dim=-1).reshape(B * T * S, 3 * C)  # [N, (i, tau)]
-    w = weight.to(s.dtype).reshape(weight.shape[0], 3 * C)  # [Cout, (i, tau)]: the stored layout, no copy
+    weight = weight.to(s.dtype)
+    if not weight.is_contiguous() and weight.permute(0, 2, 1, 3).is_contiguous():  # tap-major storage
+        taps = torch.cat([prev, s, nxt], dim=-1).reshape(B * T * S, 3 * C)  # [N, (tau, i)]
+        w = weight.permute(0, 2, 1, 3).reshape(weight.shape[0], 3 * C)  # [Cout, (tau, i)]: a view
+    else:
+        taps = torch.stack([prev, s, nxt], dim=-1).reshape(B * T * S, 3 * C)  # [N, (i, tau)]
+        w = weight.reshape(weight.shape[0], 3 * C)  # [Cout, (i, tau)]: a view when contiguous
     return torch.addmm(s.reshape(B * T * S, C), taps, w.T).reshape(B, T, S, C)
 
 

@@ -117,13 +117,14 @@ def run(args) -> dict:
 
 
 def sweep_configs():
-    """(label, config): the shift modes x column tiles x channel blocks x warps, then rows per program and stages
-    for each shift mode's default tiles."""
+    """(label, config): the shift modes x column tiles x channel blocks x warps, then rows per program (fewer rows:
+    more programs in flight, more halo rows read twice) x stages x channel blocks for each shift mode's default
+    column tile."""
     for shift, bw, bc, warps in itertools.product(dg.SHIFTS, (None, 16, 32), (32, 64, 128), (4, 8)):
         if shift == "gather" or bw != 32:
             yield "tiles", dict(SHIFT=shift, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
-    for shift, rows, stages in itertools.product(dg.SHIFTS, (None, 6), (1, 2, 3)):
-        yield "rows/stages", dict(SHIFT=shift, ROWS=rows, num_stages=stages)
+    for shift, rows, stages, bc in itertools.product(dg.SHIFTS, (None, 6, 3), (1, 2), (64, 128)):
+        yield "rows/stages", dict(SHIFT=shift, ROWS=rows, num_stages=stages, BLOCK_C=bc)
 
 
 def sweep(y4, weight, bias, ref, iters) -> list[dict]:
