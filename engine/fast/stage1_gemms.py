@@ -1,10 +1,10 @@
 """Fewer, wider stage-1 GEMMs by re-laying out weights (fast paths `stage1-fused-proj` and `stage1-tconv`).
 
-Plain path: a release stage-1 self-attention layer applies five linears to its input `a [2640, 2240]` one by one
-(`qkv`, the camera branch's `q/k/v_proj_cam`, `output_gate`; GDN layers also `beta_proj` per token and `gate_proj` on
-the frame mean), each reading `a` again; the four 2240 -> 2240 ones run at ~680 TFLOP/s on an H100 and the 20-wide
-ones on a small tensor-core tile. The FFN's temporal conv gathers its three frame taps interleaved per channel (the
-conv weight's order), a strided pass of ~46 us a block.
+Plain path: a release stage-1 self-attention layer applies five or seven linears to its input `a [2640, 2240]`, one
+by one (`qkv`, the camera branch's `q/k/v_proj_cam`, `output_gate`; GDN layers also `beta_proj` per token and
+`gate_proj` on the frame mean), each reading `a` again; the four 2240 -> 2240 ones run at ~680 TFLOP/s on an H100 and
+the 20-wide ones on a small tensor-core tile. The FFN's temporal conv gathers its three frame taps interleaved per
+channel (the conv weight's order), a strided pass of ~46 us a block.
 
 - `fuse_in_projections(model)`: each layer's input linears concatenated into one weight `[7C (+2H), C]` and bias
   (`qkv`'s absent bias as zeros; zero rows up to a multiple of `ROW_MULTIPLE`), held as the layer's `fused_weight` /
@@ -49,11 +49,11 @@ def fuse_in_projections(model: Stage1Transformer) -> int:
                          + [lins[0].weight.new_zeros(pad)])
         row = 0
         for lin in lins:
-            rows = slice(row, row + lin.out_features)
-            lin.weight.data = weight[rows]
+            part = slice(row, row + lin.out_features)
+            lin.weight.data = weight[part]
             if lin.bias is not None:
-                lin.bias.data = bias[rows]
-            row = rows.stop
+                lin.bias.data = bias[part]
+            row = part.stop
         attn.fused_weight, attn.fused_bias = weight, bias
         n += 1
     return n
