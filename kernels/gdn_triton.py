@@ -251,6 +251,18 @@ if triton is not None:
         return bh, pid % T, bh // H, bh % H
 
     @triton.jit
+    def _gram_program(NR, NSPLIT, SPLIT, S, T, H):
+        """This frame-matrix program's (row block r, token split, flat (batch, head, frame) index, frame, batch, head,
+        first token, end token) from a grid of B*H*T * NSPLIT * NR programs, row blocks varying fastest."""
+        prog = tl.program_id(0)
+        r = prog % NR
+        split = (prog // NR) % NSPLIT
+        pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
+        _, f, b, h = _batch_head_frame(pid, T, H)
+        s_lo = split * SPLIT
+        return r, split, pid, f, b, h, s_lo, tl.minimum(s_lo + SPLIT, S)
+
+    @triton.jit
     def _gram_block(k_ptr, x_ptr, beta_ptr, out_ptr, s_lo, s_hi, DK, NX, x0, sk_s, sk_d, sx_s, sx_d, sb_s,
                     X_ONES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr):
@@ -325,13 +337,7 @@ if triton is not None:
         block of rows of the frame's matrices, written to the workspace `[B*H, T, NSPLIT, R, DK]`,
         R = DK + DV (+ DK + 1 with HAS_NORM): rows [0, DK) K^T B K, [DK, DK+DV) V^T B K, then for the normaliser stream
         [.., +DK) K'^T B K' and one row sum_s beta_s k'_s. NA = cdiv(DK, BLOCK_R), NW = cdiv(DV, BLOCK_R)."""
-        prog = tl.program_id(0)
-        r = prog % NR
-        split = (prog // NR) % NSPLIT
-        pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
-        bh, f, b, h = _batch_head_frame(pid, T, H)
-        s_lo = split * SPLIT
-        s_hi = tl.minimum(s_lo + SPLIT, S)
+        r, split, pid, f, b, h, s_lo, s_hi = _gram_program(NR, NSPLIT, SPLIT, S, T, H)
         out = ws_ptr + (pid * NSPLIT + split) * R * DK
         beta = beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t
         _gram_rows(r, ka_ptr + b * ska_b + h * ska_h + f * ska_t, v_ptr + b * sv_b + h * sv_h + f * sv_t,
@@ -488,13 +494,7 @@ if triton is not None:
         fastest: the main workspace `[B*H, T, NSPLIT, 2*DK + DV + 1, DK]` gets, per (batch, head, frame) and token
         split, K~^T B K~, V^T B K~, K^T B K and sum_s beta_s k_s (as `_gram_kernel` with the normaliser); the camera
         one `[B*H, T, NSPLIT, DK + DV, DK]` Kc^T Bc Kc and Vc^T Bc Kc."""
-        prog = tl.program_id(0)
-        r = prog % NR
-        split = (prog // NR) % NSPLIT
-        pid = (prog // NR // NSPLIT).to(tl.int64)  # (batch, head, frame)
-        bh, f, b, h = _batch_head_frame(pid, T, H)
-        s_lo = split * SPLIT
-        s_hi = tl.minimum(s_lo + SPLIT, S)
+        r, split, pid, f, b, h, s_lo, s_hi = _gram_program(NR, NSPLIT, SPLIT, S, T, H)
         if r < 2 * NA + NW + 1:  # the main stream with its normaliser
             _gram_rows(r, kr_ptr + b * skr_b + h * skr_h + f * skr_t, v_ptr + b * sv_b + h * sv_h + f * sv_t,
                        k_ptr + b * sk_b + h * sk_h + f * sk_t, beta_ptr + b * sbe_b + h * sbe_h + f * sbe_t,

@@ -175,8 +175,7 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
                 done[name] = f"{use_fused_gelu(model)} refiner FFN up-projections -> FusedGELUProj (world-wide, once)"
                 graphs = pipe.refiner.model
                 if getattr(graphs, "graphs", None):  # captured with the plain GELU: capture again (first sight first)
-                    graphs.graphs.clear()
-                    graphs.seen.clear()
+                    graphs.drop_graphs()
         elif name == "lean-memory":
             from engine.fast.lean_memory import use_lean_memory
 

@@ -49,6 +49,12 @@ class GraphedRefinerModel:
         if self.device.type != "cuda":
             raise RuntimeError("GraphedRefinerModel needs a CUDA device")
 
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs: each shape runs eagerly once more (compiled halves compile there) before its
+        new capture."""
+        self.graphs.clear()
+        self.seen.clear()
+
     # -- static state ----------------------------------------------------------------------------------------------
     def _sync_text(self, text: RefinerText) -> None:
         if text is self._text_src:
@@ -58,8 +64,7 @@ class GraphedRefinerModel:
         if not same:
             self.text = RefinerText(k=[k.clone() for k in text.k], v=[v.clone() for v in text.v],
                                     bias=text.bias.clone())
-            self.graphs.clear()
-            self.seen.clear()  # each shape runs eagerly once more first (compiled halves compile there)
+            self.drop_graphs()
         else:
             for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
                                 strict=True):
@@ -115,8 +120,7 @@ class GraphedRefinerModel:
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         if self._window is None or self._window() is not kv:  # another window (a new session's, a new layout): the
             # graphs point at the old one's buffers, which may be gone (and its id reused): capture again
-            self.graphs.clear()
-            self.seen.clear()
+            self.drop_graphs()
             self._window = weakref.ref(kv)
         key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention)
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once

@@ -69,7 +69,7 @@ class Stage1GraphRunner:
         self.block_fn = None  # steady-state block call (None = plain; engine.fast.stage1_compile sets a compiled one)
 
     def drop_graphs(self) -> bool:
-        """Forget the captured graphs (they read the model's parameters and ops as they were at capture): each kind
+        """Forget the captured graphs (they read the buffers, parameters and ops of their capture): each kind
         runs eagerly once more (a compiled block call compiles there) before its new capture. True if any were."""
         had = bool(self.graphs or self.seen)
         self.graphs.clear()
@@ -115,8 +115,7 @@ class Stage1GraphRunner:
         if self.text is None or any(a.shape != b.shape for (a, _), (b, _) in zip(self.text.kv, text.kv, strict=True)) \
                 or self.text.bias.shape != text.bias.shape:
             self.text = TextContext(kv=[(k.clone(), v.clone()) for k, v in text.kv], bias=text.bias.clone())
-            self.graphs.clear()  # captured against other buffers
-            self.seen.clear()  # each kind runs eagerly once more first (a compiled block call compiles there)
+            self.drop_graphs()  # captured against other buffers
         else:
             for (sk, sv), (k, v) in zip(self.text.kv, text.kv, strict=True):
                 sk.copy_(k)
