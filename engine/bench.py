@@ -271,26 +271,30 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
 
 
 def in_line_cost(ro: Rollout, pipe: WorldPipeline, dev: torch.device, chunks: int) -> dict:
-    """The same session's next `chunks` chunks with `cache-overlap` switched off (the stage-1 cache pass in line,
-    before the refiner and the decode): the stage-1 chunk cost undisturbed by the work beside it, and the chunk
-    time the overlap is compared with. Same compiled code and graphs, on the default stream (the high-priority
-    stream is only used beside an overlapped pass); medians over these chunks (few: read them as a spot check)."""
-    side, pipe.cache_stream = pipe.cache_stream, None
-    try:
+    """The same session's next `chunks` chunks with `cache-overlap` (and `chunk-async`) switched off (the stage-1
+    cache pass in line, before the refiner and the decode): the stage-1 chunk cost undisturbed by the work beside it,
+    and the chunk time the overlap is compared with. Same compiled code and graphs, on the default stream (the
+    high-priority stream is only used beside an overlapped pass); medians over these chunks (few: read them as a
+    spot check)."""
+    (side, pipe.cache_stream), (passes, pipe.pass_stream) = (pipe.cache_stream, None), (pipe.pass_stream, None)
+    try:  # `chunk-async` off too: the plain path
         per_chunk = [{"chunk_wall": wall, **chunk.timings} for chunk, _, wall in timed_chunks(ro, chunks, dev)]
     finally:
-        pipe.cache_stream = side
+        pipe.cache_stream, pipe.pass_stream = side, passes
     return {"chunks": len(per_chunk), "stages": stage_stats(per_chunk)}
 
 
 def timed_chunks(ro: Rollout, chunks: int, dev: torch.device):
-    """Yields (chunk, time it was done, its wall time) for the rollout's next `chunks` chunks; what the caller does
-    with a chunk before asking for the next is not counted in the next one's wall time."""
-    t_prev = _sync(dev)
+    """Yields (chunk, time it was handed out, its wall time) for the rollout's next `chunks` chunks. The wall time runs
+    from the moment the caller asked for the chunk to the moment its frames are on the host, as a live consumer sees
+    it: no device synchronisation between chunks, so work a chunk leaves on the GPU (`chunk-async`'s cache pass, a
+    deferred one's launch) overlaps the next chunk's host work as it does live, and lands in the next chunk's wall
+    time; what the caller does with a chunk before asking for the next is not counted."""
+    t_prev = _sync(dev)  # the start: nothing of an earlier phase left running
     for chunk in ro.chunks(chunks):
-        t_done = _sync(dev)
+        t_done = time.perf_counter()  # the frames are host arrays: the chunk is out
         yield chunk, t_done, t_done - t_prev
-        t_prev = _sync(dev)
+        t_prev = time.perf_counter()
 
 
 def stage_stats(records: list[dict], skip: tuple[str, ...] = ()) -> dict:
@@ -347,18 +351,24 @@ def replay_cost(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
             **stats_ms(times[1:] if len(times) > 1 else times)}
 
 
-def _profile(fn, dev: torch.device, top: int) -> dict:
+def _profile(fn, dev: torch.device, top: int, setup=None) -> dict:
     """Wall time of one synchronised call of `fn`, then a torch.profiler run of it: GPU kernel time, launches
-    and the top kernels by GPU time."""
+    and the top kernels by GPU time. `setup()`, when given, runs (and is waited for) before each call of `fn`,
+    outside the timing and the profile."""
+    setup = setup or (lambda: None)
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     kind = "CUDA" if dev.type == "cuda" else "CPU"
     with torch.no_grad():
+        setup()
         fn()
+        setup()
         t0 = _sync(dev)
         fn()
         wall = _sync(dev) - t0
+        setup()
+        _sync(dev)
         with profile(activities=acts) as prof:
             fn()
             _sync(dev)
@@ -425,6 +435,11 @@ def profile_stages(world: World, pipe: WorldPipeline, top: int = 25) -> dict:
     anchor = pipe.anchor if stream.next_frame == 0 else None
     denoise = lambda: stream.denoise_chunk(x, cam.clone(), pl, anchor)
     out["stage1_denoise"] = {"frames": T, **_profile(denoise, dev, top)}
+    # the cache-write pass of a chunk (t = 0), each call from the same cache state (restored outside the timing)
+    before = [stream.snapshot()]  # a list, emptied after: the copies go back to the allocator
+    write = lambda: stream.write_cache(x, cam, pl)
+    out["stage1_cache_pass"] = {"frames": T, **_profile(write, dev, top, setup=lambda: stream.restore(before[0]))}
+    stream.restore(before.pop())
     if pipe.refiner is not None and pipe.refiner.window is not None and pipe.refiner.text is not None:
         ref = pipe.refiner
         n = ref.cfg.block_size

@@ -128,6 +128,10 @@ def format_targets(targets: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m engine.targets REPORT.json [...] [--json OUT] (bench or latency reports)"
+    if "-h" in args or "--help" in args:
+        print(usage)
+        return 0
     out = None
     if "--json" in args:
         i = args.index("--json")
@@ -137,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.pop(i + 1)
         args.pop(i)
     if not args:
-        print("usage: python -m engine.targets REPORT.json [...] [--json OUT] (bench or latency reports)",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     checked = {}
     for path in args:

@@ -246,6 +246,11 @@ class WorldPipeline:
         # with it, the chunk's own work runs on a high-priority stream, so the pass beside it only takes what the
         # refiner and the decode leave idle
         self.main_stream: torch.cuda.Stream | None = None
+        # fast path `chunk-async` (CUDA; `cache-overlap` takes precedence): no host synchronisation inside a chunk
+        # but the wait for its frames; stage times from CUDA events; the cache-write pass on this stream from the end
+        # of the decode (beside the frames' conversion and copy), the current stream ordered after it. None: the
+        # plain path (synchronised stage by stage, the pass deferred to `finish_chunk`)
+        self.pass_stream: torch.cuda.Stream | None = None
         # latent frames per VAE decoder call (fast path `lean-memory`: 1, a third of the decoder's activations held at
         # once); None: a chunk in one call. The streaming decoder gives the same pixels for any split.
         self.decode_frames_per_call: int | None = None
@@ -346,6 +351,8 @@ class WorldPipeline:
     def run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
         main = self.main_stream if self.cache_stream is not None else None
         if main is None:
+            if self.pass_stream is not None:
+                return self._run_chunk_async(inputs, quality)
             return self._run_chunk(inputs, quality)
         outer = torch.cuda.current_stream(self.world.device)
         main.wait_stream(outer)
@@ -357,10 +364,7 @@ class WorldPipeline:
             outer.wait_stream(self.cache_stream)
 
     def _run_chunk(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
-        if self.anchor is None:
-            raise RuntimeError("WorldPipeline.start() must come before chunks")
-        if quality != self.quality:
-            raise InputError(f"quality {quality!r} differs from the session's {self.quality!r}; start a new session")
+        self._check_chunk(quality)
         first = inputs.plan.index == 0
         self.finish_chunk()  # the previous chunk's pass, if its consumer did not run it
         cc, cp, noise = self._to_model(inputs.camera_conditions, inputs.chunk_plucker, inputs.noise)
@@ -408,6 +412,60 @@ class WorldPipeline:
             timings["refiner"] = t2 - t1
         return ChunkOutputs(clean.float().cpu(), None if refined is None else refined.float().cpu(),
                             frames.numpy(), timings)
+
+    def _check_chunk(self, quality: str) -> None:
+        if self.anchor is None:
+            raise RuntimeError("WorldPipeline.start() must come before chunks")
+        if quality != self.quality:
+            raise InputError(f"quality {quality!r} differs from the session's {self.quality!r}; start a new session")
+
+    def _run_chunk_async(self, inputs: ChunkInputs, quality: str) -> ChunkOutputs:
+        """`_run_chunk` without host synchronisation but the wait for the chunk's outputs (fast path `chunk-async`):
+        the host enqueues the denoising, the refiner and the decode back to back (each launch while the GPU runs
+        the one before), then this chunk's cache-write pass on `pass_stream` from the end of the decode, beside the
+        frames' conversion and copy; the current stream waits for the pass before anything after the chunk (the next
+        chunk, a snapshot, a prompt's copies). The next chunk's host work (keys, camera, noise, launches) overlaps the
+        pass. Same kernels on the same data in the same order as the plain path. Stage times are CUDA event spans
+        on the GPU: stage1 (the denoising), refiner, decode (with the frames' conversion and copy) and, from the
+        previous chunk, stage1_prev_cache (the pass)."""
+        self._check_chunk(quality)
+        first = inputs.plan.index == 0
+        self.finish_chunk()  # a pass a plain-path chunk left (in line: this stream)
+        prev_pass, self._cache_pass_timing = self._cache_pass_timing, None
+        dev = self.world.device
+        main, side = torch.cuda.current_stream(dev), self.pass_stream
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        cc, cp, noise = self._to_model(inputs.camera_conditions, inputs.chunk_plucker, inputs.noise)
+        marks[0].record(main)
+        clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
+        marks[1].record(main)
+        self._pending_cache = (clean, cc, cp)  # until it is enqueued below (a failed refine / decode leaves it pending)
+        refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
+        marks[2].record(main)
+        pixels = self.decode(refined if refined is not None else clean)
+        side.wait_stream(main)  # the pass reads the caches and buffers this chunk's work wrote
+        pass_marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._pending_cache = None
+        try:
+            with torch.cuda.stream(side):
+                pass_marks[0].record(side)
+                self.stream.write_cache(clean, cc, cp)
+                pass_marks[1].record(side)
+            frames = pixels_to_frames(pixels)  # the frames on the host (waits for this stream only)
+            latents = clean.float().cpu()
+            refined_host = None if refined is None else refined.float().cpu()
+            marks[3].record(main)
+        finally:  # also when something failed: whatever comes next on this stream runs after the pass
+            main.wait_stream(side)
+        self._cache_pass_timing = pass_marks
+        marks[3].synchronize()
+        timings = {"stage1": marks[0].elapsed_time(marks[1]) / 1e3,
+                   "decode": marks[2].elapsed_time(marks[3]) / 1e3}
+        if refined is not None:
+            timings["refiner"] = marks[1].elapsed_time(marks[2]) / 1e3
+        if prev_pass is not None:  # the previous chunk's pass, long done (this stream waited for it)
+            timings["stage1_prev_cache"] = prev_pass[0].elapsed_time(prev_pass[1]) / 1e3
+        return ChunkOutputs(latents, refined_host, frames.numpy(), timings)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The streaming VAE decode of a chunk's latents `[1, C, n, h, w]`, `decode_frames_per_call` latent frames per

@@ -96,6 +96,24 @@ def rope_pairs_reference(x: torch.Tensor, table: torch.Tensor, inverse: bool = F
     return torch.view_as_real(xc * (table.conj() if inverse else table)).flatten(-2).to(x.dtype)
 
 
+def rope_pairs_real(x: torch.Tensor, table: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`rope_pairs_reference` in real arithmetic, for code generators without complex numbers (torch.compile), over
+    the last dim as it lies: x cos + x[pair-swapped] (-sin, +sin), i.e. (a cos - b sin, b cos + a sin) per pair (a, b),
+    the same fp32 products; x `[..., N, D]`.
+
+    Not the unflatten / stack form (a, b = x[..., 0::2], x[..., 1::2] as a new last axis, stacked back): that one
+    compiled to wrong values on an H100 inside the stage-1 block with the torch scans (tests/benchmarks/rope_probe.py,
+    relative error 0.23; this form 1.1e-3, the complex multiply's own figure in the same run)."""
+    tab = torch.view_as_real(table)  # [N, D/2, 2]: cos, sin
+    D = x.shape[-1]
+    lane = torch.arange(D, device=x.device)
+    sign = (lane % 2) * 2 - 1  # -1 on the pair's first element, +1 on its second
+    cos = tab[..., 0].repeat_interleave(2, dim=-1)
+    sin = tab[..., 1].repeat_interleave(2, dim=-1) * (-sign if inverse else sign)
+    xf = x.float()
+    return (xf * cos + xf[..., lane ^ 1] * sin).to(x.dtype)
+
+
 if triton is not None:
 
     @triton.jit

@@ -38,8 +38,9 @@ def test_report_has_every_measurement(report):
     assert report["qualities"]["full"]["snapshot"]["tensor_bytes"] > report["qualities"]["preview"]["snapshot"][
         "tensor_bytes"]
     assert report["gemm"]["tflops"] > 0
-    assert set(report["profile"]) == {"stage1_forward", "stage1_denoise", "refiner_forward", "refiner_block",
-                                         "vae_decode_block"}
+    assert set(report["profile"]) == {"stage1_forward", "stage1_denoise", "stage1_cache_pass", "refiner_forward",
+                                      "refiner_block", "vae_decode_block"}
+    assert report["profile"]["stage1_cache_pass"]["kernel_launches"] > 0
     assert report["profile"]["stage1_forward"]["top_kernels"]
     assert "errors" not in report
     # issue 7's checks ride along, marked as not applying to a tiny CPU run (fp32: no bf16 memory check)

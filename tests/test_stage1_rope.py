@@ -1,4 +1,8 @@
-"""`stage1-rope`: the stage-1 RoPE (adjacent pairs, complex table) as one Triton pass (kernels/rope.py) against the
+"""`stage1-real-rope`: the real-arithmetic form of the stage-1 RoPE (kernels/rope.py `rope_pairs_real`), eagerly and
+under torch.compile on the CPU (inductor's C++ backend), against the complex multiply; the fast path's eager calls are
+the plain path itself. Inside the compiled live loop on a GPU: tests/test_fast_paths_gpu.py.
+
+`stage1-rope`: the stage-1 RoPE (adjacent pairs, complex table) as one Triton pass (kernels/rope.py) against the
 plain complex multiply of engine/stage1/geometry.py.
 
 CPU: the kernel module's reference is geometry's function; the fast path's dispatch falls back off CUDA. Interpreter
@@ -8,12 +12,14 @@ shapes in fp32 (tight: the same products in fp32, only FMA contraction may diffe
 (one opaque op). The live loop with `stage1-rope` under graphs + compile is in tests/test_fast_paths_gpu.py.
 """
 
+import shutil
+
 import pytest
 import torch
 
 from engine.stage1.geometry import apply_rope, rope_angles, rope_table
 from kernels import interpreter_usable
-from kernels.rope import rope_pairs_reference, rope_pairs_triton
+from kernels.rope import rope_pairs_real, rope_pairs_reference, rope_pairs_triton
 
 
 def table(N, half, seed=0):
@@ -40,6 +46,30 @@ def test_reference_is_the_models_rope(inverse):
     x = inputs(2, 3, 7, 12, torch.float32, "cpu", "transposed")
     t = table(7, 6)
     assert torch.equal(rope_pairs_reference(x, t, inverse), apply_rope(x, t, inverse=inverse))
+
+
+@pytest.mark.parametrize("layout", ["plain", "transposed", "half"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 7, 112), (2, 3, 33, 56), (1, 1, 1, 2)])
+def test_real_form_matches_the_complex_multiply(shape, inverse, layout):
+    B, H, N, D = shape
+    t = table(N, D // 2)
+    x = inputs(B, H, N, D, torch.float32, "cpu", layout)
+    assert rel(rope_pairs_real(x, t, inverse), apply_rope(x, t, inverse=inverse)) <= 1e-6  # fp32 rounding only
+    xb = inputs(B, H, N, D, torch.bfloat16, "cpu", layout)
+    got = rope_pairs_real(xb, t, inverse)
+    assert got.dtype == torch.bfloat16 and rel(got, apply_rope(xb, t, inverse=inverse)) <= 8e-3
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
+def test_real_form_compiled_on_cpu_and_the_fast_paths_eager_call_is_plain():
+    from engine.fast.stage1_rope import apply_rope_compiled
+
+    x, t = inputs(2, 3, 33, 56, torch.float32, "cpu", "transposed"), table(33, 28)
+    f = torch.compile(lambda x, t: apply_rope_compiled(x, t, inverse=True) * 2, fullgraph=True)
+    assert rel(f(x, t), apply_rope(x, t, inverse=True) * 2) <= 1e-6
+    assert torch.equal(apply_rope_compiled(x, t, inverse=True), apply_rope(x, t, inverse=True))
 
 
 def test_fast_path_falls_back_off_cuda():

@@ -29,6 +29,10 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Correct on the H100 (its GPU tests, and
   the compiled live loop at 6.1e-5 in fp32) but slower: a preview chunk 333 vs 293 ms, stage-1 276 vs 239 ms (same
   card, one call; the cause, ~60 us more per call, is not profiled yet). Not in `all`;
+- `stage1-real-rope`: inside the compiled block call only, the stage-1 RoPE in real arithmetic
+  (`kernels.rope.rope_pairs_real`, the same fp32 products), which inductor fuses into its neighbouring kernels instead
+  of running the complex multiply and its copies as ~245 separate kernels a forward (engine/fast/stage1_rope.py;
+  process-wide);
 - `stage1-fused-proj`: a self-attention layer's input linears (qkv, camera q/k/v, output gate; GDN: beta and decay
   gates) as one GEMM over their concatenated weights (zero rows to a multiple of 64: cuBLASLt's bias epilogue), the
   parameters views of it (engine/fast/stage1_gemms.py; world-wide; rounding-level differences);
@@ -47,6 +51,12 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
 - `frames`: decoded pixels -> uint8 frames in one Triton pass, copied to page-locked host memory (engine/fast/frames.py,
   kernels/frames.py);
+- `chunk-async`: a chunk without host synchronisation but the wait for its outputs (`WorldPipeline._run_chunk_async`):
+  the denoising, refiner and decode are enqueued back to back, the cache-write pass on its own stream from the end of
+  the decode, beside the frames' conversion and copy, and the next chunk's host work (keys, camera, noise, the frame
+  context, launches) overlaps that pass; the plain path synchronises after each stage, so the GPU idles while the host
+  launches the next (the frame context, a graph launch: a few ms a chunk). Same kernels, same order, same values.
+  Stage times become CUDA event spans. `cache-overlap` takes precedence where both are on;
 - `cache-overlap`: the stage-1 cache-write pass of a chunk on a second (low-priority) CUDA stream, beside that
   chunk's refiner and decode on a high-priority one (`WorldPipeline.cache_stream`, `main_stream`); the chunk still
   ends when the pass has (the next chunk reads it). Opt-in: on the H100, before the priorities, it gained ~3 ms
@@ -68,18 +78,18 @@ from __future__ import annotations
 from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
-              "stage1-ffn", "stage1-rope", "stage1-fused-proj", "stage1-tconv",
+              "stage1-ffn", "stage1-rope", "stage1-real-rope", "stage1-fused-proj", "stage1-tconv",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
-              "frames", "cache-overlap", "lean-memory")
+              "frames", "chunk-async", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn",
-       "stage1-fused-proj", "stage1-tconv", "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu",
-       "vae-fast", "frames")
+       "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "refiner-graph", "refiner-compile", "refiner-rope",
+       "refiner-gelu", "vae-fast", "frames", "chunk-async")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
-             "refiner-rope", "refiner-fp8", "frames", "cache-overlap")
+             "refiner-rope", "refiner-fp8", "frames", "chunk-async", "cache-overlap")
 
 
 def expand(names) -> list[str]:
@@ -143,6 +153,12 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
 
             use_triton_rope()
             done[name] = "engine.stage1.{geometry,attention}.apply_rope -> kernels.rope.rope_pairs_triton (process)"
+        elif name == "stage1-real-rope":
+            from engine.fast.stage1_rope import use_real_rope
+
+            use_real_rope()
+            done[name] = ("engine.stage1.{geometry,attention}.apply_rope -> real arithmetic inside torch.compile "
+                          "(kernels.rope.rope_pairs_real; process)")
         elif name == "stage1-fused-proj":
             from engine.fast.stage1_gemms import use_fused_in_projections
 
@@ -195,6 +211,13 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             from engine.fast.vae_fast import use_all
 
             done[name] = "; ".join(f"{k}: {v}" for k, v in use_all(pipe.world.vae).items())
+        elif name == "chunk-async":
+            import torch
+
+            if pipe.pass_stream is None:
+                pipe.pass_stream = torch.cuda.Stream(pipe.world.device)
+            done[name] = ("WorldPipeline.run_chunk -> no host sync but the frames' copy; the cache-write pass on its "
+                          "own stream from the end of the decode; stage times from CUDA events")
         elif name == "cache-overlap":
             import torch
 
