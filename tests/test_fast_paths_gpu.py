@@ -118,6 +118,21 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     assert err <= tol
 
 
+def stream_spy(streams: dict[str, set]):
+    """`spy(obj, name)` wraps `obj.name` to record in `streams[name]` the id of the CUDA stream each call runs on."""
+
+    def spy(obj, name):
+        fn = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            streams[name].add(torch.cuda.current_stream().stream_id)
+            return fn(*args, **kwargs)
+
+        setattr(obj, name, wrapped)
+
+    return spy
+
+
 def latents_and_caches_rel(fast, ref, snap_fast, snap_ref) -> float:
     """`compare` without the uint8 frames (a rounding flip of one pixel there says nothing about the model)."""
     errs = [rel(a.latents, b.latents) for a, b in zip(fast, ref, strict=True)]
@@ -158,16 +173,7 @@ def test_cache_overlap_equals_in_line(graphs, quality):
     names = GRAPHS if graphs else ()
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=4)
     streams = {"write_cache": set(), "refine": set(), "decode_block": set()}
-
-    def spy(obj, name):  # record the stream each call of obj.name runs on
-        fn = getattr(obj, name)
-
-        def wrapped(*args, **kwargs):
-            streams[name].add(torch.cuda.current_stream().stream_id)
-            return fn(*args, **kwargs)
-
-        setattr(obj, name, wrapped)
-
+    spy = stream_spy(streams)
     try:
         pipe_in_line, _, in_line, snap_in_line = rollout(world, names, quality)
         pipe, applied, overlapped, snap_overlapped = rollout(world, names + ("cache-overlap",), quality,
@@ -203,16 +209,7 @@ def test_chunk_async_equals_in_line(graphs, quality):
     names = GRAPHS if graphs else ()
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=torch.float32, seed=4)
     streams = {"write_cache": set(), "decode_block": set()}
-
-    def spy(obj, name):
-        fn = getattr(obj, name)
-
-        def wrapped(*args, **kwargs):
-            streams[name].add(torch.cuda.current_stream().stream_id)
-            return fn(*args, **kwargs)
-
-        setattr(obj, name, wrapped)
-
+    spy = stream_spy(streams)
     try:
         pipe_plain, _, plain, snap_plain = rollout(world, names, quality, prompt_after=4)
         pipe, applied, fast, snap_fast = rollout(world, names + ("chunk-async",), quality, prompt_after=4,
