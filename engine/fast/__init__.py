@@ -31,8 +31,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   card, one call; the cause, ~60 us more per call, is not profiled yet). Not in `all`;
 - `stage1-real-rope`: inside the compiled block call only, the stage-1 RoPE in real arithmetic
   (`kernels.rope.rope_pairs_real`, the same fp32 products), which inductor fuses into its neighbouring kernels instead
-  of running the complex multiply and its copies as ~245 separate kernels a forward (engine/fast/stage1_rope.py;
-  process-wide);
+  of running the complex multiply and its copies as separate kernels (engine/fast/stage1_rope.py; process-wide).
+  H100, same card: a release forward 1161 -> 876 launches, 38.71 -> 38.31 ms of GPU time
+  (tests/benchmarks/results/h100_2026-11-27_s8_call2_*);
 - `stage1-fused-proj`: a self-attention layer's input linears (qkv, camera q/k/v, output gate; GDN: beta and decay
   gates) as one GEMM over their concatenated weights (zero rows to a multiple of 64: cuBLASLt's bias epilogue), the
   parameters views of it (engine/fast/stage1_gemms.py; world-wide; rounding-level differences);
@@ -55,7 +56,7 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   the denoising, refiner and decode are enqueued back to back, the cache-write pass on its own stream from the end of
   the decode, beside the frames' conversion and copy, and the next chunk's host work (keys, camera, noise, the frame
   context, launches) overlaps that pass; the plain path synchronises after each stage, so the GPU idles while the host
-  launches the next (the frame context, a graph launch: a few ms a chunk). Same kernels, same order, same values.
+  launches the next (not timed apart from the rest). Same kernels, same order, same values (bit-equal on an H100).
   Stage times become CUDA event spans. `cache-overlap` takes precedence where both are on;
 - `cache-overlap`: the stage-1 cache-write pass of a chunk on a second (low-priority) CUDA stream, beside that
   chunk's refiner and decode on a high-priority one (`WorldPipeline.cache_stream`, `main_stream`); the chunk still

@@ -8,9 +8,10 @@
 
 Under `torch.compile` inductor has no complex code generation and runs the plain multiply, with the copies around it,
 as separate eager kernels (~1.2 ms of a 45 ms release forward on the H100, 120 calls: q, k and the camera branch's
-UCPE halves), ~245 launches a forward. The `stage1-rope` kernel is a custom op, so the compiled block calls it whole.
-`use_triton_rope()` points the stage-1 modules' `apply_rope` at `apply_rope_fast` (CUDA 4-D
-inputs; anything else takes the plain path); `restore_plain_rope()` undoes either. Process-wide, like `refiner-rope`.
+UCPE halves); with `stage1-real-rope` a release forward has 876 launches instead of 1161. The `stage1-rope` kernel
+is a custom op, so the compiled block calls it whole. `use_triton_rope()` points the stage-1 modules' `apply_rope` at
+`apply_rope_fast` (CUDA 4-D inputs; anything else takes the plain path); `restore_plain_rope()` undoes either.
+Process-wide, like `refiner-rope`.
 
 Measured on the H100 (session 4, tests/benchmarks/results/h100_2026-11-27_s4_bench_preview_all_vs_rope_*.json):
 correct, but a release preview chunk took 333 ms with it against 293 without (stage-1 276 vs 239), ~60 us more per

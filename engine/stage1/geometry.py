@@ -73,12 +73,11 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, *, inverse: bool = False) -
     """Rotate adjacent pairs (x[2k], x[2k+1]) of the last dim by `table` (complex `[N, D/2]`,
     broadcast against x `[..., N, D]`); computed in fp32, returned in x's dtype.
 
-    The same under `torch.compile` (inductor runs the complex multiply as eager kernels). Real-arithmetic forms
-    (a cos - b sin, a sin + b cos over unflatten/stack) were tried three times, over `view_as_real(table)` (sessions 3
-    and 7) and over real (cos, sin) tables (session 4): inductor compiled them to wrong values on the H100 (relative
-    error 0.23 on stage-1 latents in tests/test_fast_paths_gpu.py::test_graphs_equal_eager, fp32, with the torch
-    scans; also when those scans stack their frames instead of writing a preallocated output; correct on the CPU),
-    so none is used (tests/benchmarks/rope_probe.py reproduces it)."""
+    The same under `torch.compile` (inductor runs the complex multiply as eager kernels); the fast path
+    `stage1-real-rope` swaps in a real-arithmetic form there (kernels/rope.py `rope_pairs_real`:
+    x cos + x[pair-swapped] (-sin, +sin)). The unflatten / stack real form (a cos - b sin, a sin + b cos over a new
+    last axis), tried in sessions 3, 4 and 7, compiled to wrong values on the H100 with the torch scans (relative
+    error 0.23 on stage-1 latents; correct on the CPU; tests/benchmarks/rope_probe.py reproduces it)."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     rot = table.conj() if inverse else table
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
