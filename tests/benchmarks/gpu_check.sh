@@ -2,7 +2,10 @@
 # What to run on the lent GPU, one part per device call (each fits the 600 s per-call limit). Writes logs and JSON
 # under $OUT (default /tmp/sana_wm_gpu_out) and prints a short summary last.
 #
-#   bash tests/benchmarks/gpu_check.sh tests     # tests/test_fast_paths_gpu.py (the live-loop comparisons)
+#   bash tests/benchmarks/gpu_check.sh tests     # tests/test_fast_paths_gpu.py (the live-loop comparisons) but
+#                                                # the sessions 7-8 ones
+#   bash tests/benchmarks/gpu_check.sh tests78   # those: fused-proj / tconv / real-rope graphs cases, real vs
+#                                                # complex RoPE, chunk-async
 #   bash tests/benchmarks/gpu_check.sh tests2    # the engine's other @pytest.mark.gpu test files, with time limits
 #   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8, dwconv_glu (stage1-ffn) and refiner-gelu test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
@@ -28,6 +31,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 summary=()
+NEW78="extra10 or extra11 or extra12 or extra13 or real_rope or chunk_async"  # sessions 7-8's live-loop tests
 t() {  # t <seconds> <name> <pytest args...>
   local s=$1 name=$2; shift 2
   timeout "$s" python3 -m pytest -m gpu -p no:cacheprovider -q -s "$@" > "$OUT/t_$name.log" 2>&1
@@ -36,7 +40,11 @@ t() {  # t <seconds> <name> <pytest args...>
 case "${1:-}" in
   tests)
     # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s; session 6 added 3 (~120 s, on an H200)
-    t 560 fast_paths tests/test_fast_paths_gpu.py
+    t 560 fast_paths tests/test_fast_paths_gpu.py -k "not ($NEW78)"
+    ;;
+  tests78)
+    # session 8 (H100): real_rope 2 cases 168 s; chunk_async 4 + extra12 73 s
+    t 560 fast_paths78 tests/test_fast_paths_gpu.py -k "$NEW78"
     ;;
   tests2)
     t 60 snapshot tests/test_snapshot_staging.py
@@ -96,7 +104,7 @@ case "${1:-}" in
     summary+=("ffn probe --sweep rc=$?"); grep '^best' "$OUT/ffn_probe_sweep.log"; tail -12 "$OUT/ffn_probe_sweep.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests2|kernels|scans|bench|latency|probes|ffn|memory" >&2
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|latency|probes|ffn|memory" >&2
     exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
