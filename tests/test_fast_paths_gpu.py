@@ -87,6 +87,7 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
     (torch.bfloat16, 3e-2, "full", True, ("stage1-fused-proj", "stage1-tconv")),
     (torch.float32, 1e-4, "preview", True, ("stage1-real-rope",)),
     (torch.bfloat16, 3e-2, "full", True, ("stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-ffn")),
+    (torch.float32, 1e-4, "preview", True, ("stage1-lean-pass",)),
 ])
 def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     """The CUDA graphs (and, `compiled`, `stage1-compile` / `refiner-compile` inside them; `extra` fast paths with

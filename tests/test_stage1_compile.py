@@ -60,7 +60,7 @@ def test_compiled_blocks_equal_plain_and_share_graphs():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_compiled_form_of_ucpe_equals_the_eager_one(dtype, tol, monkeypatch):
     """Under torch.compile the UCPE 4x4 products are elementwise (inductor fuses them); eagerly an einsum. Same
-    values. (RoPE keeps its complex form under compile: a real form compiled to wrong values on the H100.)"""
+    values. (RoPE keeps its complex form under compile unless `stage1-real-rope` is on: tests/test_stage1_rope.py.)"""
     from engine.stage1.geometry import apply_4x4
 
     def eager_only(*args, **kwargs):

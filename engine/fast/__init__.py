@@ -41,6 +41,11 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   a per-channel interleave (engine/fast/stage1_gemms.py; world-wide). With `stage1-fused-proj`, H100, same card: a
   release stage-1 forward 40.7 -> 39.2 ms of GPU time (GEMMs 18.6 -> 17.7, the tap pass 46 -> 18 us a block), a
   preview chunk's stage-1 218.1 -> 211.3 ms (tests/benchmarks/results/h100_2026-11-27_s7_*);
+- `stage1-lean-pass`: the cache-write pass (whose output nobody reads) computes in its last block only what the caches
+  keep: the attention caches in full, then the last frame's tokens as far as the FFN tail (no temporal conv, no
+  final layer) (`Stage1Block._ffn_tail_only`, `Stage1Transformer.run(caches_only=True)`; rounding-level differences
+  from GEMMs over fewer rows). CPU tests: tests/test_stage1_lean_pass.py. Opt-in: not yet run or timed on a GPU
+  (expected ~1 ms a chunk: two thirds of one block's cross-attention and FFN, its temporal conv, the final layer);
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -79,7 +84,7 @@ from __future__ import annotations
 from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
-              "stage1-ffn", "stage1-rope", "stage1-real-rope", "stage1-fused-proj", "stage1-tconv",
+              "stage1-ffn", "stage1-rope", "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass",
               "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
               "frames", "chunk-async", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
@@ -168,6 +173,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             from engine.fast.stage1_gemms import use_tap_major_tconv
 
             done[name] = use_tap_major_tconv(pipe)
+        elif name == "stage1-lean-pass":
+            pipe.stream.lean_pass = True
+            done[name] = ("Stage1Stream.lean_pass -> the cache-write pass's last block computes only what its caches "
+                          "keep; no final layer")
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 

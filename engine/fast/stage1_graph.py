@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.stage1.cache import SoftmaxBlockCache, Stage1Cache
-from engine.stage1.model import Stage1Transformer, TextContext, call_block
+from engine.stage1.model import Stage1Transformer, TextContext
 from engine.stage1.stream import Stage1Stream
 from engine.stage1.temporal import AttentionMode, FrameContext
 
@@ -156,7 +156,7 @@ class Stage1GraphRunner:
         return ctx
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def _body(self, st: _Statics, write: bool, h: int, w: int) -> torch.Tensor:
+    def _body(self, st: _Statics, write: bool, h: int, w: int, caches_only: bool = False) -> torch.Tensor | None:
         """`Stage1Transformer.run` on the static buffers (one segment, cached)."""
         m = self.model
         B, T = st.x.shape[0], st.x.shape[2]
@@ -166,13 +166,11 @@ class Stage1GraphRunner:
         x = m.x_embedder(st.x)
         p_emb = m.plucker_embedder(st.plucker)
         t_emb, mod = m.embed_timestep(st.t, B, T)
-        block_fn = self.block_fn or call_block
-        for i, block in enumerate(m.blocks):
-            x = block_fn(block, x, mod, p_emb, self.text.kv[i], self.text.bias, ctx, self.cache.blocks[i])
-        out = m.final_layer(x, t_emb)
-        return out.transpose(1, 2).reshape(B, -1, T, h, w)
+        return m.run_blocks(x, mod, p_emb, t_emb, self.text, ctx, self.cache, self.block_fn, caches_only,
+                            (B, T, h, w))
 
-    def _capture(self, st: _Statics, write: bool, h: int, w: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, st: _Statics, write: bool, h: int, w: int,
+                 caches_only: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         counters = self._counters()
         s = self.capture_stream
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -183,16 +181,18 @@ class Stage1GraphRunner:
         g = torch.cuda.CUDAGraph()
         try:
             with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
-                out = self._body(st, write, h, w)
+                out = self._body(st, write, h, w, caches_only)
         finally:
             self._set_counters(counters)  # capture ran the Python side of the cache writes; nothing executed
         return g, out
 
     @torch.no_grad()
     def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, text: TextContext,
-                 camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool) -> torch.Tensor:
+                 camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor, *, write_cache: bool,
+                 caches_only: bool = False) -> torch.Tensor | None:
+        """One forward (`forward_cached`); `caches_only`: a cache-write pass whose output nobody reads (None)."""
         B, _, T, h, w = hidden_states.shape
-        key = (tuple(hidden_states.shape), write_cache, self._window_fill())
+        key = (tuple(hidden_states.shape), write_cache, caches_only, self._window_fill())
         steady = self.steady()
         if steady:  # first: a new prompt buffer clears `seen`, which must not forget this call's first sight
             self._sync_text(text)
@@ -201,7 +201,8 @@ class Stage1GraphRunner:
             self.seen.add(key)
         if not steady or (first_sight and self.block_fn is None):  # start-up, or first sight: plain eager
             return self.model.forward_cached(hidden_states, timestep, text, camera_conditions, chunk_plucker,
-                                             self.cache, write_cache=write_cache, mode=self.mode)
+                                             self.cache, write_cache=write_cache, mode=self.mode,
+                                             caches_only=caches_only)
         ctx = self._context(camera_conditions, T, h, w)
         st = self._statics_for(hidden_states, chunk_plucker, ctx)
         if ctx is not None:
@@ -211,19 +212,19 @@ class Stage1GraphRunner:
         st.t.copy_(torch.as_tensor(timestep, device=self.device).reshape(B, 1, T))
         st.plucker.copy_(chunk_plucker)
         if first_sight:  # a compiled block call: run it eagerly on the very buffers the graph will read, so it
-            out = self._body(st, write_cache, h, w)  # compiles here (same guards), never inside the capture
+            out = self._body(st, write_cache, h, w, caches_only)  # compiles here (same guards), not in the capture
             if write_cache:  # the eager body advanced the softmax counters itself (cache.append)
                 self.cache.frames_written += T
-            return out.clone()
+            return None if out is None else out.clone()
         if key not in self.graphs:
-            self.graphs[key] = self._capture(st, write_cache, h, w)
+            self.graphs[key] = self._capture(st, write_cache, h, w, caches_only)
         graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1
         if write_cache:
             self._advance_counters(T * h * w)
             self.cache.frames_written += T
-        return out.clone()
+        return None if out is None else out.clone()
 
 
 class GraphedStage1Stream(Stage1Stream):
@@ -249,4 +250,5 @@ class GraphedStage1Stream(Stage1Stream):
     def write_cache(self, clean: torch.Tensor, camera_conditions: torch.Tensor, chunk_plucker: torch.Tensor) -> None:
         self._check(clean, camera_conditions, chunk_plucker)
         t = torch.zeros(clean.shape[0], 1, clean.shape[2], device=clean.device)
-        self.runner(clean, t, self.text, camera_conditions, chunk_plucker, write_cache=True)
+        self.runner(clean, t, self.text, camera_conditions, chunk_plucker, write_cache=True,
+                    caches_only=self.lean_pass)

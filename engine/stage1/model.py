@@ -16,7 +16,7 @@ The model knows nothing of schedulers, prompts or files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -124,25 +124,30 @@ class GLUMBConvTemp(nn.Module):
     def forward(self, m: torch.Tensor, ctx: FrameContext, cache=None) -> torch.Tensor:
         """m `[B, N, C]` -> `[B, N, C]`."""
         B, N, C = m.shape
-        T, h, w = ctx.frames, ctx.height, ctx.width
-        if ctx.ffn is None:
+        s = self.spatial(m, ctx.frames, ctx.height, ctx.width, ctx.ffn)
+        r = temporal_conv(s, self.t_conv.weight, ctx.segments, None if cache is None else cache.ffn_tail)
+        if cache is not None and ctx.write_cache:
+            cache.write_ffn_tail(s)
+        return r.reshape(B, N, C)
+
+    def spatial(self, m: torch.Tensor, T: int, h: int, w: int, ffn=None) -> torch.Tensor:
+        """The per-frame branch: m `[B, T*h*w, C]` -> s `[B, T, h*w, C]` (`ffn`: the fused depthwise conv + GLU op,
+        `FrameContext.ffn`; None: the plain convs)."""
+        B, N, C = m.shape
+        if ffn is None:
             u = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
             u = F.silu(self.inverted_conv.conv(u))
             u = self.depth_conv.conv(u)
             val, gate = u.chunk(2, dim=1)
             s = self.point_conv.conv(val * F.silu(gate))  # [B*T, C, h, w]
-            s = s.permute(0, 2, 3, 1).reshape(B, T, h * w, C)
-        else:  # the same math token-major: two GEMMs around one fused depthwise conv + GLU pass, no permutes
-            Hd = self.point_conv.conv.in_channels
-            y = F.linear(m.reshape(B * N, C), self.inverted_conv.conv.weight.view(2 * Hd, C),
-                         self.inverted_conv.conv.bias)  # [B*N, 2Hd], SiLU not yet applied
-            g = ctx.ffn(y.view(B * T, h, w, 2 * Hd), self.depth_conv.conv.weight, self.depth_conv.conv.bias,
-                        silu_input=True)  # [B*T, h, w, Hd]
-            s = F.linear(g.reshape(B * N, Hd), self.point_conv.conv.weight.view(C, Hd)).reshape(B, T, h * w, C)
-        r = temporal_conv(s, self.t_conv.weight, ctx.segments, None if cache is None else cache.ffn_tail)
-        if cache is not None and ctx.write_cache:
-            cache.write_ffn_tail(s)
-        return r.reshape(B, N, C)
+            return s.permute(0, 2, 3, 1).reshape(B, T, h * w, C)
+        # the same math token-major: two GEMMs around one fused depthwise conv + GLU pass, no permutes
+        Hd = self.point_conv.conv.in_channels
+        y = F.linear(m.reshape(B * N, C), self.inverted_conv.conv.weight.view(2 * Hd, C),
+                     self.inverted_conv.conv.bias)  # [B*N, 2Hd], SiLU not yet applied
+        g = ffn(y.view(B * T, h, w, 2 * Hd), self.depth_conv.conv.weight, self.depth_conv.conv.bias,
+                silu_input=True)  # [B*T, h, w, Hd]
+        return F.linear(g.reshape(B * N, Hd), self.point_conv.conv.weight.view(C, Hd)).reshape(B, T, h * w, C)
 
 
 class Stage1Block(nn.Module):
@@ -167,12 +172,29 @@ class Stage1Block(nn.Module):
         )
         per_frame = lambda t: t.reshape(B, T, N // T, C)
         a = (per_frame(layer_norm(x)) * (1 + scale_msa) + shift_msa).reshape(B, N, C)
-        x = x + (gate_msa * per_frame(self.attn(a, ctx, cache))).reshape(B, N, C)
+        attn = self.attn(a, ctx, cache)
+        if ctx.caches_only and cache is not None and ctx.write_cache:
+            self._ffn_tail_only(x, attn, p_emb, text_kv, text_bias, gate_msa, shift_mlp, scale_mlp, ctx, cache)
+            return x
+        x = x + (gate_msa * per_frame(attn)).reshape(B, N, C)
         if hasattr(self, "plucker_proj"):
             x = x + self.plucker_proj(p_emb)
         x = x + self.cross_attn(x, text_kv, text_bias)
         m = (per_frame(layer_norm(x)) * (1 + scale_mlp) + shift_mlp).reshape(B, N, C)
         return x + (gate_mlp * per_frame(self.mlp(m, ctx, cache))).reshape(B, N, C)
+
+    def _ffn_tail_only(self, x, attn, p_emb, text_kv, text_bias, gate_msa, shift_mlp, scale_mlp, ctx, cache) -> None:
+        """The rest of `forward` on the last frame's tokens only, as far as the FFN tail it writes (the per-frame
+        branch's output of that frame): the same operations on the same rows. The attention caches are written."""
+        B, N, C = x.shape
+        S = ctx.tokens_per_frame
+        last = lambda t: t[:, N - S:]
+        x = last(x) + gate_msa[:, -1] * last(attn)  # [B, S, C]
+        if hasattr(self, "plucker_proj"):
+            x = x + self.plucker_proj(last(p_emb))
+        x = x + self.cross_attn(x, text_kv, text_bias)
+        m = layer_norm(x) * (1 + scale_mlp[:, -1]) + shift_mlp[:, -1]
+        cache.write_ffn_tail(self.mlp.spatial(m, 1, ctx.height, ctx.width, ctx.ffn))
 
 
 def call_block(block: Stage1Block, x, mod, p_emb, text_kv, text_bias, ctx: FrameContext, cache=None) -> torch.Tensor:
@@ -309,19 +331,34 @@ class Stage1Transformer(nn.Module):
         frame_offset: int = 0,
         write_cache: bool = False,
         block_fn=None,
-    ) -> torch.Tensor:
+        caches_only: bool = False,
+    ) -> torch.Tensor | None:
         """The one forward all modes share; returns the velocity `[B, C, T, H, W]`. `block_fn(block, *args)`
-        replaces the plain block call (`call_block`), e.g. with a compiled version of it."""
+        replaces the plain block call (`call_block`), e.g. with a compiled version of it. `caches_only` (a
+        cache-write pass whose output nobody reads): the last block computes only what its caches keep, no final
+        layer, returns None (fast path `stage1-lean-pass`)."""
         B, T, h, w = self._check_inputs(hidden_states, camera_conditions, chunk_plucker)
         segments = ((0, T),) if segments is None else tuple(segments)
         check_segments(segments, T)
+        if caches_only and (cache is None or not write_cache):
+            raise ValueError("caches_only is for a cache-write pass (write_cache=True, with a cache)")
         ctx = self._context(camera_conditions, frame_offset, T, h, w, segments, mode, write_cache)
         x = self.x_embedder(hidden_states.to(self.dtype))
         p_emb = self.plucker_embedder(chunk_plucker.to(self.dtype))
         t_emb, mod = self.embed_timestep(timestep, B, T)
+        return self.run_blocks(x, mod, p_emb, t_emb, text, ctx, cache, block_fn, caches_only, (B, T, h, w))
+
+    def run_blocks(self, x, mod, p_emb, t_emb, text: TextContext, ctx: FrameContext, cache: Stage1Cache | None,
+                   block_fn, caches_only: bool, bthw: tuple[int, int, int, int]) -> torch.Tensor | None:
+        """The blocks and the final layer of `run` on embedded inputs (the CUDA-graph runner calls this too)."""
+        B, T, h, w = bthw
         block_fn = block_fn or call_block
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block_fn(block, x, mod, p_emb, text.kv[i], text.bias, ctx, None if cache is None else cache.blocks[i])
+            c = replace(ctx, caches_only=True) if caches_only and i == last else ctx
+            x = block_fn(block, x, mod, p_emb, text.kv[i], text.bias, c, None if cache is None else cache.blocks[i])
+        if caches_only:
+            return None
         out = self.final_layer(x, t_emb)  # [B, N, Cout]
         return out.transpose(1, 2).reshape(B, -1, T, h, w)
 
@@ -375,13 +412,16 @@ class Stage1Transformer(nn.Module):
         write_cache: bool = False,
         mode: AttentionMode | None = None,
         block_fn=None,
-    ) -> torch.Tensor:
+        caches_only: bool = False,
+    ) -> torch.Tensor | None:
         """One streaming chunk whose first frame is video frame `cache.frames_written`; reads the cache,
-        and on a cache-write pass stores this chunk's state and advances `cache.frames_written`."""
+        and on a cache-write pass stores this chunk's state and advances `cache.frames_written` (`caches_only`:
+        see `run`)."""
         T = hidden_states.shape[2]
         mode = mode or streaming_mode(self.config.linear_head_dim)
         out = self.run(hidden_states, timestep, text, camera_conditions, chunk_plucker, mode=mode,
-                       cache=cache, frame_offset=cache.frames_written, write_cache=write_cache, block_fn=block_fn)
+                       cache=cache, frame_offset=cache.frames_written, write_cache=write_cache, block_fn=block_fn,
+                       caches_only=caches_only)
         if write_cache:
             cache.frames_written += T
         return out

@@ -54,6 +54,9 @@ class Stage1Stream:
                                  chunk_frames=chunk_frames, dtype=param.dtype, device=param.device)
         self.text: TextContext | None = None
         self.block_fn = None  # replaces the plain block call when set (engine.fast.stage1_compile)
+        # the cache-write pass computes only what the caches keep (its last block's tail, no final layer; fast path
+        # `stage1-lean-pass`); False: the whole forward, output discarded
+        self.lean_pass = False
 
     # session state -------------------------------------------------------------------------------
     def reset(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> None:
@@ -122,4 +125,5 @@ class Stage1Stream:
         self._check(clean, camera_conditions, chunk_plucker)
         t = torch.zeros(clean.shape[0], 1, clean.shape[2], device=clean.device)
         self.model.forward_cached(clean, t, self.text, camera_conditions, chunk_plucker, self.cache,
-                                  write_cache=True, mode=self.mode, block_fn=self.block_fn)
+                                  write_cache=True, mode=self.mode, block_fn=self.block_fn,
+                                  caches_only=self.lean_pass)

@@ -126,6 +126,10 @@ class FrameContext:
     # the FFN's fused depthwise 3x3 conv + bias + GLU, `op(y [F, h, w, 2Hd], weight, bias, *, silu_input)` ->
     # `[F, h, w, Hd]` (kernels/dwconv_glu.py); None = the plain FFN (Stage1Transformer.ffn_ops)
     ffn: Callable | None = None
+    # a cache-write pass whose output nobody reads, given to its last block: that block computes only what its
+    # caches keep (its attention caches in full; the FFN tail from the last frame's tokens) and returns its input
+    # (`Stage1Block.forward`; fast path `stage1-lean-pass`)
+    caches_only: bool = False
 
     @property
     def tokens_per_frame(self) -> int:

@@ -4,8 +4,8 @@
 #
 #   bash tests/benchmarks/gpu_check.sh tests     # tests/test_fast_paths_gpu.py (the live-loop comparisons) but
 #                                                # the sessions 7-8 ones
-#   bash tests/benchmarks/gpu_check.sh tests78   # those: fused-proj / tconv / real-rope graphs cases, real vs
-#                                                # complex RoPE, chunk-async
+#   bash tests/benchmarks/gpu_check.sh tests78   # those: fused-proj / tconv / real-rope / lean-pass graphs cases,
+#                                                # real vs complex RoPE, chunk-async
 #   bash tests/benchmarks/gpu_check.sh tests2    # the engine's other @pytest.mark.gpu test files, with time limits
 #   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8, dwconv_glu (stage1-ffn) and refiner-gelu test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
@@ -31,7 +31,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 summary=()
-NEW78="extra10 or extra11 or extra12 or extra13 or real_rope or chunk_async"  # sessions 7-8's live-loop tests
+NEW78="extra10 or extra11 or extra12 or extra13 or extra14 or real_rope or chunk_async"  # sessions 7-8's live-loop tests
 t() {  # t <seconds> <name> <pytest args...>
   local s=$1 name=$2; shift 2
   timeout "$s" python3 -m pytest -m gpu -p no:cacheprovider -q -s "$@" > "$OUT/t_$name.log" 2>&1
