@@ -63,13 +63,16 @@ class CpuRefinerGraphs(refiner_graph.GraphedRefinerModel):
 
 
 @needs_cc
-def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch):
+@pytest.mark.parametrize("lean", [False, True])
+def test_compiled_blocks_never_compile_inside_a_capture(monkeypatch, lean):
+    """Also with `stage1-lean-pass` (`lean`), whose cache-write pass gives its last block another kind of call."""
     captures = []
     fake_cuda(monkeypatch, captures)
     monkeypatch.setattr(stage1_graph, "Stage1GraphRunner", CpuRunner)
     world = build_bench_world("tiny", device="cpu", dtype=torch.float32, seed=2, with_refiner=False)
     pipe = WorldPipeline(world)
     pipe.stream = stage1_graph.GraphedStage1Stream.from_stream(pipe.stream)
+    pipe.stream.lean_pass = lean
     runner = pipe.stream.runner
     runner.block_fn = compiled_block_fn()
     pipe.start(first_image(world.preset, 0), "a street", "preview")
