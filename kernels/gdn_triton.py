@@ -733,16 +733,8 @@ def _launch_stream(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, pr
     args = (qa, ka, v, qb, kb, beta, gamma, sa, sb, out_a, ob, st_a, sbo, H, T, S, Dk, Dv, nv,
             *qa.stride(), *ka.stride(), *v.stride(), *qb.stride(), *kb.stride(), *beta.stride(), *gamma.stride(),
             *state_strides)
-    while True:
-        try:
-            _delta_rule_kernel[(B * H, nv + int(norm))](*args, HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm,
-                                                        PRECISION=precision, **cfg)
-            break
-        except triton.runtime.errors.OutOfResources:  # raised at compile time, before anything runs
-            if config or cfg["BLOCK_S"] <= 16:
-                raise
-            cfg = dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2, num_stages=1)
-            _SMALLER[key] = cfg
+    _fit(key, cfg, config, lambda cfg: _delta_rule_kernel[(B * H, nv + int(norm))](
+        *args, HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, PRECISION=precision, **cfg), _shrink_stream)
     return out_a, st_a, out_b, st_b
 
 
@@ -770,20 +762,16 @@ def _launch_block(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, betac, sig
     sig_in, z_in, sigc_in = (sigma, z, sigc) if has_state else (sig_out, z_out, sigc_out)  # unread stand-ins
     state_strides = ((*sigma.stride(), *z.stride()) if has_state else (0,) * 7,
                      sigc.stride() if has_state else (0,) * 4)
-    while True:
+
+    def launch(cfg):
         nv = triton.cdiv(Dv, cfg["BLOCK_V"])
-        try:
-            _gdn_block_kernel[(B * H, 4 * nv + 2)](
-                qr, kr, q, k, v, beta, gamma, sig_in, z_in, qc, kc, vc, betac, sigc_in, *outs, H, T, S, Dk, Dv, nv,
-                *qr.stride(), *kr.stride(), *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gamma.stride(),
-                *state_strides[0], *qc.stride(), *kc.stride(), *vc.stride(), *betac.stride(), *state_strides[1],
-                HAS_STATE=has_state, PRECISION=precision, **cfg)
-            break
-        except triton.runtime.errors.OutOfResources:  # raised at compile time, before anything runs
-            if config or cfg["BLOCK_S"] <= 16:
-                raise
-            cfg = _SMALLER[key] = dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2,
-                                       num_stages=1)
+        _gdn_block_kernel[(B * H, 4 * nv + 2)](
+            qr, kr, q, k, v, beta, gamma, sig_in, z_in, qc, kc, vc, betac, sigc_in, *outs, H, T, S, Dk, Dv, nv,
+            *qr.stride(), *kr.stride(), *q.stride(), *k.stride(), *v.stride(), *beta.stride(), *gamma.stride(),
+            *state_strides[0], *qc.stride(), *kc.stride(), *vc.stride(), *betac.stride(), *state_strides[1],
+            HAS_STATE=has_state, PRECISION=precision, **cfg)
+
+    _fit(key, cfg, config, launch, _shrink_stream)
     return outs
 
 PARALLEL_CONFIG = (  # the tunables of the "parallel" strategy (launch_with_config's keywords)
@@ -839,6 +827,28 @@ def _shrink(cfg: dict) -> dict:
     return cfg if all(smaller[n] == cfg[n] for n in smaller) else dict(cfg, **smaller, num_stages=1)
 
 
+def _shrink_stream(cfg: dict) -> dict:
+    """Halve the token tiles of a "stream" / one-launch block config (not below 16) and drop pipelining. Returns cfg
+    itself when nothing can shrink."""
+    if cfg["BLOCK_S"] <= 16:
+        return cfg
+    return dict(cfg, BLOCK_S=cfg["BLOCK_S"] // 2, BLOCK_S_NORM=cfg["BLOCK_S"] // 2, num_stages=1)
+
+
+def _fit(key, cfg: dict, config, launch, shrink) -> None:
+    """`launch(cfg)`; on OutOfResources (raised at compile time, before anything of that launch runs) again with
+    `shrink(cfg)`, remembered in `_SMALLER[key]` for later calls, until it fits. Raises when the caller chose the
+    settings (`config`) or nothing can shrink (`shrink` returns cfg itself). A retry redoes every launch of `launch`."""
+    while True:
+        try:
+            return launch(cfg)
+        except triton.runtime.errors.OutOfResources:
+            smaller = shrink(cfg)
+            if config or smaller is cfg:
+                raise
+            cfg = _SMALLER[key] = smaller
+
+
 def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, precision, config):
     """The "parallel" strategy. The frame matrices A_f = K_f^T B_f K_f and W_f = V_f^T B_f K_f do not depend on
     the state: phase 1 computes them for every (batch, head, frame, token split, row block) at once, phase 2
@@ -862,38 +872,34 @@ def _launch_parallel(qa, ka, v, beta, gamma, state_a, qb, kb, state_b, reverse, 
     states_b = torch.empty(BH, T + 1, Dk, device=dev, dtype=torch.float32) if norm else states_a
     qb, kb, ob, sbo, has_state, sa, sb, state_strides = _stand_ins(qa, ka, state_a, qb, kb, state_b, out_a, st_a,
                                                                    out_b, st_b)
-    while True:
+
+    def launch(cfg):  # OutOfResources is raised at compile time, before that phase runs
         nsplit = max(1, triton.cdiv(S, cfg["P1_SPLIT"]))
         ws = torch.empty(BH, T, nsplit, R, Dk, device=dev, dtype=torch.float32)
         na, nw = triton.cdiv(Dk, cfg["P1_BLOCK_R"]), triton.cdiv(Dv, cfg["P1_BLOCK_R"])
         nr = na + nw + (na + 1 if norm else 0)
         nv2, nv3 = triton.cdiv(Dv, cfg["P2_BLOCK_V"]), triton.cdiv(Dv, cfg["P3_BLOCK_V"])
         ns = triton.cdiv(S, cfg["P3_BLOCK_S"])
-        try:  # OutOfResources is raised at compile time, before that phase runs; a retry redoes every phase
-            if T > 0:
-                _gram_kernel[(BH * T * nsplit * nr,)](
-                    ka, v, kb, beta, ws, H, T, S, Dk, Dv, R, cfg["P1_SPLIT"], nsplit, na, nw, nr,
-                    *ka.stride(), *v.stride(), *kb.stride(), *beta.stride(), HAS_NORM=norm,
-                    BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"], PRECISION=precision,
-                    num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
-            _recur_kernel[(BH, nv2 + int(norm))](
-                ws, gamma, sa, sb, states_a, states_b, st_a, sbo, H, T, nsplit, R, Dk, Dv, nv2, *gamma.stride(),
-                *state_strides,
-                HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, BLOCK_V=cfg["P2_BLOCK_V"], BLOCK_K=block_k,
-                BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision, num_warps=cfg["P2_WARPS"],
+        if T > 0:
+            _gram_kernel[(BH * T * nsplit * nr,)](
+                ka, v, kb, beta, ws, H, T, S, Dk, Dv, R, cfg["P1_SPLIT"], nsplit, na, nw, nr,
+                *ka.stride(), *v.stride(), *kb.stride(), *beta.stride(), HAS_NORM=norm,
+                BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"], PRECISION=precision,
+                num_warps=cfg["P1_WARPS"], num_stages=cfg["num_stages"])
+        _recur_kernel[(BH, nv2 + int(norm))](
+            ws, gamma, sa, sb, states_a, states_b, st_a, sbo, H, T, nsplit, R, Dk, Dv, nv2, *gamma.stride(),
+            *state_strides,
+            HAS_STATE=has_state, REVERSE=reverse, HAS_NORM=norm, BLOCK_V=cfg["P2_BLOCK_V"], BLOCK_K=block_k,
+            BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision, num_warps=cfg["P2_WARPS"],
+            num_stages=cfg["num_stages"])
+        if T > 0 and S > 0:
+            _readout_kernel[(BH * T * ns * (nv3 + int(norm)),)](
+                qa, qb, states_a, states_b, out_a, ob, H, T, S, Dk, Dv, nv3, ns, *qa.stride(), *qb.stride(),
+                REVERSE=reverse, HAS_NORM=norm, BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k,
+                BLOCK_V=cfg["P3_BLOCK_V"], PRECISION=precision, num_warps=cfg["P3_WARPS"],
                 num_stages=cfg["num_stages"])
-            if T > 0 and S > 0:
-                _readout_kernel[(BH * T * ns * (nv3 + int(norm)),)](
-                    qa, qb, states_a, states_b, out_a, ob, H, T, S, Dk, Dv, nv3, ns, *qa.stride(), *qb.stride(),
-                    REVERSE=reverse, HAS_NORM=norm, BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k,
-                    BLOCK_V=cfg["P3_BLOCK_V"], PRECISION=precision, num_warps=cfg["P3_WARPS"],
-                    num_stages=cfg["num_stages"])
-            break
-        except triton.runtime.errors.OutOfResources:
-            smaller = _shrink(cfg)
-            if config or smaller is cfg:
-                raise
-            cfg = _SMALLER[key] = smaller
+
+    _fit(key, cfg, config, launch, _shrink)
     return out_a, st_a, out_b, st_b
 
 
@@ -932,7 +938,8 @@ def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, bet
     block_k = max(16, triton.next_power_of_2(Dk))
     slots = torch.empty(4, BH, T + 1, Dv, Dk, **f32)
     zslots = torch.empty(2, BH, T + 1, Dk, **f32)
-    while True:
+
+    def launch(cfg):  # OutOfResources is raised at compile time, before that phase runs
         nsplit = max(1, triton.cdiv(S, cfg["P1_SPLIT"]))
         wsm = torch.empty(BH, T, nsplit, 2 * Dk + Dv + 1, Dk, **f32)
         wsc = torch.empty(BH, T, nsplit, Dk + Dv, Dk, **f32)
@@ -940,31 +947,26 @@ def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, bet
         nr = 3 * na + 2 * nw + 1
         nv2, nv3 = triton.cdiv(Dv, cfg["P2_BLOCK_V"]), triton.cdiv(Dv, cfg["P3_BLOCK_V"])
         ns = triton.cdiv(S, cfg["P3_BLOCK_S"])
-        try:  # OutOfResources is raised at compile time, before that phase runs; a retry redoes every phase
-            if T > 0:
-                _block_gram_kernel[(BH * T * nsplit * nr,)](
-                    kr, v, k, kc, vc, beta, betac, wsm, wsc, H, T, S, Dk, Dv, cfg["P1_SPLIT"], nsplit, na, nw, nr,
-                    *kr.stride(), *v.stride(), *k.stride(), *kc.stride(), *vc.stride(), *beta.stride(),
-                    *betac.stride(), BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"],
-                    PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P1_WARPS"],
-                    num_stages=cfg["num_stages"])
-            _block_recur_kernel[(BH, 4 * nv2 + 2)](
-                wsm, wsc, gamma, sig_in, z_in, sigc_in, slots, zslots, sig_out, z_out, sigc_out, H, T, nsplit, Dk,
-                Dv, nv2, *gamma.stride(), *state_strides, HAS_STATE=has_state, BLOCK_V=cfg["P2_BLOCK_V"],
-                BLOCK_K=block_k, BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision,
-                num_warps=cfg["P2_WARPS"], num_stages=cfg["num_stages"])
-            if T > 0 and S > 0:
-                _block_readout_kernel[(BH * T * ns * 2 * nv3,)](
-                    qr, q, qc, slots, zslots, main, cam, eps, H, T, S, Dk, Dv, nv3, ns, *qr.stride(), *q.stride(),
-                    *qc.stride(), BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k, BLOCK_V=cfg["P3_BLOCK_V"],
-                    PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P3_WARPS"],
-                    num_stages=cfg["num_stages"])
-            break
-        except triton.runtime.errors.OutOfResources:
-            smaller = _shrink(cfg)
-            if config or smaller is cfg:
-                raise
-            cfg = _SMALLER[key] = smaller
+        if T > 0:
+            _block_gram_kernel[(BH * T * nsplit * nr,)](
+                kr, v, k, kc, vc, beta, betac, wsm, wsc, H, T, S, Dk, Dv, cfg["P1_SPLIT"], nsplit, na, nw, nr,
+                *kr.stride(), *v.stride(), *k.stride(), *kc.stride(), *vc.stride(), *beta.stride(),
+                *betac.stride(), BLOCK_S=cfg["P1_BLOCK_S"], BLOCK_K=block_k, BLOCK_R=cfg["P1_BLOCK_R"],
+                PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P1_WARPS"],
+                num_stages=cfg["num_stages"])
+        _block_recur_kernel[(BH, 4 * nv2 + 2)](
+            wsm, wsc, gamma, sig_in, z_in, sigc_in, slots, zslots, sig_out, z_out, sigc_out, H, T, nsplit, Dk,
+            Dv, nv2, *gamma.stride(), *state_strides, HAS_STATE=has_state, BLOCK_V=cfg["P2_BLOCK_V"],
+            BLOCK_K=block_k, BLOCK_C=min(block_k, cfg["P2_BLOCK_C"]), PRECISION=precision,
+            num_warps=cfg["P2_WARPS"], num_stages=cfg["num_stages"])
+        if T > 0 and S > 0:
+            _block_readout_kernel[(BH * T * ns * 2 * nv3,)](
+                qr, q, qc, slots, zslots, main, cam, eps, H, T, S, Dk, Dv, nv3, ns, *qr.stride(), *q.stride(),
+                *qc.stride(), BLOCK_S=cfg["P3_BLOCK_S"], BLOCK_K=block_k, BLOCK_V=cfg["P3_BLOCK_V"],
+                PRECISION=precision, BF16_SPLIT=bf16_split, num_warps=cfg["P3_WARPS"],
+                num_stages=cfg["num_stages"])
+
+    _fit(key, cfg, config, launch, _shrink)
     return outs
 
 

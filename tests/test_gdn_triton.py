@@ -493,6 +493,35 @@ def test_interpreter_parallel_token_splits_and_wide_heads(poison_cpu):
 
 
 @interpreter
+def test_interpreter_stream_shrinks_tiles_after_out_of_resources(monkeypatch):
+    """The "stream" strategy's fallback: token tiles over 16 fail (faked OutOfResources), so a 64-token default is
+    halved to 16 and remembered; an explicit config is not changed but fails."""
+    real = gt._delta_rule_kernel
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BLOCK_S"] > 16:
+                    raise gt.triton.runtime.errors.OutOfResources(kw["BLOCK_S"] << 12, 16 << 12, "shared memory")
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(gt, "_delta_rule_kernel", TooBig())
+    monkeypatch.setattr(gt, "_blocks", lambda Dk, Dv, precision, itemsize: dict(
+        BLOCK_S=64, BLOCK_K=16, BLOCK_V=16, BLOCK_S_NORM=64, num_warps=4, num_stages=2))
+    monkeypatch.setattr(gt, "_SMALLER", {})
+    args = make_inputs(1, 2, 2, 37, 16)
+    out = gt.gdn_backward_triton(*args, precision="ieee", strategy="stream")
+    check("interpreter gdn_backward after fallback", out, gdn_backward(*args), "ieee")
+    (cfg,) = gt._SMALLER.values()
+    assert cfg["BLOCK_S"] == cfg["BLOCK_S_NORM"] == 16 and cfg["num_stages"] == 1, cfg
+    q_rot, k_rot, _, _, v, beta, gamma = args
+    with pytest.raises(gt.triton.runtime.errors.OutOfResources):
+        gt.launch_with_config(q_rot, k_rot, v, beta, gamma, precision="ieee", strategy="stream", BLOCK_S=32)
+
+
+@interpreter
 def test_interpreter_parallel_shrinks_tiles_after_out_of_resources(monkeypatch):
     """A default config the GPU cannot hold (OutOfResources at compile time; faked here for phase-3 tiles over
     16 tokens) is halved until it fits and remembered; an explicit config is not changed but fails."""
