@@ -75,6 +75,18 @@ def compare(fast, plain, snap_fast, snap_plain, quality) -> float:
     return max(errs)
 
 
+def undo_fast_paths(world) -> None:
+    """Undo what fast paths change beyond one pipeline, so the next test starts plain: the process-wide swaps (both
+    RoPE kernels, the frames conversion) and the world-wide ones (VAE padding, fused projections, tap-major t_conv).
+    Each is a no-op where its path was not on."""
+    restore_plain_rope()
+    restore_plain_stage1_rope()
+    unfuse_in_projections(world.stage1)
+    conv_major_tconv(world.stage1)
+    restore_plain_pad(world.vae)
+    restore_plain_frames()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol,quality,compiled,extra", [
     (torch.float32, 1e-4, "preview", False, ()), (torch.float32, 1e-4, "full", False, ()),
@@ -99,12 +111,7 @@ def test_graphs_equal_eager(dtype, tol, quality, compiled, extra):
     try:
         pipe, applied, fast, snap_fast = rollout(world, names, quality)
     finally:
-        restore_plain_rope()
-        restore_plain_stage1_rope()
-        unfuse_in_projections(world.stage1)
-        conv_major_tconv(world.stage1)
-        restore_plain_pad(world.vae)
-        restore_plain_frames()
+        undo_fast_paths(world)
     assert set(applied) == set(names)
     runner = pipe.stream.runner
     assert (runner.block_fn is not None) == compiled
@@ -155,10 +162,7 @@ def test_real_rope_equals_complex_inside_the_compiled_graphs(scans):
         _, _, cplx, snap_cplx = rollout(world, names, "preview")
         _, applied, real, snap_real = rollout(world, names + ("stage1-real-rope",), "preview")
     finally:
-        restore_plain_rope()
-        restore_plain_stage1_rope()
-        restore_plain_pad(world.vae)
-        restore_plain_frames()
+        undo_fast_paths(world)
     err = latents_and_caches_rel(real, cplx, snap_real, snap_cplx)
     print(f"real vs complex RoPE, compiled, scans {scans or 'torch'}: latents and caches {err:.2e}")
     assert "stage1-real-rope" in applied and err <= 1e-4  # the fp32 tolerance of the graphs-vs-eager tests
@@ -182,9 +186,7 @@ def test_cache_overlap_equals_in_line(graphs, quality):
                                                                  spy(p.stream, "write_cache"), spy(p, "refine"),
                                                                  spy(p.decoder, "decode_block")])
     finally:
-        restore_plain_rope()
-        restore_plain_pad(world.vae)
-        restore_plain_frames()
+        undo_fast_paths(world)
     assert "cache-overlap" in applied and pipe.cache_stream is not None
     assert pipe.main_stream.priority < pipe.cache_stream.priority  # the chunk's own work goes first
     assert streams["write_cache"] == {pipe.cache_stream.stream_id}  # the pass ran beside, the rest on main
@@ -217,9 +219,7 @@ def test_chunk_async_equals_in_line(graphs, quality):
                                                  before_start=lambda p: [spy(p.stream, "write_cache"),
                                                                          spy(p.decoder, "decode_block")])
     finally:
-        restore_plain_rope()
-        restore_plain_pad(world.vae)
-        restore_plain_frames()
+        undo_fast_paths(world)
     assert "chunk-async" in applied and pipe.pass_stream is not None
     assert streams["write_cache"] == {pipe.pass_stream.stream_id}
     assert pipe.pass_stream.stream_id not in streams["decode_block"]
@@ -490,8 +490,6 @@ def test_world_fast_paths_reach_every_session_pipeline():
         name_fast, fast = frames(GRAPHS)
         name_plain, plain = frames(())
     finally:
-        restore_plain_rope()
-        restore_plain_frames()
-        restore_plain_pad(worlds[0].vae)
+        undo_fast_paths(worlds[0])
     assert name_fast == "GraphedStage1Stream" and name_plain == "Stage1Stream"
     assert rel(fast, plain) <= 1e-4

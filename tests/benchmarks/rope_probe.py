@@ -39,11 +39,8 @@ import torch
 import engine.stage1.attention as attention
 import engine.stage1.geometry as geometry
 from engine.bench import build_bench_world
-from engine.fast.frames import restore_plain_frames
-from engine.fast.refiner_rope import restore_plain_rope
 from engine.fast.stage1_rope import apply_rope_compiled
-from engine.fast.vae_pad import restore_plain_pad
-from tests.test_fast_paths_gpu import GRAPHS, compare, rel, rollout, tiny_split_rope
+from tests.test_fast_paths_gpu import GRAPHS, compare, rel, rollout, tiny_split_rope, undo_fast_paths
 
 PLAIN = geometry.apply_rope
 
@@ -104,10 +101,7 @@ def main(argv=None) -> dict:
             try:
                 _, _, fast, snap_fast = rollout(world, VARIANTS[name], "preview")
             finally:
-                geometry.apply_rope = attention.apply_rope = PLAIN
-                restore_plain_rope()
-                restore_plain_pad(world.vae)
-                restore_plain_frames()
+                undo_fast_paths(world)  # the stage-1 RoPE back to the plain one in both modules, among the rest
             row = {"variant": name, "rope": rope, "max_rel_err": compare(fast, plain, snap_fast, snap_plain, "preview"),
                    "worst": worst(fast, plain, snap_fast, snap_plain)}
             if first is None:
