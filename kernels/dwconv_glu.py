@@ -51,12 +51,14 @@ except ImportError:  # CPU-only installs: the reference serves
     triton = None
 
 SHIFTS = ("load", "gather")
-CONFIG = ("SHIFT", "BLOCK_W", "BLOCK_C", "ROWS", "num_warps", "num_stages")  # launch_with_config's keywords
+SILU_MATHS = ("div", "rcp", "tanh")  # how the kernel computes SiLU: `_silu`'s docstring
+CONFIG = ("SHIFT", "SILU_MATH", "BLOCK_W", "BLOCK_C", "ROWS", "num_warps", "num_stages")  # launch_with_config's
 # Not tuned by timing yet (ffn_probe.py --sweep does): 64 bf16 channels are one 128-byte line per pixel; a program
 # holds 6 accumulators + 6 input tiles of BLOCK_W x BLOCK_C fp32 (12 x 512 / 128 threads = 48 registers each at
 # the defaults). ROWS = None: a program runs down the whole frame height (no halo rows read twice); at the release
 # shape that is 3 frames x 105 channel blocks x 5 column blocks = 1,575 programs.
-DEFAULT_CONFIG = dict(SHIFT="load", BLOCK_W=None, BLOCK_C=64, ROWS=None, num_warps=4, num_stages=2)
+DEFAULT_CONFIG = dict(SHIFT="load", SILU_MATH="div", BLOCK_W=None, BLOCK_C=64, ROWS=None, num_warps=4,
+                      num_stages=2)
 
 
 class DwConvGluError(RuntimeError):
@@ -98,30 +100,44 @@ def dwconv_glu_reference(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _silu(x):
-        return x / (1.0 + tl.exp(-x))
+    def _silu(x, MATH: tl.constexpr):
+        """x * sigmoid(x) in fp32. MATH (SILU_MATHS): 0 "div", x / (1 + exp(-x)) (Triton's division is
+        div.full.f32: a reciprocal on the SFU, range fix-ups and a multiply); 1 "rcp", x * rcp.approx(1 + exp(-x))
+        (the same two SFU ops without the fix-ups; |1 + exp(-x)| never needs them: it is >= 1 or inf, and
+        rcp(inf) = 0 gives silu(-large) = -0); 2 "tanh", x * (0.5 + 0.5 tanh.approx(x / 2)): one SFU op, but
+        tanh.approx's error (2^-11 relative) leaves ~1e-4 absolute in sigmoid, for bf16 outputs only."""
+        if MATH == 1:
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + tl.exp(-x)],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return x * r
+        elif MATH == 2:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            return x * (0.5 + 0.5 * t)
+        else:
+            return x / (1.0 + tl.exp(-x))
 
     @triton.jit
-    def _load(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU: tl.constexpr):
+    def _load(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU: tl.constexpr, MATH: tl.constexpr):
         """Columns `cols` x channels `ch` of one input row, fp32, zero outside the frame (silu(0) = 0)."""
         m = (row_ok & (cols >= 0) & (cols < W))[:, None] & cmask[None, :]
         x = tl.load(row_ptr + cols[:, None] * s_w + ch[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
         if SILU:
-            x = _silu(x)
+            x = _silu(x, MATH)
         return x
 
     @triton.jit
-    def _shifted(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU: tl.constexpr, GATHER: tl.constexpr,
-                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _shifted(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU: tl.constexpr, MATH: tl.constexpr,
+                 GATHER: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """The input row at columns cols - 1, cols, cols + 1 (three `[BLOCK_W, BLOCK_C]` tiles)."""
-        mid = _load(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU)
+        mid = _load(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU, MATH)
         if GATHER:  # lane j's neighbours are lanes j -+ 1; the edge lanes get a wrong one but store nothing
             lane = tl.arange(0, BLOCK_W)[:, None] + tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.int32)
             left = tl.gather(mid, tl.maximum(lane - 1, 0), 0)
             right = tl.gather(mid, tl.minimum(lane + 1, BLOCK_W - 1), 0)
         else:
-            left = _load(row_ptr, cols - 1, ch, cmask, row_ok, W, s_w, s_c, SILU)
-            right = _load(row_ptr, cols + 1, ch, cmask, row_ok, W, s_w, s_c, SILU)
+            left = _load(row_ptr, cols - 1, ch, cmask, row_ok, W, s_w, s_c, SILU, MATH)
+            right = _load(row_ptr, cols + 1, ch, cmask, row_ok, W, s_w, s_c, SILU, MATH)
         return left, mid, right
 
     @triton.jit
@@ -138,7 +154,8 @@ if triton is not None:
         y_ptr, w_ptr, b_ptr, out_ptr,
         H, W, HD, ROWS, NRB, NXB, X_STEP,
         s_f, s_h, s_w, s_c, s_wc, s_wk, s_b,
-        SILU: tl.constexpr, GATHER: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        SILU: tl.constexpr, MATH: tl.constexpr, GATHER: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """Grid (column blocks * channel blocks, frames * row blocks), column blocks varying fastest. A program's
         lanes are columns x0 + j (j < BLOCK_W); output lanes: all of them ("load"), j = 1 .. BLOCK_W-2 ("gather",
@@ -181,8 +198,10 @@ if triton is not None:
         for r in range(r0 - 1, r1 + 1):
             row_ok = (r >= 0) & (r < H)
             row_ptr = y_f + r * s_h
-            vl, vm, vr = _shifted(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU, GATHER, BLOCK_W, BLOCK_C)
-            gl, gm, gr = _shifted(row_ptr, cols, gch, cmask, row_ok, W, s_w, s_c, SILU, GATHER, BLOCK_W, BLOCK_C)
+            vl, vm, vr = _shifted(row_ptr, cols, ch, cmask, row_ok, W, s_w, s_c, SILU, MATH, GATHER, BLOCK_W,
+                                  BLOCK_C)
+            gl, gm, gr = _shifted(row_ptr, cols, gch, cmask, row_ok, W, s_w, s_c, SILU, MATH, GATHER, BLOCK_W,
+                                  BLOCK_C)
             v_up += vc0 * vl + vc1 * vm + vc2 * vr  # dy = 2: output row r-1, now complete
             g_up += gc0 * gl + gc1 * gm + gc2 * gr
             v_mid += vb0 * vl + vb1 * vm + vb2 * vr  # dy = 1: output row r
@@ -190,7 +209,7 @@ if triton is not None:
             v_down = va0 * vl + va1 * vm + va2 * vr  # dy = 0: output row r+1
             g_down = ga0 * gl + ga1 * gm + ga2 * gr
             done = r - 1
-            out = (v_up + bias_v) * _silu(g_up + bias_g)
+            out = (v_up + bias_v) * _silu(g_up + bias_g, MATH)
             tl.store(out_ptr + ((f * H + done).to(tl.int64) * W) * HD + o_tile, out.to(out_ptr.dtype.element_ty),
                      mask=o_mask & (done >= r0))
             v_up, v_mid = v_mid, v_down
@@ -211,6 +230,8 @@ def _config(w: int, h: int, config: dict | None) -> dict:
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if cfg["SHIFT"] not in SHIFTS:
         raise DwConvGluError(f"SHIFT {cfg['SHIFT']!r}; accepted: {SHIFTS}")
+    if cfg["SILU_MATH"] not in SILU_MATHS:
+        raise DwConvGluError(f"SILU_MATH {cfg['SILU_MATH']!r}; accepted: {SILU_MATHS}")
     cfg["BLOCK_W"] = cfg["BLOCK_W"] or _block_w(w, cfg["SHIFT"])
     cfg["ROWS"] = cfg["ROWS"] or max(h, 1)
     for key, low in (("BLOCK_W", 4 if cfg["SHIFT"] == "gather" else 1), ("BLOCK_C", 1)):
@@ -236,9 +257,11 @@ def _launch(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu_inpu
     nrb = triton.cdiv(h, cfg["ROWS"])
     nxb = triton.cdiv(w, x_step)
     grid = (nxb * triton.cdiv(Hd, cfg["BLOCK_C"]), Fr * nrb)
+    math = 0 if interpreting() else SILU_MATHS.index(cfg["SILU_MATH"])  # the interpreter runs no PTX: "div"
     _dwconv_glu_kernel[grid](
         y, taps, bias, out, h, w, Hd, cfg["ROWS"], nrb, nxb, x_step, *y.stride(), *taps.stride(), bias.stride(0),
-        SILU=silu_input, GATHER=gather, BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        SILU=silu_input, MATH=math, GATHER=gather, BLOCK_W=cfg["BLOCK_W"], BLOCK_C=cfg["BLOCK_C"],
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out

@@ -10,11 +10,13 @@ bf16. Timed, each replayed from a CUDA graph (`--iters` replays one by one with 
   with SiLU on load, F.linear), fused under torch.compile, fused with the SiLU as its own pass before the kernel;
 - the temporal conv alone (the shared tail, to subtract);
 - the middle alone: cudnn's depthwise conv on the NHWC-strided GEMM output; the plain middle (SiLU, depthwise conv,
-  GLU: what the kernel replaces); the kernel with SiLU on load; the kernel on silu(y) (SiLU off).
+  GLU: what the kernel replaces); the kernel with SiLU on load; the kernel on silu(y) (SiLU off);
+- the kernel with SiLU on load and the fused module under torch.compile with each of the kernel's SiLU maths.
 
 Errors: max |x - ref| / max |ref| against fp32 evaluations of the same function from the same bf16 inputs (the
 module: a float32 copy of it, TF32 off). `--sweep` also times the kernel alone over tile configs (each checked
-against the reference); the best ones are printed. Prints a table last; writes JSON with `--out`.
+against the reference), also with the cheaper SiLU maths; the best ones are printed. Prints a table last; writes
+JSON with `--out`.
 
     PYTHONPATH=. python3 tests/benchmarks/ffn_probe.py --iters 50 --out ffn_probe.json [--sweep]
 """
@@ -63,6 +65,17 @@ def plain_middle(u: torch.Tensor, depth_conv: torch.nn.Conv2d) -> torch.Tensor:
     return val * F.silu(gate)
 
 
+def with_math(math: str, fn, *args):
+    """fn(*args) with the op's default SILU_MATH set to math (the op reads DEFAULT_CONFIG at each launch; a graph
+    captures the launch it saw)."""
+    prev = dg.DEFAULT_CONFIG["SILU_MATH"]
+    dg.DEFAULT_CONFIG["SILU_MATH"] = math
+    try:
+        return fn(*args)
+    finally:
+        dg.DEFAULT_CONFIG["SILU_MATH"] = prev
+
+
 def run(args) -> dict:
     T, dtype = args.frames, getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -102,6 +115,11 @@ def run(args) -> dict:
         "kernel on silu(y)": (lambda: dg.dwconv_glu_triton(sy, dw.weight, dw.bias, silu_input=False),
                               ref_mid_silu),
     }
+    for math in dg.SILU_MATHS:  # the default config but for how SiLU is computed (the kernel's `_silu`)
+        cases[f"kernel, SiLU on load, {math}"] = (
+            lambda math=math: dg.launch_with_config(y4, dw.weight, dw.bias, silu_input=True, SILU_MATH=math), ref_mid)
+        cases[f"module fused, torch.compile, {math}"] = (lambda math=math: with_math(math, compiled, m, fused),
+                                                          ref_module)
     rows = []
     with torch.no_grad():
         for name, (fn, ref) in cases.items():
@@ -125,6 +143,8 @@ def sweep_configs():
             yield "tiles", dict(SHIFT=shift, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
     for shift, rows, stages, bc in itertools.product(dg.SHIFTS, (None, 6, 3), (1, 2), (64, 128)):
         yield "rows/stages", dict(SHIFT=shift, ROWS=rows, num_stages=stages, BLOCK_C=bc)
+    for math, shift, bc, warps in itertools.product(dg.SILU_MATHS[1:], dg.SHIFTS, (32, 64, 128), (4, 8)):
+        yield "silu math", dict(SILU_MATH=math, SHIFT=shift, BLOCK_C=bc, num_warps=warps)
 
 
 def sweep(y4, weight, bias, ref, iters) -> list[dict]:
@@ -140,10 +160,11 @@ def sweep(y4, weight, bias, ref, iters) -> list[dict]:
                 row.update(median_ms=float("inf"), max_rel_err=float("nan"), error=type(e).__name__)
             print(f"sweep {row['median_ms']:8.4f} ms  err {row['max_rel_err']:.1e}  {cfg}")
             out.append(row)
-    for shift in dg.SHIFTS:
-        for r in sorted((r for r in out if r["SHIFT"] == shift), key=lambda r: r["median_ms"])[:3]:
+    for shift, math in itertools.product(dg.SHIFTS, dg.SILU_MATHS):
+        mine = (r for r in out if r["SHIFT"] == shift and r["SILU_MATH"] == math)
+        for r in sorted(mine, key=lambda r: r["median_ms"])[:2]:
             shown = {k: r[k] for k in dg.CONFIG}
-            print(f"best {shift:6s} {r['median_ms']:.4f} ms (err {r['max_rel_err']:.1e}): {shown}")
+            print(f"best {shift:6s} {math:4s} {r['median_ms']:.4f} ms (err {r['max_rel_err']:.1e}): {shown}")
     return out
 
 
