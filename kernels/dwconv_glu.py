@@ -5,7 +5,8 @@ kernel beside its plain torch reference.
     u[f, r, c, k] = bias[k] + sum_{dy, dx} weight[k, dy, dx] x[f, r + dy - 1, c + dx - 1, k]   (zero outside the frame)
     out = u[..., :Hd] * silu(u[..., Hd:])                  `[F, h, w, Hd]` contiguous, y's dtype
 
-Everything is computed in fp32 and rounded once, to y's dtype, on the store. weight `[2Hd, 3, 3]` (or the conv's
+Everything is computed in fp32 (for 16-bit y, SiLU by default through tanh.approx: `SILU_MATH` below) and
+rounded once, to y's dtype, on the store. weight `[2Hd, 3, 3]` (or the conv's
 `[2Hd, 1, 3, 3]`), bias `[2Hd]`. Frames are independent (no cross-frame taps).
 
 Kernel design. The plain path makes four full passes over the 2Hd-channel tensor (SiLU, cudnn's depthwise conv,
@@ -28,8 +29,11 @@ the taps share their row, so the work is the dx shifts. `SHIFT` picks how the sh
   shared memory); the two edge lanes are halo and store nothing, so a program covers BLOCK_W - 2 output columns.
   1 SiLU per loaded element, plus the padding lanes when w + 2 is not a multiple of BLOCK_W.
 
-Which is faster on a given GPU is for tests/benchmarks/ffn_probe.py --sweep; the default is DEFAULT_CONFIG. With
-silu_input=False no SiLU is applied on load (the caller did it).
+`SILU_MATH` picks how each SiLU is computed (`_silu`): "div" (exp, then Triton's division: two SFU ops and the
+division's range fix-ups), "rcp" (the same without the fix-ups) or "tanh" (one tanh.approx: one SFU op and two
+FMAs, with an error of ~2^-12 |x| that only 16-bit outputs can afford). Which is faster on a given GPU is for
+tests/benchmarks/ffn_probe.py --sweep; the default is DEFAULT_CONFIG. With silu_input=False no SiLU is applied on
+load (the caller did it).
 
 The wrapper allocates only the output (torch.empty) and never synchronises, so it can be captured in a CUDA graph;
 it is the torch custom op `sana_wm::dwconv_glu` with a fake implementation, so torch.compile treats it as one opaque
@@ -51,13 +55,15 @@ except ImportError:  # CPU-only installs: the reference serves
     triton = None
 
 SHIFTS = ("load", "gather")
-SILU_MATHS = ("div", "rcp", "tanh")  # how the kernel computes SiLU: `_silu`'s docstring
+SILU_MATHS = ("div", "rcp", "tanh")  # how the kernel computes SiLU: `_silu`'s docstring (None: by the dtype)
 CONFIG = ("SHIFT", "SILU_MATH", "BLOCK_W", "BLOCK_C", "ROWS", "num_warps", "num_stages")  # launch_with_config's
-# Not tuned by timing yet (ffn_probe.py --sweep does): 64 bf16 channels are one 128-byte line per pixel; a program
-# holds 6 accumulators + 6 input tiles of BLOCK_W x BLOCK_C fp32 (12 x 512 / 128 threads = 48 registers each at
-# the defaults). ROWS = None: a program runs down the whole frame height (no halo rows read twice); at the release
-# shape that is 3 frames x 105 channel blocks x 5 column blocks = 1,575 programs.
-DEFAULT_CONFIG = dict(SHIFT="load", SILU_MATH="div", BLOCK_W=None, BLOCK_C=64, ROWS=None, num_warps=4,
+# The best of ffn_probe.py --sweep on an H100 (sessions 7 and 9): 64 bf16 channels are one 128-byte line per pixel;
+# a program holds 6 accumulators + 6 input tiles of BLOCK_W x BLOCK_C fp32 (12 x 512 / 128 threads = 48 registers
+# each). ROWS = None: a program runs down the whole frame height (no halo rows read twice); at the release shape
+# that is 3 frames x 105 channel blocks x 5 column blocks = 1,575 programs. SILU_MATH = None: "tanh" for 16-bit
+# outputs (its error is below their rounding: session 9's probe measured the same max error against fp32 as "div",
+# 2.4e-3, and 0.095 ms against 0.130 at the release shape), "div" for fp32 outputs.
+DEFAULT_CONFIG = dict(SHIFT="load", SILU_MATH=None, BLOCK_W=None, BLOCK_C=64, ROWS=None, num_warps=4,
                       num_stages=2)
 
 
@@ -223,13 +229,20 @@ def _block_w(w: int, shift: str) -> int:
     return min((8, 16, 32, 64), key=lambda b: (-(-w // step(b)) * b, -b))
 
 
-def _config(w: int, h: int, config: dict | None) -> dict:
+def default_silu_math(dtype: torch.dtype) -> str:
+    """SILU_MATH = None's choice for outputs of this dtype (DEFAULT_CONFIG's comment says why)."""
+    return "div" if dtype == torch.float32 else "tanh"
+
+
+def _config(w: int, h: int, dtype: torch.dtype, config: dict | None) -> dict:
     unknown = sorted(set(config or {}) - set(CONFIG))
     if unknown:
         raise DwConvGluError(f"launch_with_config: {unknown} are not settings; accepted: {CONFIG}")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if cfg["SHIFT"] not in SHIFTS:
         raise DwConvGluError(f"SHIFT {cfg['SHIFT']!r}; accepted: {SHIFTS}")
+    if cfg["SILU_MATH"] is None:
+        cfg["SILU_MATH"] = default_silu_math(dtype)
     if cfg["SILU_MATH"] not in SILU_MATHS:
         raise DwConvGluError(f"SILU_MATH {cfg['SILU_MATH']!r}; accepted: {SILU_MATHS}")
     cfg["BLOCK_W"] = cfg["BLOCK_W"] or _block_w(w, cfg["SHIFT"])
@@ -247,7 +260,7 @@ def _launch(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, silu_inpu
             config: dict | None) -> torch.Tensor:
     Fr, h, w, C2 = y.shape
     Hd = C2 // 2
-    cfg = _config(w, h, config)
+    cfg = _config(w, h, y.dtype, config)
     out = torch.empty(Fr, h, w, Hd, device=y.device, dtype=y.dtype)
     if out.numel() == 0:
         return out

@@ -24,7 +24,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   (engine/fast/stage1_ffn.py, kernels/dwconv_glu.py; fp32 inside the kernel, so not bit-equal to the bf16 plain
   path, and closer to fp32: 8.1e-3 vs 9.4e-3 for a release FFN, tests/benchmarks/ffn_probe.py). H100: a compiled
   release FFN 0.71 -> 0.64 ms; the stage-1 of a chunk 249 -> 235 ms (same card,
-  tests/benchmarks/results/h100_2026-11-27_s4_*);
+  tests/benchmarks/results/h100_2026-11-27_s4_*). Since session 9 the kernel's SiLU is one tanh.approx for 16-bit
+  outputs (error below their rounding; the kernel 0.130 -> 0.095 ms, a compiled release FFN 0.603 -> 0.574 ms;
+  s9_call2 `ffn_sweep`);
 - `stage1-rope`: the stage-1 RoPE (adjacent pairs, complex table) as one Triton pass, a custom op the compiled block
   calls whole (engine/fast/stage1_rope.py, kernels/rope.py; process-wide). Correct on the H100 (its GPU tests, and
   the compiled live loop at 6.1e-5 in fp32) but slower: a preview chunk 333 vs 293 ms, stage-1 276 vs 239 ms (same
@@ -44,8 +46,9 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
 - `stage1-lean-pass`: the cache-write pass (whose output nobody reads) computes in its last block only what the caches
   keep: the attention caches in full, then the last frame's tokens as far as the FFN tail (no temporal conv, no
   final layer) (`Stage1Block._ffn_tail_only`, `Stage1Transformer.run(caches_only=True)`; rounding-level differences
-  from GEMMs over fewer rows). CPU tests: tests/test_stage1_lean_pass.py. Opt-in: not yet run or timed on a GPU
-  (expected ~1 ms a chunk: two thirds of one block's cross-attention and FFN, its temporal conv, the final layer);
+  from GEMMs over fewer rows). CPU tests: tests/test_stage1_lean_pass.py; GPU: the compiled live loop 6.0e-5 from
+  the eager one in fp32 (`test_graphs_equal_eager`). H100, same card: a preview chunk's stage-1 203.9 -> 201.7 ms,
+  its cache pass 43.2 -> 42.4 (tests/benchmarks/results/h100_2026-11-27_s9_call2_*);
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -91,8 +94,8 @@ FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-tri
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn",
-       "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "refiner-graph", "refiner-compile", "refiner-rope",
-       "refiner-gelu", "vae-fast", "frames", "chunk-async")
+       "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass", "refiner-graph", "refiner-compile",
+       "refiner-rope", "refiner-gelu", "vae-fast", "frames", "chunk-async")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "chunk-async", "cache-overlap")
