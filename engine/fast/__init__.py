@@ -77,7 +77,8 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   encoded; the VAE decodes one latent frame per call (a third of the decoder's activations held at once); the
   refiner's K/V window has no slots for the block being refined (2.1 GB): two-segment attention, equal up to
   rounding. H100, full bf16: peak 49.7 -> 40.3 GB allocated (41.9 GB reserved); a prompt change copies ~3.7 GB in.
-  Opt-in.
+  Opt-in; `all,lean-memory` is the release configuration: session 9's H100 met every bf16 target of issue 7 with it
+  in one run (peak 40.7 GB, full 1.69x, decode 56.9 ms; tests/benchmarks/results/h100_2026-11-27_s9_bench_*).
 
 `all` names the ones in `ALL`.
 """

@@ -9,10 +9,11 @@
 #   bash tests/benchmarks/gpu_check.sh tests2    # the engine's other @pytest.mark.gpu test files, with time limits
 #   bash tests/benchmarks/gpu_check.sh kernels   # the vae-fast, fp8, dwconv_glu (stage1-ffn) and refiner-gelu test files
 #   bash tests/benchmarks/gpu_check.sh scans     # every Triton scan comparison, "stream" then "parallel" strategy
-#   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all (preview, full), then all + refiner-fp8
+#   bash tests/benchmarks/gpu_check.sh bench     # release bench: --fast all,lean-memory (preview, full)
+#   bash tests/benchmarks/gpu_check.sh bench-profile  # --fast all with --profile, then all + refiner-fp8
 #   bash tests/benchmarks/gpu_check.sh latency   # sana-wm latency through the real server, preview then full
 #   bash tests/benchmarks/gpu_check.sh probes    # tests/benchmarks/vae_probe.py, scan_bench.py (both strategies),
-#                                                # ffn_probe.py
+#                                                # ffn_probe.py, sdpa_probe.py
 #   bash tests/benchmarks/gpu_check.sh ffn       # stage1-ffn alone: its kernel and model tests, its live-loop tests,
 #                                                # ffn_probe.py with the kernel's config sweep
 #   bash tests/benchmarks/gpu_check.sh memory    # memory_probe.py, full quality: all, then all,lean-memory
@@ -63,6 +64,13 @@ case "${1:-}" in
     ;;
   bench)
     # full quality captures the refiner's graphs in chunks 3-4 (history full from chunk 3): warm up past them
+    # the release configuration (session 9: every bf16 target met with it); the profile run is `all` alone
+    timeout 300 python3 -m engine.bench --preset release --fast all,lean-memory --quality preview,full --chunks 12 \
+      --warmup 5 --replay-chunks 2 --out "$OUT/bench_all_lean_memory.json" > "$OUT/bench_all_lean_memory.log" 2>&1
+    summary+=("bench all,lean-memory rc=$?")
+    grep -E "MISSED|met" "$OUT/bench_all_lean_memory.log"
+    ;;
+  bench-profile)
     timeout 360 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 10 --warmup 5 \
       --replay-chunks 2 --profile --out "$OUT/bench_all.json" > "$OUT/bench_all.log" 2>&1
     summary+=("bench all rc=$?")
@@ -88,6 +96,8 @@ case "${1:-}" in
     summary+=("scan bench rc=$?"); tail -10 "$OUT/scan.log"
     timeout 120 python3 tests/benchmarks/ffn_probe.py --iters 30 --out "$OUT/ffn_probe.json" > "$OUT/ffn_probe.log" 2>&1
     summary+=("ffn probe rc=$?"); tail -12 "$OUT/ffn_probe.log"
+    timeout 60 python3 tests/benchmarks/sdpa_probe.py --out "$OUT/sdpa_probe.json" > "$OUT/sdpa_probe.log" 2>&1
+    summary+=("sdpa probe rc=$?"); tail -9 "$OUT/sdpa_probe.log"
     ;;
   memory)
     for f in all all,lean-memory; do  # session 5: ~200 s each (compiles inside the chunks)
@@ -104,7 +114,7 @@ case "${1:-}" in
     summary+=("ffn probe --sweep rc=$?"); grep '^best' "$OUT/ffn_probe_sweep.log"; tail -12 "$OUT/ffn_probe_sweep.log"
     ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|latency|probes|ffn|memory" >&2
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|bench-profile|latency|probes|ffn|memory" >&2
     exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
