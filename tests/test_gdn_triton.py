@@ -492,22 +492,26 @@ def test_interpreter_parallel_token_splits_and_wide_heads(poison_cpu):
     check_parallel_configs(1, 2, 2, 21, 136, torch.float32, "cpu", "ieee", P1_SPLIT=16)
 
 
-@interpreter
-def test_interpreter_stream_shrinks_tiles_after_out_of_resources(monkeypatch):
-    """The "stream" strategy's fallback: token tiles over 16 fail (faked OutOfResources), so a 64-token default is
-    halved to 16 and remembered; an explicit config is not changed but fails."""
-    real = gt._delta_rule_kernel
-
+def too_big(real, limit: int = 16):
+    """Kernel `real` as launched (`kernel[grid](...)`), but a launch with token tiles (BLOCK_S) over `limit` raises
+    OutOfResources, as compiling a config the GPU cannot hold does."""
     class TooBig:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                if kw["BLOCK_S"] > 16:
-                    raise gt.triton.runtime.errors.OutOfResources(kw["BLOCK_S"] << 12, 16 << 12, "shared memory")
+                if kw["BLOCK_S"] > limit:
+                    raise gt.triton.runtime.errors.OutOfResources(kw["BLOCK_S"] << 12, limit << 12, "shared memory")
                 return real[grid](*args, **kw)
 
             return launch
 
-    monkeypatch.setattr(gt, "_delta_rule_kernel", TooBig())
+    return TooBig()
+
+
+@interpreter
+def test_interpreter_stream_shrinks_tiles_after_out_of_resources(monkeypatch):
+    """The "stream" strategy's fallback: token tiles over 16 fail (faked OutOfResources), so a 64-token default is
+    halved to 16 and remembered; an explicit config is not changed but fails."""
+    monkeypatch.setattr(gt, "_delta_rule_kernel", too_big(gt._delta_rule_kernel))
     monkeypatch.setattr(gt, "_blocks", lambda Dk, Dv, precision, itemsize: dict(
         BLOCK_S=64, BLOCK_K=16, BLOCK_V=16, BLOCK_S_NORM=64, num_warps=4, num_stages=2))
     monkeypatch.setattr(gt, "_SMALLER", {})
@@ -525,18 +529,7 @@ def test_interpreter_stream_shrinks_tiles_after_out_of_resources(monkeypatch):
 def test_interpreter_parallel_shrinks_tiles_after_out_of_resources(monkeypatch):
     """A default config the GPU cannot hold (OutOfResources at compile time; faked here for phase-3 tiles over
     16 tokens) is halved until it fits and remembered; an explicit config is not changed but fails."""
-    real = gt._readout_kernel
-
-    class TooBig:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                if kw["BLOCK_S"] > 16:
-                    raise gt.triton.runtime.errors.OutOfResources(kw["BLOCK_S"] << 12, 16 << 12, "shared memory")
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(gt, "_readout_kernel", TooBig())
+    monkeypatch.setattr(gt, "_readout_kernel", too_big(gt._readout_kernel))
     monkeypatch.setattr(gt, "_SMALLER", {})
     args = make_inputs(1, 2, 2, 37, 16)
     out = gt.gdn_backward_triton(*args, precision="ieee", strategy="parallel")
