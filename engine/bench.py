@@ -495,11 +495,17 @@ def run_bench(cfg: BenchConfig) -> dict:
                         if m is not None}
     if dev.type == "cuda":
         report["weights_gb"] = round(torch.cuda.memory_allocated(dev) / 1e9, 3)
-    if "refiner-fp8" in cfg.fast and world.refiner is not None:  # the accuracy cost, measured before the swap
-        from engine.fast.refiner_fp8 import refiner_fp8_quality
+    fp8_linears, fp8_attention = "refiner-fp8" in cfg.fast, "refiner-fp8-attn" in cfg.fast
+    if (fp8_linears or fp8_attention) and world.refiner is not None:  # the accuracy cost, measured before the swap
+        from engine.fast.refiner_fp8 import BLOCK_LINEARS, refiner_fp8_quality
 
-        try:
-            report["fp8_quality"] = refiner_fp8_quality(world, seed=cfg.seed)
+        try:  # what is switched on; with both, the attention's share alone too
+            report["fp8_quality"] = refiner_fp8_quality(world, seed=cfg.seed,
+                                                        include=BLOCK_LINEARS if fp8_linears else (),
+                                                        attention=fp8_attention)
+            if fp8_linears and fp8_attention:
+                report["fp8_attention_quality"] = refiner_fp8_quality(world, seed=cfg.seed, include=(),
+                                                                      attention=True)
         except (RuntimeError, torch.OutOfMemoryError):  # keep going: the speed is still worth measuring
             import traceback
 
@@ -590,10 +596,11 @@ def format_table(report: dict) -> str:
         lines.append(f"{q:<8} " + " | ".join(extra))
     if "compile_warm" in report:
         lines.append(f"torch.compile warm-up before the sessions: {report['compile_warm']['s']} s")
-    if "fp8_quality" in report:
-        f = report["fp8_quality"]
-        lines.append(f"refiner fp8 vs bf16: forward rel err max {f['forward_rel_err_max']:.3e}, "
-                     f"block rel err max {f['block_rel_err_max']:.3e}")
+    for key, what in (("fp8_quality", "refiner fp8"), ("fp8_attention_quality", "refiner fp8 attention alone")):
+        if key in report:
+            f = report[key]
+            lines.append(f"{what} vs bf16: forward rel err max {f['forward_rel_err_max']:.3e}, "
+                         f"block rel err max {f['block_rel_err_max']:.3e}")
     if report.get("gemm"):
         g = report["gemm"]
         lines.append(f"GEMM {g['n']}^3 {g['dtype']}: {g['tflops']} TFLOP/s")

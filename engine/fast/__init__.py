@@ -55,6 +55,11 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   (error vs fp64 1.7e-3, the plain path's 2.6e-3); a refiner block 645 -> 632 ms (same card);
 - `refiner-fp8`: e4m3 weights and per-token e4m3 activations in the refiner blocks' GEMMs (engine/fast/refiner_fp8.py;
   changes the numerics: opt-in by name, never part of `all`);
+- `refiner-fp8-attn`: the refiner's self-attention with e4m3 Q, K, P and V on fp8 tensor cores, fp32 softmax
+  (kernels/fp8_attention.py, a Triton kernel; the torch reference off CUDA): the K/V window keeps an e4m3 copy of
+  its sink + history, rebuilt once a block, and the block's own K/V are quantised per forward (`RefinerKVWindow`
+  `use_fp8_attention`; 3.8 GB more at the release size). Changes the numerics (~5% relative error per attention
+  output on random data): opt-in by name, never part of `all`; the bench reports its cost (`fp8_quality`);
 - `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
   padding, cudnn autotuning (engine/fast/vae_fast.py, kernels/vae_norm.py);
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);
@@ -89,8 +94,8 @@ from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
               "stage1-ffn", "stage1-rope", "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass",
-              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "vae-pad", "vae-fast",
-              "frames", "chunk-async", "cache-overlap", "lean-memory")
+              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "refiner-fp8-attn",
+              "vae-pad", "vae-fast", "frames", "chunk-async", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
@@ -221,6 +226,11 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             if pipe.refiner is not None:
                 model = getattr(pipe.refiner.model, "model", pipe.refiner.model)  # under a GraphedRefinerModel
                 done[name] = f"{use_fp8_linears(model)} refiner block linears -> Fp8Linear (world-wide, once)"
+        elif name == "refiner-fp8-attn":
+            if pipe.refiner is not None:  # from the next start on (the window is made there)
+                pipe.refiner.fp8_attention = True
+                done[name] = ("ARRefiner.fp8_attention -> K/V window with an e4m3 copy of sink + history (once a "
+                              "block), self-attention in fp8 (kernels/fp8_attention.py)")
         elif name == "vae-fast":
             from engine.fast.vae_fast import use_all
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from engine.errors import InputError
 from engine.refiner.model import ExplicitKV, RefinerTransformer, SelfAttentionKV
+from kernels.fp8_attention import quantize_kv
 
 try:
     import triton
@@ -281,6 +282,24 @@ def _fp8_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) -> 
 # ------------------------------------------------------------------------------------------ quality
 
 
+class Fp8AttentionKV:
+    """`SelfAttentionKV` whose self-attention runs in fp8 (kernels/fp8_attention.py), as under a K/V window's fp8
+    copy: the prefix of an `ExplicitKV` (or none) quantised as one segment, the current tokens as the other."""
+
+    def __init__(self, kv: ExplicitKV | None) -> None:
+        if kv is not None and not isinstance(kv, ExplicitKV):
+            raise InputError(f"fp8 attention quality takes an ExplicitKV prefix or None; got {type(kv).__name__}")
+        self.kv = kv
+
+    def attend(self, layer: int, k_pre: Tensor, k: Tensor, v: Tensor):
+        prefix = None if self.kv is None or self.kv.prefix is None else self.kv.prefix[layer]
+        if prefix is None:
+            seg = quantize_kv(k, v)
+            return (seg,), (seg,)
+        seg = quantize_kv(prefix[0].to(k.dtype), prefix[1].to(v.dtype))
+        return (seg, k), (seg, v)
+
+
 def rel_err(a: Tensor, b: Tensor) -> float:
     """||a − b|| / ||b|| (Frobenius, float64)."""
     a, b = a.double(), b.double()
@@ -290,10 +309,12 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 @torch.no_grad()
 def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, prompt_embeds: Tensor,
                       mask: Tensor | None, *, fps: float, frame_positions: Tensor | None, kv: SelfAttentionKV | None,
-                      include: tuple[str, ...], fast_accum: bool) -> tuple[Tensor, Tensor, list[float], int]:
+                      include: tuple[str, ...], fast_accum: bool,
+                      attention: bool = False) -> tuple[Tensor, Tensor, list[float], int]:
     """`RefinerTransformer.forward` twice over the same inputs, block by block: as the model is (reference) and
-    with each block's linears in fp8 (swapped in for that block only). Returns (reference velocity, fp8 velocity,
-    per-block relative error of the fp8 block on the reference block's input, linears swapped)."""
+    with each block's linears in fp8 (swapped in for that block only) and, with `attention`, its self-attention in
+    fp8 (`Fp8AttentionKV` over `kv`, an ExplicitKV or None). Returns (reference velocity, fp8 velocity, per-block
+    relative error of the fp8 block on the reference block's input, linears swapped)."""
     m = model
     b, c, n, h, w = latents.shape
     dev, dtype = latents.device, m.proj_in.weight.dtype
@@ -306,14 +327,15 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
     text = m.prepare_text(prompt_embeds, mask)
     txt = m.caption_projection(prompt_embeds.to(dtype))  # what prepare_text feeds attn2.key_value
     x_ref = x_fp8 = m.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
+    kv8 = Fp8AttentionKV(kv) if attention else kv
     errs, swapped = [], 0
     for i, blk in enumerate(m.transformer_blocks):
         y_ref = blk(x_ref, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
         with _fp8_block(blk, include, fast_accum) as k:
             swapped += k
             tk, tv = blk.attn2.key_value(txt)
-            errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv), y_ref))
-            x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv)
+            errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv8), y_ref))
+            x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv8)
         x_ref = y_ref
 
     shift = m.scale_shift_table[0] + emb
@@ -329,8 +351,9 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
 def fp8_quality_delta(model: RefinerTransformer, latents: Tensor, sigma: float, prompt_embeds: Tensor,
                       mask: Tensor | None = None, *, fps: float, frame_positions: Tensor | None = None,
                       kv: SelfAttentionKV | None = None, include: Iterable[str] = BLOCK_LINEARS,
-                      fast_accum: bool = FAST_ACCUM) -> dict:
-    """Accuracy cost of `use_fp8_linears(model, include=...)` on one forward, without changing `model` (unswapped).
+                      fast_accum: bool = FAST_ACCUM, attention: bool = False) -> dict:
+    """Accuracy cost of `use_fp8_linears(model, include=...)` (and, with `attention`, of the fp8 self-attention of
+    fast path `refiner-fp8-attn`) on one forward, without changing `model` (unswapped).
 
     Inputs are those of `RefinerTransformer.forward` (`latents [B, C, n, h, w]`, a float `sigma`, the connector
     output `prompt_embeds [B, L, C_cap]` + `mask [B, L]`, `frame_positions [n]`, `kv`), except the prompt is given
@@ -342,13 +365,15 @@ def fp8_quality_delta(model: RefinerTransformer, latents: Tensor, sigma: float, 
     """
     include = _check_include(include)
     _check_refiner(model)
+    if not include and not attention:
+        raise InputError("fp8_quality_delta with no linears and no attention in fp8 has nothing to measure")
     if any(isinstance(mod, Fp8Linear) for mod in model.transformer_blocks.modules()):
         raise InputError("fp8_quality_delta needs the model before use_fp8_linears (it compares against it)")
     ref, fp8, errs, swapped = _compare_forwards(model, latents, sigma, prompt_embeds, mask, fps=fps,
                                                 frame_positions=frame_positions, kv=kv, include=include,
-                                                fast_accum=fast_accum)
+                                                fast_accum=fast_accum, attention=attention)
     return {"sigma": float(sigma), "tokens": latents.shape[2] * latents.shape[3] * latents.shape[4],
-            "linears_fp8": swapped, "forward_rel_err": rel_err(fp8, ref),
+            "linears_fp8": swapped, "attention_fp8": attention, "forward_rel_err": rel_err(fp8, ref),
             "block_rel_err_max": max(errs), "block_rel_err_mean": sum(errs) / len(errs),
             "block_rel_err": [float(f"{e:.4g}") for e in errs]}
 
@@ -366,11 +391,14 @@ class _RecordKV:
 
 @torch.no_grad()
 def refiner_fp8_quality(world, *, seed: int = 0, prompt: str = "a quiet street at dusk, wet cobblestones",
-                        include: Iterable[str] = BLOCK_LINEARS, fast_accum: bool = FAST_ACCUM) -> dict:
+                        include: Iterable[str] = BLOCK_LINEARS, fast_accum: bool = FAST_ACCUM,
+                        attention: bool = False) -> dict:
     """`fp8_quality_delta` at the AR refiner's steady shapes, for a world (`engine.world.World`) whose refiner is not
     swapped yet: a block of `ar.block_size` random latent frames attending to `ar.kv_max_frames` frames of K/V
     history (recorded by a sigma = 0 pass of the unswapped model over random latents, as the window's capture
-    passes make them), at each sigma of the AR schedule. The model is left unchanged.
+    passes make them), at each sigma of the AR schedule, with the block linears named in `include` in fp8 and, with
+    `attention`, the self-attention too (its history quantised as one segment, as a window's fp8 copy is). The
+    model is left unchanged.
 
     Memory: the history K/V (release: 48 layers x 2 x 12320 tokens x 4096 bf16 ≈ 9.7 GB) plus one fp8 block.
     """
@@ -393,10 +421,11 @@ def refiner_fp8_quality(world, *, seed: int = 0, prompt: str = "a quiet street a
     del rec
     positions = torch.arange(ar.kv_max_frames, ar.kv_max_frames + ar.block_size)
     steps = [fp8_quality_delta(model, block, sigma, embeds, mask, fps=ar.fps, frame_positions=positions, kv=kv,
-                               include=include, fast_accum=fast_accum) for sigma in ar.sigmas]
+                               include=include, fast_accum=fast_accum, attention=attention) for sigma in ar.sigmas]
     return {
         "block_frames": ar.block_size, "history_frames": ar.kv_max_frames, "latent_hw": [h, w],
-        "dtype": str(dtype).replace("torch.", ""), "fast_accum": fast_accum,
+        "dtype": str(dtype).replace("torch.", ""), "fast_accum": fast_accum, "attention_fp8": attention,
+        "linears": list(_check_include(include)),
         "forward_rel_err_max": max(r["forward_rel_err"] for r in steps),
         "block_rel_err_max": max(r["block_rel_err_max"] for r in steps),
         "steps": steps,

@@ -147,6 +147,8 @@ class GraphedRefinerModel:
             return self._body(st, self.model.cfg.rope_type, kv).clone()
         if key not in self.graphs:
             self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv)
+        if kv.fp8_stale:  # a replay reads the fp8 copy without asking the window (attend checks eager forwards)
+            raise RuntimeError("the K/V window changed since its fp8 copy was made; call refresh_fp8() first")
         graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1

@@ -23,6 +23,7 @@ from engine.errors import InputError
 from engine.refiner.config import ARConfig
 from engine.refiner.model import RefinerText, RefinerTransformer
 from engine.refiner.rope import Rope, apply_rope
+from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv_into
 
 
 class RefinerKVWindow:
@@ -35,6 +36,13 @@ class RefinerKVWindow:
     slots: a layer attends to `[sink | history]` and to the block's own K/V as two segments (`two_segment_attention`,
     equal up to rounding), and the capture pass writes the block's K/V into the history layer by layer, after the
     layer has attended (`after_attention`; the history shifts by the frames it drops, as `append_active` does).
+
+    `use_fp8_attention()` (fast path `refiner-fp8-attn`) adds an e4m3 copy of the sink + history K/V (`fp8`, one
+    scale per layer, batch and head; half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
+    rebuilds from the bf16 window, once a block (`ARRefiner._open`); `attend` then returns two segments, that copy
+    and the block's own K/V, which the self-attention runs in fp8 (kernels/fp8_attention.py). The bf16 window stays
+    the state (snapshots, capture passes); the copy is derived. A layer whose window changed since the last refresh
+    refuses to attend (`fp8_stale`).
     """
 
     def __init__(
@@ -67,6 +75,8 @@ class RefinerKVWindow:
         self.v = torch.full((num_layers, batch, heads, cap, head_dim), nan, device=device, dtype=dtype)
         self.history_len = 0  # frames of history held (<= max_history)
         self.active_len = 0  # frames of the block now being refined (0 = none open)
+        self.fp8: QuantizedKV | None = None  # e4m3 copy of sink + history: k [L, B, H, T, D], v_t [L, B, H, D, T]
+        self._fp8_stale: set[int] = set()  # layers whose bf16 K/V changed since the copy was made
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def _tok(self, frames: int) -> int:
@@ -74,27 +84,64 @@ class RefinerKVWindow:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sink_k_pre, self.k, self.v))
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def buffers(self) -> tuple[Tensor, ...]:
-        return self.sink_k_pre, self.k, self.v
+        return (self.sink_k_pre, self.k, self.v) + (tuple(self.fp8) if self.fp8 is not None else ())
 
     def matches(self, batch: int, tokens_per_frame: int, device: torch.device, dtype: torch.dtype,
-                active_slots: bool = True) -> bool:
+                active_slots: bool = True, fp8: bool = False) -> bool:
         return (
             self.active_slots == active_slots
             and self.k.shape[1] == batch
             and self.tokens_per_frame == tokens_per_frame
             and self.k.device == device
             and self.k.dtype == dtype
+            and (self.fp8 is not None) == fp8
         )
+
+    # -- the fp8 copy ---------------------------------------------------------------------------------------------
+    def use_fp8_attention(self) -> None:
+        """Allocate the e4m3 copy of sink + history (stale until `refresh_fp8`)."""
+        if self.fp8 is None:
+            layers, batch, heads, _, head_dim = self.k.shape
+            tokens = self._tok(self.sink_frames + self.max_history)
+            self.fp8 = empty_quantized((layers, batch, heads), tokens, head_dim, self.k.device)
+        self._touch()
+
+    def _touch(self, layer: int | None = None) -> None:
+        """The bf16 K/V of `layer` (None: all layers) changed: the fp8 copy no longer matches it."""
+        if self.fp8 is not None:
+            self._fp8_stale.update(range(self.k.shape[0]) if layer is None else (layer,))
+
+    @property
+    def fp8_stale(self) -> bool:
+        return bool(self._fp8_stale)
+
+    def refresh_fp8(self) -> None:
+        """Quantise the sink + history K/V of every layer into the fp8 copy (no-op without one)."""
+        if self.fp8 is None:
+            return
+        t = self._tok(self.sink_frames + self.history_len)
+        f = self.fp8
+        quantize_kv_into(self.k[:, :, :, :t], self.v[:, :, :, :t],
+                         QuantizedKV(f.k[:, :, :, :t], f.k_scale, f.v_t[..., :t], f.v_scale))
+        self._fp8_stale.clear()
+
+    def _fp8_segment(self, layer: int, tokens: int) -> QuantizedKV:
+        if layer in self._fp8_stale:
+            raise RuntimeError(f"layer {layer}: the K/V window changed since its fp8 copy was made; call "
+                               "refresh_fp8() before attending (ARRefiner does, once a block)")
+        f = self.fp8
+        return QuantizedKV(f.k[layer, :, :, :tokens], f.k_scale[layer], f.v_t[layer, ..., :tokens], f.v_scale[layer])
 
     # -- operations -----------------------------------------------------------------------------------------------
     def clear(self) -> None:
         """Forget the sink and the history (buffers are kept)."""
-        for t in self.buffers():
+        for t in self.buffers()[:3]:
             t.fill_(float("nan"))
         self.history_len = self.active_len = 0
+        self._touch()
 
     def sink_capture(self) -> _SinkCapture:
         """The `SelfAttentionKV` of the sink pass: records pre-RoPE K and V, attends within the sink only."""
@@ -103,6 +150,7 @@ class RefinerKVWindow:
     def place_sink(self, rope: Rope) -> None:
         """Rotate the sink's pre-RoPE keys to the positions of `rope` (all layers)."""
         self.k[:, :, :, : self._tok(self.sink_frames)] = apply_rope(self.sink_k_pre, rope)
+        self._touch()
 
     def open_block(self, frames: int) -> None:
         """The next forwards write a block of `frames` latent frames after the history."""
@@ -118,6 +166,12 @@ class RefinerKVWindow:
         end = start + k.shape[2]
         if k.shape[2] != self._tok(self.active_len):
             raise RuntimeError(f"{k.shape[2]} active tokens for an open block of {self.active_len} frames")
+        if self.fp8 is not None:  # the block's K/V are still written (capture passes move them into the history)
+            seg = self._fp8_segment(layer, start)
+            if self.active_slots:
+                self.k[layer, :, :, start:end] = k
+                self.v[layer, :, :, start:end] = v
+            return (seg, k), (seg, v)
         if not self.active_slots:
             return (self.k[layer, :, :, :start], k), (self.v[layer, :, :, :start], v)
         self.k[layer, :, :, start:end] = k
@@ -129,6 +183,7 @@ class RefinerKVWindow:
         of the history move to [0, keep), in chunks of `drop` tokens front to back, so no chunk overlaps the
         source it reads."""
         base = self._tok(self.sink_frames)
+        self._touch(layers if isinstance(layers, int) else None)
         for dst in range(0, keep, drop):
             n = min(drop, keep - dst)
             src = base + dst + drop
@@ -150,11 +205,13 @@ class RefinerKVWindow:
             self._shift_left(layer, hist, drop)
         self.k[layer, :, :, base + hist : base + hist + n] = k
         self.v[layer, :, :, base + hist : base + hist + n] = v
+        self._touch(layer)
 
     def append_active(self) -> None:
         """The open block (its K/V last written by a capture pass) joins the history; the history keeps its newest
         `max_history` frames. (Without active slots the capture pass wrote it there already, layer by layer.)"""
         total = self.history_len + self.active_len
+        self._touch()
         if not self.active_slots:
             self.history_len, self.active_len = min(total, self.max_history), 0
             return
@@ -194,7 +251,7 @@ class RefinerKVWindow:
                 f"snapshot sink K shape {tuple(state['sink_k_pre'].shape)}; "
                 f"this window holds {tuple(self.sink_k_pre.shape)}"
             )
-        self.clear()
+        self.clear()  # also marks the fp8 copy stale
         self.sink_k_pre.copy_(state["sink_k_pre"])
         self.v[:, :, :, :s].copy_(state["sink_v"])
         self.k[:, :, :, s : s + hist].copy_(state["history_k"])
@@ -214,6 +271,7 @@ class _SinkCapture:
             )
         w.sink_k_pre[layer] = k_pre
         w.v[layer, :, :, : k_pre.shape[2]] = v
+        w._touch(layer)
         return k, v
 
 
@@ -239,6 +297,9 @@ class ARRefiner:
         self.next_frame = 0  # absolute latent index of the next block's first frame
         # windows without the active block's slots (fast path `lean-memory`; see RefinerKVWindow), from the next start
         self.split_window = False
+        # an e4m3 copy of the window's sink + history, self-attention in fp8 (fast path `refiner-fp8-attn`; see
+        # RefinerKVWindow), from the next start
+        self.fp8_attention = False
         self.latent_hw: tuple[int, int] | None = None
 
     # -- session state --------------------------------------------------------------------------------------------
@@ -260,7 +321,8 @@ class ARRefiner:
     def _ensure_window(self, batch: int, height: int, width: int) -> RefinerKVWindow:
         p = self.model.proj_in.weight
         tpf = height * width
-        if self.window is None or not self.window.matches(batch, tpf, p.device, p.dtype, not self.split_window):
+        if self.window is None or not self.window.matches(batch, tpf, p.device, p.dtype, not self.split_window,
+                                                          self.fp8_attention):
             self.window = None  # the old buffers go before the new ones are made
             c = self.model.cfg
             self.window = RefinerKVWindow(
@@ -276,6 +338,8 @@ class ARRefiner:
                 dtype=p.dtype,
                 active_slots=not self.split_window,
             )
+            if self.fp8_attention:
+                self.window.use_fp8_attention()
         else:
             self.window.clear()
         self.latent_hw = (height, width)
@@ -321,6 +385,7 @@ class ARRefiner:
         off = self.next_frame - window.history_len - self.cfg.sink_size
         window.place_sink(self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, dev))
         window.open_block(n)
+        window.refresh_fp8()  # the fp8 copy of sink + history, if any: once a block, before its forwards
         return torch.arange(self.next_frame, self.next_frame + n)  # positions stay on the CPU (rope.py)
 
     def _capture(self, refined: Tensor, positions: Tensor) -> None:

@@ -27,6 +27,7 @@ from engine.errors import InputError
 from engine.refiner.config import RefinerConfig
 from engine.refiner.rope import Rope, apply_rope, rope_from_fractions, video_fractions
 from engine.weights import load_checked
+from kernels.fp8_attention import QuantizedKV, fp8_segment_attention
 
 TIMESTEP_CHANNELS = 256  # sinusoid width of the timestep embedding (fixed in LTX-2)
 
@@ -48,7 +49,8 @@ class SelfAttentionKV(Protocol):
     `attend(layer, k_pre, k, v)` gets the current tokens' key after norm_k and before RoPE (`k_pre`), the rotated
     key `k` and the value `v`, all `[B, H, N, D]`, and returns the keys/values `[B, H, P + N, D]` the queries attend
     to (no mask), or two segments `(prefix, current)` of them as tuples of keys and values (attended as one set,
-    `two_segment_attention`). Implementations may record what they are given. One that sets
+    `two_segment_attention`); a segment may also be an e4m3 `QuantizedKV`, the same object in both tuples (then
+    the segments are attended in fp8). Implementations may record what they are given. One that sets
     `writes_after_attention` also gets `after_attention(layer, k, v)` once the layer has attended.
     """
 
@@ -118,8 +120,11 @@ class Attention(nn.Module):
     def output(self, q: Tensor, k, v, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """SDPA of `q [B,H,N,D]` over `k, v [B,H,M,D]` (additive `bias` broadcast to [B,H,N,M]; or two segments of
         keys and values as tuples, no bias), gate from the attention input `x [B, N, C]`, output projection ->
-        `[B, N, C]`."""
-        if isinstance(k, tuple):
+        `[B, N, C]`. Segments of which one is an e4m3 `QuantizedKV` (a K/V window with an fp8 copy, fast path
+        `refiner-fp8-attn`) run the fp8 attention over all of them (kernels/fp8_attention.py)."""
+        if isinstance(k, tuple) and any(isinstance(seg, QuantizedKV) for seg in k):
+            out = fp8_segment_attention(q, k, v).transpose(1, 2)
+        elif isinstance(k, tuple):
             out = two_segment_attention(q, k, v).transpose(1, 2)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)  # [B, N, H, D]

@@ -1,0 +1,406 @@
+"""Softmax attention with e4m3 operands: both products (Q·Kᵀ and P·V) on fp8 tensor cores (Hopper), fp32 softmax.
+
+Used by the refiner's self-attention under fast path `refiner-fp8-attn` (engine/fast/refiner_fp8_attn.py); the
+plain path is cuDNN's bf16 attention (`F.scaled_dot_product_attention`, `engine.refiner.model.two_segment_attention`).
+
+Keys and values come as one or two *segments* (`QuantizedKV`), each quantised with one scale per (batch, head) for
+K and one for V (e4m3 is a floating-point format, so one scale per head loses nothing but the range below
+amax·2^-15, where values become subnormal):
+
+    k_scale = max(max |K|, 1e-12) / 448,   k = e4m3(K / k_scale)      (the same for V, stored transposed)
+
+The values are stored transposed, `v_t [B, H, D, M]` (tokens innermost), the layout the fp8 P·V product takes as
+its second operand. A segment is quantised once and may be read by many forwards (the refiner's sink + history
+window is quantised once a block); the block's own K/V are quantised per forward.
+
+Per query row i (queries are quantised per row inside the kernel: `q_scale_i = max_d |q_id| / 448`), in base 2:
+
+    s_ij = (q8_i · k8_j) · q_scale_i · k_scale · softmax_scale · log2(e)
+    m_i = max_j s_ij,   p_ij = 2^(s_ij − m_i),   l_i = Σ_j p_ij                        (fp32)
+    out_i = Σ_seg (Σ_j e4m3(p_ij · 256) · v8_jd) · v_scale_seg / (256 · l_i)
+
+p ≤ 1 is quantised as p·256 (a power of two: exact scaling) so that probabilities down to 2^-14 stay normal
+numbers. The kernel computes m_i and l_i online over key tiles (the flash-attention recurrence), so it quantises
+p relative to the running maximum; `fp8_attention_reference` quantises relative to the final one. The two differ
+only by the e4m3 rounding of differently scaled p (tests/test_fp8_attention.py bounds it).
+
+CPU (and any device without Triton): `fp8_attention_reference`, the same quantised maths in fp32 torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference serves
+    triton = None
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+AMAX_FLOOR = 1e-12  # an all-zero segment quantises to zeros with a finite scale
+SCALE_UNIT = 1.0 / E4M3_MAX
+P_SCALE = 256.0  # probabilities are quantised as p · 256 (module docstring)
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (32, 64, 128, 256)  # head dims the Triton kernel takes (tl.dot on fp8 wants K >= 32, powers of two)
+
+# Kernel launch configuration at the release shape (refiner: 2640 queries over 9680 + 2640 keys, 32 heads of 128):
+# BLOCK_M query rows and BLOCK_N keys a step, warps, pipeline stages. tests/benchmarks/fp8_attention_probe.py sweeps.
+DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+
+
+class QuantizedKV(NamedTuple):
+    """One e4m3 K/V segment: `k [B, H, M, D]`, `k_scale [B, H]` fp32 (K ≈ k · k_scale), `v_t [B, H, D, M]`
+    (values transposed), `v_scale [B, H]` fp32. Leading dims may be views into a larger (per-layer) buffer."""
+
+    k: Tensor
+    k_scale: Tensor
+    v_t: Tensor
+    v_scale: Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[-2]
+
+
+# ------------------------------------------------------------------------------------------ quantisation
+
+
+def _segment_amax(x: Tensor) -> Tensor:
+    """`x [..., M, D]` -> `max(max |x|, floor)` over the last two dims, fp32 `[...]` (NaN propagates)."""
+    if x.shape[-2] == 0:
+        return torch.full(x.shape[:-2], AMAX_FLOOR, dtype=torch.float32, device=x.device)
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1), dtype=torch.float32)
+    return amax.clamp_min(AMAX_FLOOR)
+
+
+def _inverse_unit(amax: Tensor) -> Tensor:
+    # reciprocal then product, each rounded once in fp32: the Triton quantiser multiplies by exactly this value
+    return amax.reciprocal() * E4M3_MAX
+
+
+def quantize_kv_reference(k: Tensor, v: Tensor) -> QuantizedKV:
+    """`k, v [..., M, D]` (any float dtype) -> `QuantizedKV` with one scale per leading index, in plain torch."""
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape [..., M, D]")
+    ak, av = _segment_amax(k), _segment_amax(v)
+
+    def q(x: Tensor, amax: Tensor) -> Tensor:
+        return (x.float() * _inverse_unit(amax)[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+    return QuantizedKV(q(k, ak), ak * SCALE_UNIT, q(v, av).transpose(-1, -2).contiguous(), av * SCALE_UNIT)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_kv_kernel(x_ptr, inv_ptr, q_ptr, H, M, sx_o, sx_h, sx_m, sq_o, sq_h, sq_m, sq_d,
+                            D: tl.constexpr, BLOCK_M: tl.constexpr, FP8_MAX: tl.constexpr):
+        # One program per (slab, token tile): x [O, H, M, D] (D dense) -> q at strides (sq_m, sq_d) per element, so
+        # the same kernel writes K as [.., M, D] and V transposed as [.., D, M].
+        s = tl.program_id(0)
+        o, h = s // H, s % H
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D)
+        ok = rows[:, None] < M
+        x = tl.load(x_ptr + o.to(tl.int64) * sx_o + h * sx_h + rows[:, None] * sx_m + cols[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        inv = tl.load(inv_ptr + s)
+        q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(q_ptr + o.to(tl.int64) * sq_o + h * sq_h + rows[:, None] * sq_m + cols[None, :] * sq_d,
+                 q.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+def _as_slabs(x: Tensor) -> Tensor:
+    """`[..., H, M, D]` -> a `[O, H, M, D]` view (the leading dims merged; no copy where the strides allow)."""
+    if x.ndim < 3:
+        raise ValueError(f"K/V shape {tuple(x.shape)}; expected [..., H, M, D]")
+    try:
+        return x.view(-1, *x.shape[-3:])
+    except RuntimeError:
+        return x.reshape(-1, *x.shape[-3:])
+
+
+def _launch_quantize(x: Tensor, inv: Tensor, out: Tensor, transposed: bool) -> None:
+    xs, os_ = _as_slabs(x), _as_slabs(out)
+    if xs.stride(-1) != 1:
+        xs = xs.contiguous()
+    o, h, m, d = xs.shape
+    if m == 0 or o * h == 0:
+        return
+    sq = os_.stride()
+    sq_m, sq_d = (sq[3], sq[2]) if transposed else (sq[2], sq[3])
+    block = 64
+    _quantize_kv_kernel[(o * h, triton.cdiv(m, block))](
+        xs, inv.reshape(-1).contiguous(), os_, h, m, xs.stride(0), xs.stride(1), xs.stride(2), sq[0], sq[1], sq_m,
+        sq_d, D=d, BLOCK_M=block, FP8_MAX=E4M3_MAX, num_warps=4)
+
+
+def quantize_kv_into(k: Tensor, v: Tensor, out: QuantizedKV) -> QuantizedKV:
+    """Quantise `k, v [..., M, D]` into the buffers of `out` (same leading dims and M; `out.v_t` `[..., D, M]`),
+    as `quantize_kv_reference` does. Triton on CUDA (bit-equal to the reference), the reference elsewhere.
+    Returns `out`."""
+    if k.shape != v.shape or out.k.shape != k.shape or out.v_t.shape != (*k.shape[:-2], k.shape[-1], k.shape[-2]):
+        raise ValueError(f"quantize_kv_into: k {tuple(k.shape)}, v {tuple(v.shape)} into k "
+                         f"{tuple(out.k.shape)} / v_t {tuple(out.v_t.shape)}")
+    ak, av = _segment_amax(k), _segment_amax(v)
+    d = k.shape[-1]
+    if triton is not None and k.is_cuda and d in HEAD_DIMS:
+        _launch_quantize(k, _inverse_unit(ak), out.k, transposed=False)
+        _launch_quantize(v, _inverse_unit(av), out.v_t, transposed=True)
+    else:
+        ref = quantize_kv_reference(k, v)
+        out.k.copy_(ref.k)
+        out.v_t.copy_(ref.v_t)
+    out.k_scale.copy_(ak * SCALE_UNIT)
+    out.v_scale.copy_(av * SCALE_UNIT)
+    return out
+
+
+def empty_quantized(lead: tuple[int, ...], tokens: int, head_dim: int, device) -> QuantizedKV:
+    """Uninitialised `QuantizedKV` buffers: `k [*lead, tokens, D]`, `v_t [*lead, D, tokens]`, scales `[*lead]`."""
+    return QuantizedKV(
+        torch.empty((*lead, tokens, head_dim), dtype=E4M3, device=device),
+        torch.empty(lead, dtype=torch.float32, device=device),
+        torch.empty((*lead, head_dim, tokens), dtype=E4M3, device=device),
+        torch.empty(lead, dtype=torch.float32, device=device),
+    )
+
+
+@torch.library.custom_op("sana_wm::quantize_kv", mutates_args=())
+def _quantize_kv_op(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = empty_quantized(tuple(k.shape[:-2]), k.shape[-2], k.shape[-1], k.device)
+    return tuple(quantize_kv_into(k, v, out))
+
+
+@_quantize_kv_op.register_fake
+def _(k, v):
+    return tuple(empty_quantized(tuple(k.shape[:-2]), k.shape[-2], k.shape[-1], k.device))
+
+
+def quantize_kv(k: Tensor, v: Tensor) -> QuantizedKV:
+    """`quantize_kv_reference`, through the Triton quantiser on CUDA (bit-equal); one opaque op under
+    torch.compile."""
+    return QuantizedKV(*_quantize_kv_op(k, v))
+
+
+def segment_view(seg: QuantizedKV, tokens: int) -> QuantizedKV:
+    """The first `tokens` keys/values of a segment (views)."""
+    return QuantizedKV(seg.k[..., :tokens, :], seg.k_scale, seg.v_t[..., :tokens], seg.v_scale)
+
+
+# ------------------------------------------------------------------------------------------ attention: reference
+
+
+def quantize_query_rows(q: Tensor) -> tuple[Tensor, Tensor]:
+    """`q [..., N, D]` -> (`q8` e4m3, `q_scale [..., N, 1]` fp32), per row, as the kernel quantises its query tile."""
+    amax = torch.linalg.vector_norm(q, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
+    q8 = (q.float() * _inverse_unit(amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q8, amax * SCALE_UNIT
+
+
+def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[QuantizedKV, ...],
+                            scale: float | None = None, block_n: int | None = None) -> Tensor:
+    """What the kernel computes, in fp32 torch (any device): `q [B, H, N, D]` over the keys of all `segments` taken
+    as one set -> `[B, H, N, D]` in q's dtype. The same recurrence over key tiles of `block_n` (default: the
+    kernel's) restarting at each segment, so p is quantised relative to the same running maxima; only the order of
+    the fp32 sums and the last ulp of exp2 differ from the kernel."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    block_n = DEFAULT_CONFIG["BLOCK_N"] if block_n is None else block_n
+    q8, qs = quantize_query_rows(q)
+    q8 = q8.float()
+    m = torch.full(q.shape[:-1], -math.inf, device=q.device)
+    l = torch.zeros(q.shape[:-1], device=q.device)
+    acc = torch.zeros(q.shape, device=q.device)
+    vs = None
+    for seg in segments:
+        if vs is not None:
+            acc = acc * (vs / seg.v_scale)[..., None, None]
+        vs = seg.v_scale
+        unit = qs * (seg.k_scale[..., None, None] * (scale * LOG2E))
+        for start in range(0, seg.tokens, block_n):
+            k = seg.k[..., start : start + block_n, :].float()
+            v = seg.v_t[..., start : start + block_n].float().transpose(-1, -2)
+            s = (q8 @ k.transpose(-1, -2)) * unit
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            alpha = torch.exp2(m - m_new)
+            p = torch.exp2(s - m_new[..., None])
+            l = l * alpha + p.sum(dim=-1)
+            acc = acc * alpha[..., None] + (p * P_SCALE).to(E4M3).float() @ v
+            m = m_new
+    return (acc * (vs[..., None, None] / (P_SCALE * l[..., None]))).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------ attention: Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, start, M, sk_m, sv_d, offs_n, offs_d,
+                     MASK: tl.constexpr, PSCALE: tl.constexpr):
+        cols = start + offs_n
+        if MASK:
+            k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :], mask=cols[:, None] < M, other=0.0)
+            vt = tl.load(v_base + offs_d[:, None] * sv_d + cols[None, :], mask=cols[None, :] < M, other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :])
+            vt = tl.load(v_base + offs_d[:, None] * sv_d + cols[None, :])
+        s = tl.dot(q8, tl.trans(k)) * row_scale[:, None]
+        if MASK:
+            s = tl.where(cols[None, :] < M, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot((p * PSCALE).to(tl.float8e4nv), tl.trans(vt), acc)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attend_segment(acc, m_i, l_i, q8, row_scale, k_base, v_base, M, sk_m, sv_d, offs_n, offs_d,
+                        BLOCK_N: tl.constexpr, PSCALE: tl.constexpr):
+        full = (M // BLOCK_N) * BLOCK_N
+        for start in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, start, M, sk_m, sv_d, offs_n,
+                                         offs_d, False, PSCALE)
+        if full < M:
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, full, M, sk_m, sv_d, offs_n,
+                                         offs_d, True, PSCALE)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _fp8_attention_kernel(
+        q_ptr, k1_ptr, ks1_ptr, v1_ptr, vs1_ptr, k2_ptr, ks2_ptr, v2_ptr, vs2_ptr, o_ptr,
+        H, N, M1, M2, qk_scale,
+        sq_b, sq_h, sq_n, sk1_b, sk1_h, sk1_m, sv1_b, sv1_h, sv1_d, sk2_b, sk2_h, sk2_m, sv2_b, sv2_h, sv2_d,
+        so_b, so_n, so_h,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
+        FP8_MAX: tl.constexpr, FLOOR: tl.constexpr, PSCALE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        b64 = b.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m[:, None] < N
+        q = tl.load(q_ptr + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok,
+                    other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(q), 1), FLOOR)
+        inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), amax) * FP8_MAX
+        q8 = tl.clamp(q * inv[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+        q_unit = amax * (1.0 / FP8_MAX) * qk_scale  # per row: q_scale · softmax scale · log2(e)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        vs = tl.load(vs1_ptr + bh)
+        acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q8, q_unit * tl.load(ks1_ptr + bh),
+                                        k1_ptr + b64 * sk1_b + h * sk1_h, v1_ptr + b64 * sv1_b + h * sv1_h, M1,
+                                        sk1_m, sv1_d, offs_n, offs_d, BLOCK_N, PSCALE)
+        if TWO:  # the accumulator so far is in units of the first segment's v_scale: move it to the second's
+            vs2 = tl.load(vs2_ptr + bh)
+            acc = acc * (vs / vs2)
+            vs = vs2
+            acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q8, q_unit * tl.load(ks2_ptr + bh),
+                                            k2_ptr + b64 * sk2_b + h * sk2_h, v2_ptr + b64 * sv2_b + h * sv2_h, M2,
+                                            sk2_m, sv2_d, offs_n, offs_d, BLOCK_N, PSCALE)
+        out = acc * (vs / (PSCALE * l_i))[:, None]
+        tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _check_segment(q: Tensor, seg: QuantizedKV, i: int) -> None:
+    b, h, _, d = q.shape
+    m = seg.k.shape[-2]
+    want = {"k": (b, h, m, d), "v_t": (b, h, d, m), "k_scale": (b, h), "v_scale": (b, h)}
+    for name, shape in want.items():
+        t = getattr(seg, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"segment {i} {name} shape {tuple(t.shape)}; expected {shape} for q {tuple(q.shape)}")
+    if seg.k.dtype != E4M3 or seg.v_t.dtype != E4M3:
+        raise ValueError(f"segment {i} is {seg.k.dtype}/{seg.v_t.dtype}; expected {E4M3}")
+    if seg.k.stride(-1) != 1 or seg.v_t.stride(-1) != 1:
+        raise ValueError(f"segment {i}: k and v_t need a dense last dim (strides {seg.k.stride()}, {seg.v_t.stride()})")
+
+
+def fp8_attention_triton(q: Tensor, segments, scale: float | None = None, config: dict | None = None) -> Tensor:
+    """The kernel on CUDA: `q [B, H, N, D]` (bf16/fp16, any strides with a dense last dim) over 1 or 2 segments ->
+    `[B, H, N, D]` in q's dtype (a view of `[B, N, H, D]` memory: `.transpose(1, 2)` of it is contiguous)."""
+    if triton is None or not q.is_cuda:
+        raise RuntimeError("fp8_attention_triton needs Triton and a CUDA tensor")
+    if not 1 <= len(segments) <= 2:
+        raise ValueError(f"{len(segments)} segments; the kernel takes 1 or 2")
+    b, h, n, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d}; the kernel takes {HEAD_DIMS}")
+    for i, seg in enumerate(segments):
+        _check_segment(q, seg, i)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    s1 = segments[0]
+    s2 = segments[1] if len(segments) == 2 else s1
+    out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    scale = d ** -0.5 if scale is None else scale
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+    ks1, vs1 = s1.k_scale.contiguous(), s1.v_scale.contiguous()
+    ks2, vs2 = s2.k_scale.contiguous(), s2.v_scale.contiguous()
+    _fp8_attention_kernel[grid](
+        q, s1.k, ks1, s1.v_t, vs1, s2.k, ks2, s2.v_t, vs2, out,
+        h, n, s1.tokens, s2.tokens, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        s1.k.stride(0), s1.k.stride(1), s1.k.stride(2), s1.v_t.stride(0), s1.v_t.stride(1), s1.v_t.stride(2),
+        s2.k.stride(0), s2.k.stride(1), s2.k.stride(2), s2.v_t.stride(0), s2.v_t.stride(1), s2.v_t.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TWO=len(segments) == 2,
+        FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR, PSCALE=P_SCALE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.transpose(1, 2)
+
+
+def kernel_applies(q: Tensor) -> bool:
+    return triton is not None and q.is_cuda and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.bfloat16,
+                                                                                         torch.float16)
+
+
+# torch custom op: opaque to dynamo (the compiled refiner block calls it whole), CUDA-graph friendly --------------
+
+
+@torch.library.custom_op("sana_wm::fp8_attention", mutates_args=())
+def _fp8_attention_op(q: Tensor, k1: Tensor, ks1: Tensor, v1: Tensor, vs1: Tensor, k2: Tensor | None,
+                      ks2: Tensor | None, v2: Tensor | None, vs2: Tensor | None) -> Tensor:
+    segs = [QuantizedKV(k1, ks1, v1, vs1)] + ([QuantizedKV(k2, ks2, v2, vs2)] if k2 is not None else [])
+    if kernel_applies(q):
+        return fp8_attention_triton(q, segs).transpose(1, 2).contiguous()
+    return fp8_attention_reference(q, segs).transpose(1, 2).contiguous()
+
+
+@_fp8_attention_op.register_fake
+def _(q, k1, ks1, v1, vs1, k2, ks2, v2, vs2):
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d)
+
+
+def fp8_attention(q: Tensor, segments) -> Tensor:
+    """Attention of `q [B, H, N, D]` over the keys of 1 or 2 `QuantizedKV` segments as one set, default scale ->
+    `[B, H, N, D]` (a view of `[B, N, H, D]` memory). The Triton kernel where it applies (CUDA, bf16/fp16, head dim
+    in HEAD_DIMS), else `fp8_attention_reference`."""
+    if not 1 <= len(segments) <= 2:
+        raise ValueError(f"{len(segments)} segments; fp8 attention takes 1 or 2")
+    s1 = segments[0]
+    s2 = segments[1] if len(segments) == 2 else QuantizedKV(None, None, None, None)
+    return _fp8_attention_op(q, *s1, *s2).transpose(1, 2)
+
+
+def fp8_segment_attention(q: Tensor, ks: tuple, vs: tuple) -> Tensor:
+    """Attention over segments given as `ks`/`vs` tuples where a segment is a `QuantizedKV` (the same object in
+    both tuples) or a bf16 pair `k, v [B, H, M, D]`, quantised here (`quantize_kv`)."""
+    segs = [k if isinstance(k, QuantizedKV) else quantize_kv(k, v) for k, v in zip(ks, vs, strict=True)]
+    return fp8_attention(q, segs)
