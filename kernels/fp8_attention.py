@@ -15,14 +15,14 @@ window is quantised once a block); the block's own K/V are quantised per forward
 
 Per query row i (queries are quantised per row inside the kernel: `q_scale_i = max_d |q_id| / 448`), in base 2:
 
-    s_ij = (q8_i · k8_j) · q_scale_i · k_scale · softmax_scale · log2(e)
-    m_i = max_j s_ij,   p_ij = 2^(s_ij − m_i),   l_i = Σ_j p_ij                        (fp32)
-    out_i = Σ_seg (Σ_j e4m3(p_ij · 256) · v8_jd) · v_scale_seg / (256 · l_i)
+    s_ij = (q8_i · k8_j) · c_i,   c_i = q_scale_i · k_scale · softmax_scale · log2(e)
+    m_i = max_j s_ij,   p_ij = 2^(s_ij − m_i + 8) = 256 · 2^(s_ij − m_i),   l_i = Σ_j p_ij          (fp32)
+    out_i = Σ_seg (Σ_j e4m3(p_ij) · v8_jd) · v_scale_seg / l_i
 
-p ≤ 1 is quantised as p·256 (a power of two: exact scaling) so that probabilities down to 2^-14 stay normal
-numbers. The kernel computes m_i and l_i online over key tiles (the flash-attention recurrence), so it quantises
-p relative to the running maximum; `fp8_attention_reference` quantises relative to the final one. The two differ
-only by the e4m3 rounding of differently scaled p (tests/test_fp8_attention.py bounds it).
+Probabilities are quantised as p·256 (a power of two, taken inside the exponent: one FMA per score gives
+(q8·k8)·c − m + 8) so that those down to 2^-14 stay normal numbers. The kernel computes m_i and l_i online over
+key tiles (the flash-attention recurrence), so it quantises p relative to the running maximum;
+`fp8_attention_reference` runs the same recurrence over the same tiles in fp32 torch.
 
 CPU (and any device without Triton): `fp8_attention_reference`, the same quantised maths in fp32 torch.
 """
@@ -46,12 +46,27 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 AMAX_FLOOR = 1e-12  # an all-zero segment quantises to zeros with a finite scale
 SCALE_UNIT = 1.0 / E4M3_MAX
 P_SCALE = 256.0  # probabilities are quantised as p · 256 (module docstring)
+LOG2_P_SCALE = 8.0
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 128, 256)  # head dims the Triton kernel takes (tl.dot on fp8 wants K >= 32, powers of two)
 
 # Kernel launch configuration at the release shape (refiner: 2640 queries over 9680 + 2640 keys, 32 heads of 128):
 # BLOCK_M query rows and BLOCK_N keys a step, warps, pipeline stages. tests/benchmarks/fp8_attention_probe.py sweeps.
-DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+# EXP16: p computed by ex2.approx.f16x2 from the exponent rounded to fp16 (relative error <= ~2^-9, far below the
+# e4m3 rounding of p that follows) instead of the fp32 exp2.
+# TMA: key/value tiles through tensor descriptors where their layout allows (else pointer loads).
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "EXP16": True, "TMA": True}
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int, exp16: bool, tma: bool) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "EXP16": exp16,
+            "TMA": tma}
+
+
+# what tests/benchmarks/fp8_attention_probe.py times and tests/test_fp8_attention.py checks against the reference
+SWEEP = {f"m{m} n{n} w{w} s{st}{' exp16' if e else ''}{' tma' if t else ''}": _config(m, n, w, st, e, t)
+         for m, n, w, st in ((128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3))
+         for e in (False, True) for t in (False, True)}
 
 
 class QuantizedKV(NamedTuple):
@@ -205,11 +220,12 @@ def quantize_query_rows(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[QuantizedKV, ...],
-                            scale: float | None = None, block_n: int | None = None) -> Tensor:
+                            scale: float | None = None, block_n: int | None = None, exp16: bool = False) -> Tensor:
     """What the kernel computes, in fp32 torch (any device): `q [B, H, N, D]` over the keys of all `segments` taken
     as one set -> `[B, H, N, D]` in q's dtype. The same recurrence over key tiles of `block_n` (default: the
     kernel's) restarting at each segment, so p is quantised relative to the same running maxima; only the order of
-    the fp32 sums and the last ulp of exp2 differ from the kernel."""
+    the fp32 sums and the last ulp of exp2 differ from the kernel. `exp16`: the exponent rounded to fp16 and its
+    power of two to fp16, as the kernel's EXP16 computes it (its ex2.approx.f16x2 may differ by an ulp)."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     block_n = DEFAULT_CONFIG["BLOCK_N"] if block_n is None else block_n
@@ -223,18 +239,19 @@ def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[Quant
         if vs is not None:
             acc = acc * (vs / seg.v_scale)[..., None, None]
         vs = seg.v_scale
-        unit = qs * (seg.k_scale[..., None, None] * (scale * LOG2E))
+        unit = qs * (seg.k_scale[..., None, None] * (scale * LOG2E))  # [B, H, N, 1]
         for start in range(0, seg.tokens, block_n):
             k = seg.k[..., start : start + block_n, :].float()
             v = seg.v_t[..., start : start + block_n].float().transpose(-1, -2)
-            s = (q8 @ k.transpose(-1, -2)) * unit
-            m_new = torch.maximum(m, s.amax(dim=-1))
+            s = q8 @ k.transpose(-1, -2)
+            m_new = torch.maximum(m, s.amax(dim=-1) * unit[..., 0])
             alpha = torch.exp2(m - m_new)
-            p = torch.exp2(s - m_new[..., None])
+            x = s * unit - (m_new - LOG2_P_SCALE)[..., None]  # p · 256 = 2^x
+            p = torch.exp2(x.half().float()).half().float() if exp16 else torch.exp2(x)
             l = l * alpha + p.sum(dim=-1)
-            acc = acc * alpha[..., None] + (p * P_SCALE).to(E4M3).float() @ v
+            acc = acc * alpha[..., None] + p.to(E4M3).float() @ v
             m = m_new
-    return (acc * (vs[..., None, None] / (P_SCALE * l[..., None]))).to(q.dtype)
+    return (acc * (vs[..., None, None] / l[..., None])).to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------ attention: Triton
@@ -242,8 +259,34 @@ def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[Quant
 if triton is not None:
 
     @triton.jit
+    def _exp2_f16(x):
+        # 2^x of an fp16 tensor, two elements per ex2.approx.f16x2 (half the MUFU issues of the fp32 exp2)
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=True,
+                                         pack=2)
+
+    @triton.jit
+    def _online_step(acc, m_i, l_i, s, vt, cols, M, row_scale, MASK: tl.constexpr, LOG2_PSCALE: tl.constexpr,
+                     EXP16: tl.constexpr):
+        # s: raw products q8·k8 of a key tile [BLOCK_M, BLOCK_N]; vt: its values [D, BLOCK_N] (e4m3). The row scale
+        # (> 0) is applied inside the exponent.
+        if MASK:
+            s = tl.where(cols[None, :] < M, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        x = s * row_scale[:, None] - (m_new - LOG2_PSCALE)[:, None]  # one FMA: p·PSCALE = 2^x <= PSCALE
+        if EXP16:
+            p = _exp2_f16(x.to(tl.float16))
+            l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        else:
+            p = tl.math.exp2(x)
+            l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, start, M, sk_m, sv_d, offs_n, offs_d,
-                     MASK: tl.constexpr, PSCALE: tl.constexpr):
+                     MASK: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr):
         cols = start + offs_n
         if MASK:
             k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :], mask=cols[:, None] < M, other=0.0)
@@ -251,27 +294,40 @@ if triton is not None:
         else:
             k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :])
             vt = tl.load(v_base + offs_d[:, None] * sv_d + cols[None, :])
-        s = tl.dot(q8, tl.trans(k)) * row_scale[:, None]
-        if MASK:
-            s = tl.where(cols[None, :] < M, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot((p * PSCALE).to(tl.float8e4nv), tl.trans(vt), acc)
-        return acc, m_new, l_i
+        s = tl.dot(q8, tl.trans(k))
+        return _online_step(acc, m_i, l_i, s, vt, cols, M, row_scale, MASK, LOG2_PSCALE, EXP16)
+
+    @triton.jit
+    def _attend_segment_tma(acc, m_i, l_i, q8, row_scale, k_desc, v_desc, b, h, M, offs_n,
+                            BLOCK_N: tl.constexpr, D: tl.constexpr, LOG2_PSCALE: tl.constexpr,
+                            EXP16: tl.constexpr):
+        # TMA loads: tiles past M come back as zeros (the descriptors' shape ends at M), so only the scores of the
+        # last tile are masked
+        full = (M // BLOCK_N) * BLOCK_N
+        for start in range(0, full, BLOCK_N):
+            k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
+            vt = v_desc.load([b, h, 0, start]).reshape(D, BLOCK_N)
+            s = tl.dot(q8, tl.trans(k))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, vt, start + offs_n, M, row_scale, False, LOG2_PSCALE,
+                                         EXP16)
+        if full < M:
+            k = k_desc.load([b, h, full, 0]).reshape(BLOCK_N, D)
+            vt = v_desc.load([b, h, 0, full]).reshape(D, BLOCK_N)
+            s = tl.dot(q8, tl.trans(k))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, vt, full + offs_n, M, row_scale, True, LOG2_PSCALE,
+                                         EXP16)
+        return acc, m_i, l_i
 
     @triton.jit
     def _attend_segment(acc, m_i, l_i, q8, row_scale, k_base, v_base, M, sk_m, sv_d, offs_n, offs_d,
-                        BLOCK_N: tl.constexpr, PSCALE: tl.constexpr):
+                        BLOCK_N: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr):
         full = (M // BLOCK_N) * BLOCK_N
         for start in range(0, full, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, start, M, sk_m, sv_d, offs_n,
-                                         offs_d, False, PSCALE)
+                                         offs_d, False, LOG2_PSCALE, EXP16)
         if full < M:
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q8, row_scale, k_base, v_base, full, M, sk_m, sv_d, offs_n,
-                                         offs_d, True, PSCALE)
+                                         offs_d, True, LOG2_PSCALE, EXP16)
         return acc, m_i, l_i
 
     @triton.jit
@@ -281,7 +337,7 @@ if triton is not None:
         sq_b, sq_h, sq_n, sk1_b, sk1_h, sk1_m, sv1_b, sv1_h, sv1_d, sk2_b, sk2_h, sk2_m, sv2_b, sv2_h, sv2_d,
         so_b, so_n, so_h,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
-        FP8_MAX: tl.constexpr, FLOOR: tl.constexpr, PSCALE: tl.constexpr,
+        FP8_MAX: tl.constexpr, FLOOR: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -304,17 +360,76 @@ if triton is not None:
         vs = tl.load(vs1_ptr + bh)
         acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q8, q_unit * tl.load(ks1_ptr + bh),
                                         k1_ptr + b64 * sk1_b + h * sk1_h, v1_ptr + b64 * sv1_b + h * sv1_h, M1,
-                                        sk1_m, sv1_d, offs_n, offs_d, BLOCK_N, PSCALE)
+                                        sk1_m, sv1_d, offs_n, offs_d, BLOCK_N, LOG2_PSCALE, EXP16)
         if TWO:  # the accumulator so far is in units of the first segment's v_scale: move it to the second's
             vs2 = tl.load(vs2_ptr + bh)
             acc = acc * (vs / vs2)
             vs = vs2
             acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q8, q_unit * tl.load(ks2_ptr + bh),
                                             k2_ptr + b64 * sk2_b + h * sk2_h, v2_ptr + b64 * sv2_b + h * sv2_h, M2,
-                                            sk2_m, sv2_d, offs_n, offs_d, BLOCK_N, PSCALE)
-        out = acc * (vs / (PSCALE * l_i))[:, None]
+                                            sk2_m, sv2_d, offs_n, offs_d, BLOCK_N, LOG2_PSCALE, EXP16)
+        out = acc * (vs / l_i)[:, None]  # l_i sums p·PSCALE
         tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_attention_tma_kernel(
+        q_ptr, k1_desc, ks1_ptr, v1_desc, vs1_ptr, k2_desc, ks2_ptr, v2_desc, vs2_ptr, o_ptr,
+        H, N, M1, M2, qk_scale, sq_b, sq_h, sq_n, so_b, so_n, so_h,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO: tl.constexpr,
+        FP8_MAX: tl.constexpr, FLOOR: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr,
+    ):
+        # `_fp8_attention_kernel` with the key and value tiles brought by the tensor memory accelerator (4-D
+        # descriptors [B, H, M, D] and [B, H, D, M]): no address registers, asynchronous bulk copies
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        b64 = b.to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m[:, None] < N
+        q = tl.load(q_ptr + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=row_ok,
+                    other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(q), 1), FLOOR)
+        inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), amax) * FP8_MAX
+        q8 = tl.clamp(q * inv[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+        q_unit = amax * (1.0 / FP8_MAX) * qk_scale
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        vs = tl.load(vs1_ptr + bh)
+        acc, m_i, l_i = _attend_segment_tma(acc, m_i, l_i, q8, q_unit * tl.load(ks1_ptr + bh), k1_desc, v1_desc,
+                                            b, h, M1, offs_n, BLOCK_N, D, LOG2_PSCALE, EXP16)
+        if TWO:
+            vs2 = tl.load(vs2_ptr + bh)
+            acc = acc * (vs / vs2)
+            vs = vs2
+            acc, m_i, l_i = _attend_segment_tma(acc, m_i, l_i, q8, q_unit * tl.load(ks2_ptr + bh), k2_desc,
+                                                v2_desc, b, h, M2, offs_n, BLOCK_N, D, LOG2_PSCALE, EXP16)
+        out = acc * (vs / l_i)[:, None]
+        tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _tma_descriptors(seg: QuantizedKV, block_n: int):
+    """Host-side TMA descriptors of a segment's k `[B, H, M, D]` and v_t `[B, H, D, M]`, or None where the layout
+    does not allow them (16-byte aligned base and strides)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k, vt = seg.k, seg.v_t
+    d, m = k.shape[-1], k.shape[-2]
+    if m == 0:
+        return None
+    for t in (k, vt):
+        if t.data_ptr() % 16 or any(st % 16 for st in t.stride()[:-1]):
+            return None
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, d]),
+            TensorDescriptor(vt, list(vt.shape), list(vt.stride()), [1, 1, d, block_n]))
 
 
 def _check_segment(q: Tensor, seg: QuantizedKV, i: int) -> None:
@@ -346,6 +461,7 @@ def fp8_attention_triton(q: Tensor, segments, scale: float | None = None, config
     if q.stride(-1) != 1:
         q = q.contiguous()
     cfg = {**DEFAULT_CONFIG, **(config or {})}
+    segments = [seg for seg in segments if seg.tokens > 0] or list(segments[:1])  # an empty segment adds nothing
     s1 = segments[0]
     s2 = segments[1] if len(segments) == 2 else s1
     out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
@@ -353,15 +469,23 @@ def fp8_attention_triton(q: Tensor, segments, scale: float | None = None, config
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
     ks1, vs1 = s1.k_scale.contiguous(), s1.v_scale.contiguous()
     ks2, vs2 = s2.k_scale.contiguous(), s2.v_scale.contiguous()
+    consts = dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TWO=len(segments) == 2, FP8_MAX=E4M3_MAX,
+                  FLOOR=AMAX_FLOOR, LOG2_PSCALE=LOG2_P_SCALE, EXP16=cfg["EXP16"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    descs = [_tma_descriptors(seg, cfg["BLOCK_N"]) for seg in (s1, s2)] if cfg["TMA"] else [None]
+    if all(dd is not None for dd in descs):
+        (k1d, v1d), (k2d, v2d) = descs
+        _fp8_attention_tma_kernel[grid](
+            q, k1d, ks1, v1d, vs1, k2d, ks2, v2d, vs2, out, h, n, s1.tokens, s2.tokens, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), **consts)
+        return out.transpose(1, 2)
     _fp8_attention_kernel[grid](
         q, s1.k, ks1, s1.v_t, vs1, s2.k, ks2, s2.v_t, vs2, out,
         h, n, s1.tokens, s2.tokens, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         s1.k.stride(0), s1.k.stride(1), s1.k.stride(2), s1.v_t.stride(0), s1.v_t.stride(1), s1.v_t.stride(2),
         s2.k.stride(0), s2.k.stride(1), s2.k.stride(2), s2.v_t.stride(0), s2.v_t.stride(1), s2.v_t.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TWO=len(segments) == 2,
-        FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR, PSCALE=P_SCALE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out.stride(0), out.stride(1), out.stride(2), **consts)
     return out.transpose(1, 2)
 
 

@@ -26,6 +26,7 @@ from kernels.fp8_attention import (
     HEAD_DIMS,
     LOG2E,
     P_SCALE,
+    SWEEP,
     QuantizedKV,
     empty_quantized,
     fp8_attention,
@@ -366,7 +367,8 @@ def test_interpreter_kernel_is_the_reference(two):
         q, segs[0].k, segs[0].k_scale, segs[0].v_t, segs[0].v_scale, s2.k, s2.k_scale, s2.v_t, s2.v_scale, out,
         h, n, segs[0].tokens, s2.tokens, d ** -0.5 * LOG2E, *q.stride()[:3], *segs[0].k.stride()[:3],
         *segs[0].v_t.stride()[:3], *s2.k.stride()[:3], *s2.v_t.stride()[:3], *out.stride()[:3],
-        D=d, BLOCK_M=bm, BLOCK_N=bn, TWO=two, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR, PSCALE=P_SCALE)
+        D=d, BLOCK_M=bm, BLOCK_N=bn, TWO=two, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR, LOG2_PSCALE=fa.LOG2_P_SCALE,
+        EXP16=False)
     want = fp8_attention_reference(q, segs, block_n=bn)
     assert rel(out.transpose(1, 2), want) < BF16_OUT_TOL
 
@@ -417,23 +419,22 @@ def test_cuda_kernel_is_the_reference_and_close_to_exact(case, dtype):
     assert QUANTISED_FLOOR < err_exact < EXACT_REL_TOL
 
 
-PROBE_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                 dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", PROBE_CONFIGS, ids=lambda c: "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}"
-                         .format(**c))
-def test_cuda_kernel_configs_agree(config):
-    """Every configuration the probe sweeps computes the reference of its own key tiling."""
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_cuda_kernel_configs_agree(name):
+    """Every configuration the probe sweeps computes the reference of its own key tiling (and exponent precision)."""
     from kernels.fp8_attention import fp8_attention_triton
 
+    config = SWEEP[name]
     q, k1, v1 = gaussian(1, 4, 300, 500, 128, seed=11, dtype=torch.bfloat16, device="cuda")
     _, k2, v2 = gaussian(1, 4, 1, 300, 128, seed=12, dtype=torch.bfloat16, device="cuda")
     segs = [quantize_kv(k1, v1), quantize_kv(k2, v2)]
     got = fp8_attention_triton(q, segs, config=config)
-    assert rel(got, fp8_attention_reference(q, segs, block_n=config["BLOCK_N"])) < BF16_OUT_TOL
+    want = fp8_attention_reference(q, segs, block_n=config["BLOCK_N"], exp16=config["EXP16"])
+    err_ref, err_exact = rel(got, want), rel(got, exact_attention(q, (k1, k2), (v1, v2)))
+    print(f"\n{config}: vs reference {err_ref:.2e}, vs exact {err_exact:.2e}")
+    assert err_ref < BF16_OUT_TOL
+    assert QUANTISED_FLOOR < err_exact < EXACT_REL_TOL
 
 
 @pytest.mark.gpu
@@ -483,3 +484,27 @@ def test_live_loop_with_fp8_attention_on_cpu(fast):
     print(f"refined latents vs the plain loop: {[f'{e:.2e}' for e in errs]}")
     # the tiny refiner's attention moves its output little: above fp32 rounding (1e-6) shows the fp8 path ran
     assert all(1e-5 < e < EXACT_REL_TOL for e in errs)
+
+
+@interpreter
+@pytest.mark.usefixtures("exact_fp8_interpreter")
+def test_interpreter_tma_kernel_is_the_reference():
+    """The descriptor-loading kernel: tiles past a segment's end come back as zeros (48 and 80 keys, tiles of 32)."""
+    import kernels.fp8_attention as fa
+
+    q, k1, v1 = gaussian(1, 2, 37, 48, 32, seed=13)
+    _, k2, v2 = gaussian(1, 2, 1, 80, 32, seed=14)
+    q = q.bfloat16()
+    segs = [quantize_kv_reference(k1, v1), quantize_kv_reference(k2 * 0.2, v2 * 4)]
+    (k1d, v1d), (k2d, v2d) = (fa._tma_descriptors(seg, 32) for seg in segs)
+    n, h, d, bm = q.shape[2], q.shape[1], q.shape[3], 16
+    out = torch.empty(1, n, h, d, dtype=torch.bfloat16)
+    fa._fp8_attention_tma_kernel[(math.ceil(n / bm), h)](
+        q, k1d, segs[0].k_scale, v1d, segs[0].v_scale, k2d, segs[1].k_scale, v2d, segs[1].v_scale, out,
+        h, n, 48, 80, d ** -0.5 * LOG2E, *q.stride()[:3], *out.stride()[:3],
+        D=d, BLOCK_M=bm, BLOCK_N=32, TWO=True, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR, LOG2_PSCALE=fa.LOG2_P_SCALE,
+        EXP16=False)
+    want = fp8_attention_reference(q, segs, block_n=32)
+    assert rel(out.transpose(1, 2), want) < BF16_OUT_TOL
+    unaligned = quantize_kv_reference(k1[:, :, :37], v1[:, :, :37])  # v_t rows of 37 bytes: no descriptor
+    assert fa._tma_descriptors(unaligned, 32) is None

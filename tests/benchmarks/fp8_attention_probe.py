@@ -7,8 +7,9 @@ graph (`--iters` replays one by one with CUDA events; median, min):
 
 - bf16: SDPA over the 12320 keys as one tensor (the window with active slots), and the two-segment attention
   (`lean-memory`'s window: two cuDNN calls with their log-sum-exp, merged);
-- fp8: the kernel over the two quantised segments, per configuration (`--configs`), and what a forward pays per
-  layer with the default one: the block's K/V quantised (`quantize_kv`) plus the kernel;
+- fp8: the kernel over the two quantised segments, per configuration (`--configs`, of
+  `kernels.fp8_attention.SWEEP`), and what a forward pays per layer with the default one: the block's K/V
+  quantised (`quantize_kv`) plus the kernel;
 - the window's fp8 copy rebuilt for all 48 layers (`quantize_kv_into`, once a block).
 
 TFLOP/s count 4·N·M·D per head (the two products). Accuracy against fp32 attention over the same bf16 inputs:
@@ -28,6 +29,7 @@ from graph_timing import time_graph  # this directory is on sys.path when run as
 from engine.refiner.model import two_segment_attention
 from kernels.fp8_attention import (
     DEFAULT_CONFIG,
+    SWEEP,
     empty_quantized,
     fp8_attention_triton,
     quantize_kv,
@@ -36,13 +38,6 @@ from kernels.fp8_attention import (
 
 HEADS, HEAD_DIM, QUERIES, HISTORY, LAYERS = 32, 128, 3 * 22 * 40, 11 * 22 * 40, 48
 DEVICE = "cuda"
-CONFIGS = {  # name -> BLOCK_M, BLOCK_N, num_warps, num_stages
-    "m128 n128 w8 s2": (128, 128, 8, 2), "m128 n128 w8 s3": (128, 128, 8, 3), "m128 n128 w8 s4": (128, 128, 8, 4),
-    "m128 n64 w8 s3": (128, 64, 8, 3), "m128 n64 w4 s3": (128, 64, 4, 3), "m64 n128 w4 s3": (64, 128, 4, 3),
-    "m64 n64 w4 s4": (64, 64, 4, 4), "m128 n256 w8 s2": (128, 256, 8, 2),
-}
-
-
 def rel_fro(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -70,9 +65,7 @@ def run(args) -> dict:
         "fp8 quantize_kv(block) alone": lambda: quantize_kv(k_act, v_act).k,
     }
     for name in args.configs.split(","):
-        bm, bn, w, s = CONFIGS[name]
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-        cases[f"fp8 kernel {name}"] = (lambda cfg=cfg: fp8_attention_triton(q, [hist8, act8], config=cfg))
+        cases[f"fp8 kernel {name}"] = (lambda cfg=SWEEP[name]: fp8_attention_triton(q, [hist8, act8], config=cfg))
     rows = []
     for name, fn in cases.items():
         row = {"name": name}
@@ -103,14 +96,14 @@ def run(args) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(SWEEP), help=f"comma-separated, of: {', '.join(SWEEP)}")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_attention_probe needs a CUDA device")
-    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    unknown = [c for c in args.configs.split(",") if c not in SWEEP]
     if unknown:
-        raise SystemExit(f"--configs: unknown {unknown[0]!r}; accepted: {', '.join(CONFIGS)}")
+        raise SystemExit(f"--configs: unknown {unknown[0]!r}; accepted: {', '.join(SWEEP)}")
     result = run(args)
     if args.out:
         with open(args.out, "w") as f:
