@@ -220,15 +220,18 @@ def quantize_query_rows(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[QuantizedKV, ...],
-                            scale: float | None = None, block_n: int | None = None, exp16: bool = False) -> Tensor:
+                            scale: float | None = None, block_n: int | None = None,
+                            exp16: bool | None = None) -> Tensor:
     """What the kernel computes, in fp32 torch (any device): `q [B, H, N, D]` over the keys of all `segments` taken
     as one set -> `[B, H, N, D]` in q's dtype. The same recurrence over key tiles of `block_n` (default: the
     kernel's) restarting at each segment, so p is quantised relative to the same running maxima; only the order of
-    the fp32 sums and the last ulp of exp2 differ from the kernel. `exp16`: the exponent rounded to fp16 and its
-    power of two to fp16, as the kernel's EXP16 computes it (its ex2.approx.f16x2 may differ by an ulp)."""
+    the fp32 sums and the last ulp of exp2 differ from the kernel. `exp16` (default: the kernel's): the exponent
+    rounded to fp16 and its power of two to fp16, as the kernel's EXP16 computes it (its ex2.approx.f16x2 may
+    differ by an ulp)."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     block_n = DEFAULT_CONFIG["BLOCK_N"] if block_n is None else block_n
+    exp16 = DEFAULT_CONFIG["EXP16"] if exp16 is None else exp16
     q8, qs = quantize_query_rows(q)
     q8 = q8.float()
     m = torch.full(q.shape[:-1], -math.inf, device=q.device)
