@@ -26,6 +26,7 @@ from kernels.fp8_attention import (
     HEAD_DIMS,
     LOG2E,
     P_SCALE,
+    SCALE_BLOCK,
     SWEEP,
     QuantizedKV,
     empty_quantized,
@@ -36,6 +37,7 @@ from kernels.fp8_attention import (
     quantize_kv_into,
     quantize_kv_reference,
     quantize_query_rows,
+    segment_view,
 )
 
 EXACT_REL_TOL = 0.1  # fp8 attention vs exact attention on Gaussian inputs (module docstring: ~6.5% expected)
@@ -55,6 +57,13 @@ def gaussian(b, h, n, m, d, seed=0, dtype=torch.float32, device="cpu"):
     return (t.to(device, dtype) for t in (q, k, v))
 
 
+def assert_same_segment(got: QuantizedKV, want: QuantizedKV) -> None:
+    """Bit for bit (e4m3 compared as bytes, so NaN == NaN)."""
+    for name, a, b in zip(QuantizedKV._fields, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == E4M3 else torch.equal(a, b), name
+
+
 def exact_attention(q, ks, vs):
     k, v = torch.cat([x.double() for x in ks], 2), torch.cat([x.double() for x in vs], 2)
     return torch.nn.functional.scaled_dot_product_attention(q.double(), k, v)
@@ -65,68 +74,71 @@ def exact_attention(q, ks, vs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_kv_round_trip_bound(dtype):
+    """Two scale blocks (128 + 72 tokens), token magnitudes over six decades (the small ones go subnormal)."""
     g = torch.Generator().manual_seed(1)
-    k = (torch.randn(2, 3, 37, 32, generator=g) * torch.logspace(-4, 2, 37)[:, None]).to(dtype)
-    v = torch.randn(2, 3, 37, 32, generator=g).to(dtype)
+    k = (torch.randn(2, 3, 200, 32, generator=g) * torch.logspace(-4, 2, 200)[:, None]).to(dtype)
+    v = torch.randn(2, 3, 200, 32, generator=g).to(dtype)
     seg = quantize_kv_reference(k, v)
     assert seg.k.dtype == E4M3 and seg.v_t.dtype == E4M3
-    assert seg.k.shape == (2, 3, 37, 32) and seg.v_t.shape == (2, 3, 32, 37)
-    assert seg.k_scale.shape == seg.v_scale.shape == (2, 3) and seg.k_scale.dtype == torch.float32
+    assert seg.k.shape == (2, 3, 200, 32) and seg.v_t.shape == (2, 3, 32, 200)
+    assert seg.k_scale.shape == seg.v_scale.shape == (2, 3, 2) and seg.k_scale.dtype == torch.float32
     for x, q, s in ((k, seg.k, seg.k_scale), (v, seg.v_t.transpose(-1, -2), seg.v_scale)):
         x = x.double()
-        s = s.double()[..., None, None]
+        s = s.double().repeat_interleave(SCALE_BLOCK, dim=-1)[..., :200, None]  # each token's block scale
         err = (q.double() * s - x).abs()
         allowed = torch.maximum(2.0 ** -4 * x.abs(), 2.0 ** -10 * s) * (1 + 1e-6)
         assert (err <= allowed).all()
-        assert (q.float().abs().amax(dim=(-2, -1)) == E4M3_MAX).all()  # the largest value maps to 448
+        for blk in (slice(0, 128), slice(128, 200)):  # each block's largest value maps to 448
+            assert (q[..., blk, :].float().abs().amax(dim=(-2, -1)) == E4M3_MAX).all()
         assert err.max() > 0  # it did round
 
 
-def test_quantize_kv_zero_and_nan_segments():
+def test_quantize_kv_zero_and_nan_blocks():
     k = torch.zeros(1, 2, 5, 32)
     v = torch.randn(1, 2, 5, 32)
     v[0, 1, 2, 3] = float("nan")
     seg = quantize_kv_reference(k, v)
     assert (seg.k.float() == 0).all() and torch.isfinite(seg.k_scale).all()
-    assert torch.isnan(seg.v_scale[0, 1]) and torch.isfinite(seg.v_scale[0, 0])  # a NaN is not hidden
-    assert torch.isnan(seg.v_t[0, 1].float()).all()
+    assert torch.isnan(seg.v_scale[0, 1]).all() and torch.isfinite(seg.v_scale[0, 0]).all()
+    assert torch.isnan(seg.v_t[0, 1].float()).all()  # a NaN is not hidden: its block is NaN
+    assert torch.isfinite(seg.v_t[0, 0].float()).all()  # the other head's is untouched
 
 
 def test_quantize_kv_into_writes_views_and_checks_shapes():
     k, v = torch.randn(2, 1, 2, 9, 32), torch.randn(2, 1, 2, 9, 32)
     buf = empty_quantized((2, 1, 2), 16, 32, "cpu")  # larger than needed: written through views of it
-    view = QuantizedKV(buf.k[..., :9, :], buf.k_scale, buf.v_t[..., :9], buf.v_scale)
-    quantize_kv_into(k, v, view)
-    ref = quantize_kv_reference(k, v)
-    assert torch.equal(buf.k[..., :9, :].view(torch.uint8), ref.k.view(torch.uint8))
-    assert torch.equal(buf.v_t[..., :9].view(torch.uint8), ref.v_t.view(torch.uint8))
-    assert torch.equal(buf.k_scale, ref.k_scale) and torch.equal(buf.v_scale, ref.v_scale)
+    quantize_kv_into(k, v, segment_view(buf, 9))
+    assert_same_segment(segment_view(buf, 9), quantize_kv_reference(k, v))
     with pytest.raises(ValueError, match="quantize_kv_into"):
-        quantize_kv_into(k, v, QuantizedKV(buf.k, buf.k_scale, buf.v_t, buf.v_scale))  # 16 tokens for 9
+        quantize_kv_into(k, v, buf)  # 16 tokens for 9
 
 
 # ------------------------------------------------------------------------------------------ reference maths
 
 
 def independent_fp64(q, segs, scale):
-    """The module docstring's formula in fp64, with p quantised relative to the final row max (the reference with
-    one key tile per segment and one segment computes exactly this up to fp32 rounding)."""
+    """The module docstring's formula in fp64, with p quantised relative to the final row max and the final value
+    scale max (the reference with one key tile computes exactly this up to fp32 rounding)."""
     q8, qs = quantize_query_rows(q)
-    s = [(q8.double() @ seg.k.double().transpose(-1, -2)) * qs.double() * seg.k_scale.double()[..., None, None]
-         * (scale * LOG2E) for seg in segs]
+
+    def per_token(sc, m):
+        return sc.double().repeat_interleave(SCALE_BLOCK, dim=-1)[..., :m]
+
+    s = [(q8.double() @ seg.k.double().transpose(-1, -2)) * per_token(seg.k_scale, seg.tokens)[..., None, :]
+         * qs.double() * (scale * LOG2E) for seg in segs]
     m = torch.cat(s, -1).amax(-1, keepdim=True)
+    r = torch.cat([seg.v_scale.double() for seg in segs], -1).amax(-1)[..., None, None]
     p = [torch.exp2(t - m) for t in s]
     l = sum(t.sum(-1, keepdim=True) for t in p)
-    out = sum((t * P_SCALE).to(E4M3).double() @ seg.v_t.double().transpose(-1, -2) * seg.v_scale.double()[..., None,
-                                                                                                           None]
-              for t, seg in zip(p, segs, strict=True))
-    return out / (P_SCALE * l)
+    out = sum((P_SCALE * t * per_token(seg.v_scale, seg.tokens)[..., None, :] / r).to(E4M3).double()
+              @ seg.v_t.double().transpose(-1, -2) for t, seg in zip(p, segs, strict=True))
+    return out * r / (P_SCALE * l)
 
 
 def test_reference_is_the_formula():
     q, k, v = gaussian(1, 2, 20, 50, 32, seed=2)
     seg = quantize_kv_reference(k, v)
-    got = fp8_attention_reference(q, [seg], block_n=64, exp16=False)  # one tile: the running max is the final max
+    got = fp8_attention_reference(q, [seg], block_n=128, exp16=False)  # one tile: the running maxima are the final
     want = independent_fp64(q, [seg], 32 ** -0.5)
     # fp32 vs fp64 moves p by ~1e-7 relative: only p·256 within that of an e4m3 tie can round the other way
     assert rel(got, want) < 1e-4
@@ -134,9 +146,9 @@ def test_reference_is_the_formula():
 
 @pytest.mark.parametrize("block_n", [16, 64, 128])
 def test_reference_tiles_and_segments_close_to_exact(block_n):
-    """Two segments of different scales (the accumulator is moved between their units), tiles that do not divide
-    the segments (a partial last tile each)."""
-    q, k1, v1 = gaussian(2, 3, 33, 70, 64, seed=3)
+    """Two segments of different scales (the accumulator moves to a larger value scale when one comes), several
+    scale blocks, tiles that do not divide the segments (a partial last tile each)."""
+    q, k1, v1 = gaussian(2, 3, 33, 300, 64, seed=3)
     _, k2, v2 = gaussian(2, 3, 1, 45, 64, seed=4)
     k2, v2 = k2 * 0.3, v2 * 7
     segs = [quantize_kv_reference(k1, v1), quantize_kv_reference(k2, v2)]
@@ -187,10 +199,7 @@ def test_fp8_window_copy_is_the_quantised_window(path, split):
         r._open(b - a)
         assert not w.fp8_stale
         t = w._tok(w.sink_frames + w.history_len)
-        ref = quantize_kv_reference(w.k[:, :, :, :t], w.v[:, :, :, :t])
-        assert torch.equal(w.fp8.k[:, :, :, :t].view(torch.uint8), ref.k.view(torch.uint8))
-        assert torch.equal(w.fp8.v_t[..., :t].view(torch.uint8), ref.v_t.view(torch.uint8))
-        assert torch.equal(w.fp8.k_scale, ref.k_scale) and torch.equal(w.fp8.v_scale, ref.v_scale)
+        assert_same_segment(segment_view(w.fp8, t), quantize_kv_reference(w.k[:, :, :, :t], w.v[:, :, :, :t]))
         w.active_len = 0  # undo the open: refine_block opens again
         out = r.refine_block(lat[:, :, a:b], noises[i])
         assert torch.isfinite(out).all()
@@ -344,10 +353,9 @@ def test_interpreter_quantiser_is_the_reference():
     k, v = torch.randn(2, 3, 37, 32), torch.randn(2, 3, 37, 32) * 5
     ref = quantize_kv_reference(k, v)
     out = empty_quantized((2, 3), 37, 32, "cpu")
-    fa._launch_quantize(k, fa._inverse_unit(fa._segment_amax(k)), out.k, transposed=False)
-    fa._launch_quantize(v, fa._inverse_unit(fa._segment_amax(v)), out.v_t, transposed=True)
-    assert torch.equal(out.k.view(torch.uint8), ref.k.view(torch.uint8))
-    assert torch.equal(out.v_t.view(torch.uint8), ref.v_t.view(torch.uint8))
+    fa._launch_quantize(k, out.k, out.k_scale, transposed=False)
+    fa._launch_quantize(v, out.v_t, out.v_scale, transposed=True)
+    assert_same_segment(out, ref)
 
 
 @interpreter
@@ -356,19 +364,20 @@ def test_interpreter_quantiser_is_the_reference():
 def test_interpreter_kernel_is_the_reference(two):
     import kernels.fp8_attention as fa
 
-    q, k1, v1 = gaussian(1, 2, 37, 50, 32, seed=7)
+    q, k1, v1 = gaussian(1, 2, 37, 300, 32, seed=7)  # three scale blocks, the last partial
     _, k2, v2 = gaussian(1, 2, 1, 19, 32, seed=8)
     q = q.bfloat16()
     segs = [quantize_kv_reference(k1, v1)] + ([quantize_kv_reference(k2 * 0.2, v2 * 4)] if two else [])
     s2 = segs[-1]
     n, h, d, bm, bn = q.shape[2], q.shape[1], q.shape[3], 16, 16
     out = torch.empty(1, n, h, d, dtype=torch.bfloat16)
+    s1 = segs[0]
     fa._fp8_attention_kernel[(math.ceil(n / bm), h)](
-        q, segs[0].k, segs[0].k_scale, segs[0].v_t, segs[0].v_scale, s2.k, s2.k_scale, s2.v_t, s2.v_scale, out,
-        h, n, segs[0].tokens, s2.tokens, d ** -0.5 * LOG2E, *q.stride()[:3], *segs[0].k.stride()[:3],
-        *segs[0].v_t.stride()[:3], *s2.k.stride()[:3], *s2.v_t.stride()[:3], *out.stride()[:3],
-        D=d, BLOCK_M=bm, BLOCK_N=bn, TWO=two, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR, LOG2_PSCALE=fa.LOG2_P_SCALE,
-        EXP16=False)
+        q, s1.k, s1.k_scale, s1.v_t, s1.v_scale, s2.k, s2.k_scale, s2.v_t, s2.v_scale, out,
+        h, n, s1.tokens, s2.tokens, d ** -0.5 * LOG2E, *q.stride()[:3], *s1.k.stride()[:3], *s1.v_t.stride()[:3],
+        *s1.k_scale.stride()[:2], *s2.k.stride()[:3], *s2.v_t.stride()[:3], *s2.k_scale.stride()[:2],
+        *out.stride()[:3], D=d, BLOCK_M=bm, BLOCK_N=bn, TWO=two, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR,
+        LOG2_PSCALE=fa.LOG2_P_SCALE, EXP16=False, SBLOCK=SCALE_BLOCK)
     want = fp8_attention_reference(q, segs, block_n=bn)
     assert rel(out.transpose(1, 2), want) < BF16_OUT_TOL
 
@@ -386,10 +395,7 @@ def test_cuda_quantiser_is_the_reference(shape):
     base[1, :, :, : shape[2]] = k
     kv = base[1:2, :, :, : shape[2]].squeeze(0)
     for kk in (k, kv):
-        got, ref = quantize_kv(kk, v), quantize_kv_reference(kk, v)
-        assert torch.equal(got.k.view(torch.uint8), ref.k.view(torch.uint8))
-        assert torch.equal(got.v_t.view(torch.uint8), ref.v_t.view(torch.uint8))
-        assert torch.equal(got.k_scale, ref.k_scale) and torch.equal(got.v_scale, ref.v_scale)
+        assert_same_segment(quantize_kv(kk, v), quantize_kv_reference(kk, v))
 
 
 CUDA_CASES = [  # b, h, n, history, block, d
@@ -501,9 +507,9 @@ def test_interpreter_tma_kernel_is_the_reference():
     out = torch.empty(1, n, h, d, dtype=torch.bfloat16)
     fa._fp8_attention_tma_kernel[(math.ceil(n / bm), h)](
         q, k1d, segs[0].k_scale, v1d, segs[0].v_scale, k2d, segs[1].k_scale, v2d, segs[1].v_scale, out,
-        h, n, 48, 80, d ** -0.5 * LOG2E, *q.stride()[:3], *out.stride()[:3],
-        D=d, BLOCK_M=bm, BLOCK_N=32, TWO=True, FP8_MAX=E4M3_MAX, FLOOR=fa.AMAX_FLOOR, LOG2_PSCALE=fa.LOG2_P_SCALE,
-        EXP16=False)
+        h, n, 48, 80, d ** -0.5 * LOG2E, *q.stride()[:3], *segs[0].k_scale.stride()[:2],
+        *segs[1].k_scale.stride()[:2], *out.stride()[:3], D=d, BLOCK_M=bm, BLOCK_N=32, TWO=True, FP8_MAX=E4M3_MAX,
+        FLOOR=fa.AMAX_FLOOR, LOG2_PSCALE=fa.LOG2_P_SCALE, EXP16=False, SBLOCK=SCALE_BLOCK)
     want = fp8_attention_reference(q, segs, block_n=32)
     assert rel(out.transpose(1, 2), want) < BF16_OUT_TOL
     unaligned = quantize_kv_reference(k1[:, :, :37], v1[:, :, :37])  # v_t rows of 37 bytes: no descriptor

@@ -23,7 +23,7 @@ from engine.errors import InputError
 from engine.refiner.config import ARConfig
 from engine.refiner.model import RefinerText, RefinerTransformer
 from engine.refiner.rope import Rope, apply_rope
-from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv_into
+from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv_into, segment_view
 
 
 class RefinerKVWindow:
@@ -38,7 +38,7 @@ class RefinerKVWindow:
     layer has attended (`after_attention`; the history shifts by the frames it drops, as `append_active` does).
 
     `use_fp8_attention()` (fast path `refiner-fp8-attn`) adds an e4m3 copy of the sink + history K/V (`fp8`, one
-    scale per layer, batch and head; half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
+    scale per token; about half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
     rebuilds from the bf16 window, once a block (`ARRefiner._open`); `attend` then returns two segments, that copy
     and the block's own K/V, which the self-attention runs in fp8 (kernels/fp8_attention.py). The bf16 window stays
     the state (snapshots, capture passes); the copy is derived. A layer whose window changed since the last refresh
@@ -123,17 +123,14 @@ class RefinerKVWindow:
         if self.fp8 is None:
             return
         t = self._tok(self.sink_frames + self.history_len)
-        f = self.fp8
-        quantize_kv_into(self.k[:, :, :, :t], self.v[:, :, :, :t],
-                         QuantizedKV(f.k[:, :, :, :t], f.k_scale, f.v_t[..., :t], f.v_scale))
+        quantize_kv_into(self.k[:, :, :, :t], self.v[:, :, :, :t], segment_view(self.fp8, t))
         self._fp8_stale.clear()
 
     def _fp8_segment(self, layer: int, tokens: int) -> QuantizedKV:
         if layer in self._fp8_stale:
             raise RuntimeError(f"layer {layer}: the K/V window changed since its fp8 copy was made; call "
                                "refresh_fp8() before attending (ARRefiner does, once a block)")
-        f = self.fp8
-        return QuantizedKV(f.k[layer, :, :, :tokens], f.k_scale[layer], f.v_t[layer, ..., :tokens], f.v_scale[layer])
+        return segment_view(QuantizedKV(*(t[layer] for t in self.fp8)), tokens)
 
     # -- operations -----------------------------------------------------------------------------------------------
     def clear(self) -> None:

@@ -119,11 +119,12 @@ case "${1:-}" in
     timeout 170 python3 tests/benchmarks/fp8_attention_probe.py --iters 20 --out "$OUT/fp8_attention_probe.json" \
       > "$OUT/fp8_attention_probe.log" 2>&1
     summary+=("fp8 attention probe rc=$?"); tail -26 "$OUT/fp8_attention_probe.log"
-    timeout 240 python3 -m engine.bench --preset release --fast all,refiner-fp8,refiner-fp8-attn --quality full \
-      --chunks 10 --warmup 5 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8_attn.json" \
+    timeout 280 python3 -m engine.bench --preset release --fast all,refiner-fp8,refiner-fp8-attn --quality full \
+      --chunks 10 --warmup 5 --no-snapshot --replay-chunks 0 --gemm 0 --profile --out "$OUT/bench_fp8_attn.json" \
       > "$OUT/bench_fp8_attn.log" 2>&1
-    summary+=("bench fp8 + fp8 attention rc=$?"); tail -14 "$OUT/bench_fp8_attn.log"
-    t 200 fp8_attention tests/test_fp8_attention.py
+    summary+=("bench fp8 + fp8 attention rc=$?"); grep -A 9 "^refiner_forward" "$OUT/bench_fp8_attn.log"
+    tail -9 "$OUT/bench_fp8_attn.log"
+    t 150 fp8_attention tests/test_fp8_attention.py
     ;;
   *)
     echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|bench-profile|latency|probes|ffn|memory|fp8" >&2
