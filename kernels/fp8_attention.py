@@ -307,7 +307,7 @@ if triton is not None:
         r_new = tl.maximum(r, vs)
         w = vs / r_new  # <= 1: the tile's value scale relative to the largest so far
         alpha = tl.math.exp2(m_i - m_new)
-        x = s * c[:, None] - (m_new - LOG2_PSCALE - tl.math.log2(w))[:, None]  # one FMA: 2^x = PSCALE·p·w
+        x = tl.fma(s, c[:, None], (LOG2_PSCALE + tl.math.log2(w) - m_new)[:, None])  # 2^x = PSCALE·p·w
         if EXP16:
             p = _exp2_f16(x.to(tl.float16)).to(tl.float32)
         else:
@@ -322,9 +322,8 @@ if triton is not None:
         return tl.load(ks_base + start // BLOCK), tl.load(vs_base + start // BLOCK)
 
     @triton.jit
-    def _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks_base, vs_base, start, M, sk_m, sv_d,
-                     offs_n, offs_d, MASK: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr,
-                     SBLOCK: tl.constexpr):
+    def _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks, vs, start, M, sk_m, sv_d, offs_n, offs_d,
+                     MASK: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr):
         cols = start + offs_n
         if MASK:
             k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :], mask=cols[:, None] < M, other=0.0)
@@ -332,7 +331,6 @@ if triton is not None:
         else:
             k = tl.load(k_base + cols[:, None] * sk_m + offs_d[None, :])
             vt = tl.load(v_base + offs_d[:, None] * sv_d + cols[None, :])
-        ks, vs = _tile_scales(ks_base, vs_base, start, SBLOCK)
         s = tl.dot(q8, tl.trans(k))
         return _online_step(acc, m_i, l_i, r, s, vt, ks, vs, cols, M, row_scale, MASK, LOG2_PSCALE, EXP16)
 
@@ -340,13 +338,17 @@ if triton is not None:
     def _attend_segment(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks_base, vs_base, M, sk_m, sv_d, offs_n,
                         offs_d, BLOCK_N: tl.constexpr, LOG2_PSCALE: tl.constexpr, EXP16: tl.constexpr,
                         SBLOCK: tl.constexpr):
+        # the scales of the next tile are loaded one iteration ahead (their latency off the softmax's path)
         full = (M // BLOCK_N) * BLOCK_N
+        ks, vs = _tile_scales(ks_base, vs_base, 0, SBLOCK)
         for start in range(0, full, BLOCK_N):
-            acc, m_i, l_i, r = _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks_base, vs_base,
-                                            start, M, sk_m, sv_d, offs_n, offs_d, False, LOG2_PSCALE, EXP16, SBLOCK)
+            ks_next, vs_next = _tile_scales(ks_base, vs_base, tl.minimum(start + BLOCK_N, M - 1), SBLOCK)
+            acc, m_i, l_i, r = _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks, vs, start, M,
+                                            sk_m, sv_d, offs_n, offs_d, False, LOG2_PSCALE, EXP16)
+            ks, vs = ks_next, vs_next
         if full < M:
-            acc, m_i, l_i, r = _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks_base, vs_base,
-                                            full, M, sk_m, sv_d, offs_n, offs_d, True, LOG2_PSCALE, EXP16, SBLOCK)
+            acc, m_i, l_i, r = _attend_tile(acc, m_i, l_i, r, q8, row_scale, k_base, v_base, ks, vs, full, M,
+                                            sk_m, sv_d, offs_n, offs_d, True, LOG2_PSCALE, EXP16)
         return acc, m_i, l_i, r
 
     @triton.jit
@@ -354,19 +356,20 @@ if triton is not None:
                             BLOCK_N: tl.constexpr, D: tl.constexpr, LOG2_PSCALE: tl.constexpr,
                             EXP16: tl.constexpr, SBLOCK: tl.constexpr):
         # TMA loads: tiles past M come back as zeros (the descriptors' shape ends at M), so only the scores of the
-        # last tile are masked
+        # last tile are masked; the scales of the next tile are loaded one iteration ahead
         full = (M // BLOCK_N) * BLOCK_N
+        ks, vs = _tile_scales(ks_base, vs_base, 0, SBLOCK)
         for start in range(0, full, BLOCK_N):
+            ks_next, vs_next = _tile_scales(ks_base, vs_base, tl.minimum(start + BLOCK_N, M - 1), SBLOCK)
             k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, D)
             vt = v_desc.load([b, h, 0, start]).reshape(D, BLOCK_N)
-            ks, vs = _tile_scales(ks_base, vs_base, start, SBLOCK)
             s = tl.dot(q8, tl.trans(k))
             acc, m_i, l_i, r = _online_step(acc, m_i, l_i, r, s, vt, ks, vs, start + offs_n, M, row_scale, False,
                                             LOG2_PSCALE, EXP16)
+            ks, vs = ks_next, vs_next
         if full < M:
             k = k_desc.load([b, h, full, 0]).reshape(BLOCK_N, D)
             vt = v_desc.load([b, h, 0, full]).reshape(D, BLOCK_N)
-            ks, vs = _tile_scales(ks_base, vs_base, full, SBLOCK)
             s = tl.dot(q8, tl.trans(k))
             acc, m_i, l_i, r = _online_step(acc, m_i, l_i, r, s, vt, ks, vs, full + offs_n, M, row_scale, True,
                                             LOG2_PSCALE, EXP16)

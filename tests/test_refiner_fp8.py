@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.bench import stand_in_text
@@ -21,6 +22,7 @@ from engine.fast.refiner_fp8 import (
     E4M3,
     E4M3_MAX,
     Fp8Linear,
+    PreActivation,
     _compare_forwards,
     fp8_quality_delta,
     quantize_rows,
@@ -32,7 +34,7 @@ from engine.fast.refiner_fp8 import (
 )
 from engine.presets import get_preset
 from engine.refiner.ar import ARRefiner
-from engine.refiner.model import ExplicitKV, RefinerTransformer
+from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer
 from engine.vae.model import VideoVAE
 from engine.world import World, seeded_init_
 
@@ -239,7 +241,8 @@ def test_quality_delta_leaves_the_model_unchanged():
     assert GEMM_REL_FLOOR < rep["forward_rel_err"] < 0.1
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert not any(isinstance(mod, Fp8Linear) for mod in model.modules())
+    assert not any(isinstance(mod, Fp8Linear | PreActivation) for mod in model.modules())  # the GELU is back too
+    assert all(type(blk.ff.net[0]) is GELUProj for blk in model.transformer_blocks)
     use_fp8_linears(model)
     with pytest.raises(InputError, match="before use_fp8_linears"):
         fp8_quality_delta(model, latents, 0.9, embeds, mask, fps=16.0)
@@ -288,6 +291,32 @@ def test_triton_quantiser_equals_reference(dtype, m, k):
     q, s = quantize_rows(xs)
     qr, sr = quantize_rows_reference(xs)
     assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+
+
+def test_quantiser_gelu_is_gelu_then_quantise():
+    """The FFN's GELU inside the quantiser: gelu_tanh in fp32 of the input, then the same rowwise quantisation."""
+    x = torch.randn(6, 96, dtype=torch.bfloat16) * 3
+    q, s = quantize_rows_reference(x, "gelu_tanh")
+    qr, sr = quantize_rows_reference(F.gelu(x.float(), approximate="tanh"))
+    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    with pytest.raises(InputError, match="gelu_tanh"):
+        quantize_rows_reference(x, "relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(2640, 16384), (7, 48), (300, 4100)])
+def test_triton_gelu_quantiser_close_to_reference(m, k):
+    """Triton's GELU (libdevice tanh) against torch's: the same values up to an ulp, so an e4m3 rounding may flip
+    (one step, 2^-3 relative) where the value sat on a tie; the scales may differ by an ulp."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    q, s = quantize_rows(x, "gelu_tanh")
+    qr, sr = quantize_rows_reference(x, "gelu_tanh")
+    torch.testing.assert_close(s, sr, rtol=2 ** -20, atol=0)
+    flips = (q.float() != qr.float()).float().mean().item()
+    print(f"\ngelu quantiser {m}x{k}: {flips:.2e} of the values rounded the other way")
+    assert flips < 1e-3
+    assert ((q.float() - qr.float()).abs() <= qr.float().abs() * 2 ** -3 + 2 ** -9).all()
 
 
 @pytest.mark.gpu

@@ -138,13 +138,16 @@ def test_compiled_ffn_keeps_the_fused_op(dtype, tol):
 
 def test_fp8_takes_precedence_over_the_fused_gelu():
     """`refiner-gelu` then `refiner-fp8` (FAST_PATHS order): fp8 still finds every block linear by name (the
-    up-projection inside FusedGELUProj), and that projection then runs as the plain GELU over the Fp8Linear."""
-    from engine.fast.refiner_fp8 import BLOCK_LINEARS, Fp8Linear, use_fp8_linears
+    up-projection inside FusedGELUProj); the GELU then moves into the down projection's quantiser, and the FFN
+    computes what the plain order (GELU over the fp8 up projection, then the fp8 down projection) does."""
+    from engine.fast.refiner_fp8 import BLOCK_LINEARS, Fp8Linear, PreActivation, use_fp8_linears
 
     model = tiny_refiner()
     use_fused_gelu(model)
     assert use_fp8_linears(model) == len(BLOCK_LINEARS) * model.num_layers
-    up = model.transformer_blocks[0].ff.net[0]
-    assert type(up) is FusedGELUProj and isinstance(up.proj, Fp8Linear)
+    ff = model.transformer_blocks[0].ff
+    up, down = ff.net[0], ff.net[2]
+    assert type(up) is PreActivation and isinstance(up.proj, Fp8Linear) and down.act == "gelu_tanh"
+    plain_down = Fp8Linear(down.weight, down.weight_scale, down.bias, down.out_dtype)
     x = torch.randn(2, 5, up.proj.in_features)
-    torch.testing.assert_close(up(x), F.gelu(up.proj(x), approximate="tanh"))
+    torch.testing.assert_close(ff(x), plain_down(F.gelu(up.proj(x), approximate="tanh")))

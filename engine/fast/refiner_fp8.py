@@ -15,6 +15,11 @@ Quantisation, per row r of an `[M, K]` operand (activation rows are tokens, weig
 so x ≈ q · scale with a relative rounding error of at most 2^-4 per element (3 mantissa bits) in e4m3's normal
 range (|q| >= 2^-6) and an absolute one of at most 2^-10 · scale below it.
 
+The FFN's GELU moves into the down projection's quantiser (`Fp8Linear(act="gelu_tanh")`, the up projection's
+module becomes `PreActivation`): the quantiser reads the up projection's bf16 output once, applies the GELU in fp32
+and quantises, where the plain order would write the GELU's output and read it again (on the H100, ~60 us a
+block).
+
 What stays in the model's dtype, and why: `proj_in` (K = 128 latent channels) and `proj_out` (writes the velocity
 itself, N = 128), the timestep embedder and adaLN (one token per sample: no GEMM to speed up, and their outputs
 scale and gate every block's residual branches), `caption_projection` (once per prompt), the attention gates
@@ -36,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import InputError
-from engine.refiner.model import ExplicitKV, RefinerTransformer, SelfAttentionKV
+from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer, SelfAttentionKV
 from kernels.fp8_attention import quantize_kv
 
 try:
@@ -67,9 +72,20 @@ BLOCK_LINEARS = (
 # ------------------------------------------------------------------------------------------ quantisation
 
 
-def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+ACTIVATIONS = (None, "gelu_tanh")  # what a quantiser may apply to its input first (fp32, before the amax)
+
+
+def _activate(x: Tensor, act: str | None) -> Tensor:
+    if act not in ACTIVATIONS:
+        raise InputError(f"quantiser activation {act!r}; accepted: {list(ACTIVATIONS)}")
+    return x if act is None else torch.nn.functional.gelu(x.float(), approximate="tanh")
+
+
+def quantize_rows_reference(x: Tensor, act: str | None = None) -> tuple[Tensor, Tensor]:
     """`x [M, K]` (any float dtype) -> (`q [M, K]` e4m3, `scale [M, 1]` fp32), x ≈ q·scale, in plain torch (fp32).
-    A NaN in a row makes that row's q NaN (it is not hidden)."""
+    `act="gelu_tanh"`: quantise gelu_tanh(x) computed in fp32 (no rounding to x's dtype between). A NaN in a row
+    makes that row's q NaN (it is not hidden)."""
+    x = _activate(x, act)
     amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
     # reciprocal then products, each rounded once in fp32: the Triton kernel does exactly these ops (bit-equal)
     q = (x.float() * (amax.reciprocal() * E4M3_MAX)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
@@ -83,29 +99,43 @@ if triton is not None:
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
+    def _gelu_tanh(x):
+        # torch's tanh-approximated GELU, in fp32 (libdevice tanh, as torch's CUDA kernel uses tanhf)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + tl.extra.cuda.libdevice.tanh(inner))
+
+    @triton.jit
+    def _load_row(xr, cols, K, GELU: tl.constexpr):
+        x = tl.load(xr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        return _gelu_tanh(x) if GELU else x
+
+    @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
-                              FLOOR: tl.constexpr, UNIT: tl.constexpr):
-        # One program per row: pass 1 takes the row's amax, pass 2 (the row is in L1/L2 by then) scales and casts.
+                              FLOOR: tl.constexpr, UNIT: tl.constexpr, GELU: tl.constexpr):
+        # One program per row: pass 1 takes the row's amax, pass 2 (the row is in L1/L2 by then) scales and casts;
+        # GELU: both passes apply it to the loaded values (gelu(0) = 0 for the masked tail)
         row = tl.program_id(0).to(tl.int64)
         xr = x_ptr + row * stride_xm
         qr = q_ptr + row * K
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(xr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = _load_row(xr, cols, K, GELU)
             acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         amax = tl.maximum(tl.reduce(acc, 0, _max_keep_nan), FLOOR, propagate_nan=tl.PropagateNan.ALL)
         inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), amax) * FP8_MAX  # IEEE reciprocal, as torch's
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(xr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = _load_row(xr, cols, K, GELU)
             q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
             tl.store(qr + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
         tl.store(s_ptr + row, amax * UNIT)
 
 
-def quantize_rows_triton(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`quantize_rows_reference` in one Triton pass over `x [M, K]` (CUDA; rows may be strided, columns dense)."""
+def quantize_rows_triton(x: Tensor, act: str | None = None) -> tuple[Tensor, Tensor]:
+    """`quantize_rows_reference` in one Triton pass over `x [M, K]` (CUDA; rows may be strided, columns dense):
+    bit-equal without an activation; with "gelu_tanh" equal up to the last ulp of tanh."""
+    _activate(x[:0], act)  # checks the name
     if triton is None or not x.is_cuda:
         raise RuntimeError("quantize_rows_triton needs Triton and a CUDA tensor")
     if x.ndim != 2:
@@ -118,15 +148,16 @@ def quantize_rows_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     if m:
         block = min(triton.next_power_of_2(k), 4096)
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR,
-                                    UNIT=SCALE_UNIT, num_warps=8 if block >= 2048 else 4)
+                                    UNIT=SCALE_UNIT, GELU=act == "gelu_tanh", num_warps=8 if block >= 2048 else 4)
     return q, scale
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Rowwise e4m3 quantisation of `x [M, K]`: Triton on a CUDA tensor when Triton is importable, else torch."""
+def quantize_rows(x: Tensor, act: str | None = None) -> tuple[Tensor, Tensor]:
+    """Rowwise e4m3 quantisation of `x [M, K]` (of `act(x)`): Triton on a CUDA tensor when Triton is importable,
+    else torch."""
     if triton is not None and x.is_cuda:
-        return quantize_rows_triton(x)
-    return quantize_rows_reference(x)
+        return quantize_rows_triton(x, act)
+    return quantize_rows_reference(x, act)
 
 
 def scaled_mm_emulated(qa: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, bias: Tensor | None,
@@ -158,8 +189,10 @@ class Fp8Linear(nn.Module):
     """
 
     def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
-                 fast_accum: bool = FAST_ACCUM) -> None:
+                 fast_accum: bool = FAST_ACCUM, act: str | None = None) -> None:
         super().__init__()
+        _activate(weight[:0, :0], act)  # checks the name
+        self.act = act  # applied to the input inside its quantisation (the FFN's GELU: `PreActivation`)
         n, k = weight.shape
         if weight.dtype != E4M3 or tuple(weight_scale.shape) != (1, n) or weight_scale.dtype != torch.float32:
             raise InputError(f"Fp8Linear wants weight [N, K] e4m3 and weight_scale [1, N] fp32; got "
@@ -176,17 +209,17 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, *, fast_accum: bool = FAST_ACCUM) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, *, fast_accum: bool = FAST_ACCUM, act: str | None = None) -> Fp8Linear:
         if not fp8_eligible(linear):
             shape = (getattr(linear, "out_features", None), getattr(linear, "in_features", None))
             raise InputError(f"cannot make an Fp8Linear from {type(linear).__name__} (out, in) = {shape}: need an "
                              f"nn.Linear with both sizes multiples of {ALIGN}")
         q, scale = quantize_rows_reference(linear.weight)  # once per weight: the exact torch path
-        return cls(q, scale.reshape(1, -1), linear.bias, linear.weight.dtype, fast_accum=fast_accum)
+        return cls(q, scale.reshape(1, -1), linear.bias, linear.weight.dtype, fast_accum=fast_accum, act=act)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"out_dtype={self.out_dtype}, fast_accum={self.fast_accum}")
+                f"out_dtype={self.out_dtype}, fast_accum={self.fast_accum}, act={self.act}")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.dtype != E4M3 or self.weight_scale.dtype != torch.float32:
@@ -199,7 +232,7 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_empty((*lead, self.out_features), dtype=self.out_dtype)
-        qa, sa = quantize_rows(x2)
+        qa, sa = quantize_rows(x2, self.act)
         if not x.is_cuda:
             out = scaled_mm_emulated(qa, sa, self.weight, self.weight_scale, self.bias, self.out_dtype)
         elif self.out_dtype == torch.float32:  # _scaled_mm takes no bias with an fp32 output
@@ -237,18 +270,52 @@ def _check_refiner(model) -> None:
                          f"{torch.cuda.get_device_capability(dev)}")
 
 
+class PreActivation(nn.Module):
+    """The FFN's up-projection without its GELU (same `proj`, same state-dict names): under fp8 the GELU is applied
+    by the down-projection's quantiser (`Fp8Linear(act="gelu_tanh")`), which reads the projection's output once
+    instead of a GELU pass writing it again."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def _gelu_moves(block: nn.Module, include: tuple[str, ...]) -> bool:
+    """Both FFN projections go fp8 here and the up one is a GELU projection: its GELU can move into the quantiser."""
+    from engine.fast.refiner_gelu import FusedGELUProj
+
+    net = block.ff.net
+    return ("ff.net.0.proj" in include and "ff.net.2" in include and type(net[0]) in (GELUProj, FusedGELUProj)
+            and fp8_eligible(net[0].proj) and fp8_eligible(net[2]))
+
+
 def _swap_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace the block's eligible included linears by Fp8Linear; returns (parent, name, replaced) per swap."""
+    """Replace the block's eligible included linears by Fp8Linear (the FFN's GELU moved into the down projection's
+    quantiser where both FFN projections swap); returns (parent, name, replaced) per swap."""
     swapped = []
+    gelu_moves = _gelu_moves(block, include)
     for name in include:
         parent_name, _, leaf = name.rpartition(".")
         parent = block.get_submodule(parent_name)
         old = getattr(parent, leaf)  # a ModuleList's children are attributes "0", "1", ... too
         if not fp8_eligible(old):  # already fp8, or a shape _scaled_mm does not take: stays as it is
             continue
-        setattr(parent, leaf, Fp8Linear.from_linear(old, fast_accum=fast_accum))
+        act = "gelu_tanh" if gelu_moves and name == "ff.net.2" else None
+        setattr(parent, leaf, Fp8Linear.from_linear(old, fast_accum=fast_accum, act=act))
         swapped.append((parent, leaf, old))
+    if gelu_moves:
+        net = block.ff.net
+        swapped.append((net, "0", net[0]))
+        net[0] = PreActivation(net[0].proj)
     return swapped
+
+
+def _linears(swapped: list[tuple[nn.Module, str, nn.Module]]) -> int:
+    """How many of `_swap_block`'s swaps made an Fp8Linear (the GELU's move is not one)."""
+    return sum(isinstance(getattr(parent, leaf), Fp8Linear) for parent, leaf, _ in swapped)
 
 
 def use_fp8_linears(model: RefinerTransformer, *, include: Iterable[str] = BLOCK_LINEARS,
@@ -264,7 +331,7 @@ def use_fp8_linears(model: RefinerTransformer, *, include: Iterable[str] = BLOCK
     _check_refiner(model)
     n = 0
     for block in model.transformer_blocks:
-        n += len(_swap_block(block, include, fast_accum))
+        n += _linears(_swap_block(block, include, fast_accum))
     return n
 
 
@@ -273,7 +340,7 @@ def _fp8_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) -> 
     """The block with fp8 linears inside the `with`, its own linears back after it (even on an error)."""
     swapped = _swap_block(block, include, fast_accum)
     try:
-        yield len(swapped)
+        yield _linears(swapped)
     finally:
         for parent, leaf, old in swapped:
             setattr(parent, leaf, old)

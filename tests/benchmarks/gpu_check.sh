@@ -116,7 +116,8 @@ case "${1:-}" in
     summary+=("ffn probe --sweep rc=$?"); grep '^best' "$OUT/ffn_probe_sweep.log"; tail -12 "$OUT/ffn_probe_sweep.log"
     ;;
   fp8)
-    timeout 170 python3 tests/benchmarks/fp8_attention_probe.py --iters 20 --out "$OUT/fp8_attention_probe.json" \
+    timeout 170 python3 tests/benchmarks/fp8_attention_probe.py --iters 20 ${FP8_CONFIGS:+--configs "$FP8_CONFIGS"} \
+      --out "$OUT/fp8_attention_probe.json" \
       > "$OUT/fp8_attention_probe.log" 2>&1
     summary+=("fp8 attention probe rc=$?"); tail -26 "$OUT/fp8_attention_probe.log"
     timeout 280 python3 -m engine.bench --preset release --fast all,refiner-fp8,refiner-fp8-attn --quality full \
@@ -124,7 +125,7 @@ case "${1:-}" in
       > "$OUT/bench_fp8_attn.log" 2>&1
     summary+=("bench fp8 + fp8 attention rc=$?"); grep -A 9 "^refiner_forward" "$OUT/bench_fp8_attn.log"
     tail -9 "$OUT/bench_fp8_attn.log"
-    t 150 fp8_attention tests/test_fp8_attention.py
+    t 150 fp8_attention tests/test_fp8_attention.py tests/test_refiner_fp8.py tests/test_refiner_gelu.py
     ;;
   *)
     echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|bench-profile|latency|probes|ffn|memory|fp8" >&2
