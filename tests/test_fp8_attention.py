@@ -286,6 +286,28 @@ def test_windows_with_and_without_copy_are_not_reused_for_each_other(path):
     assert r.window is not plain and r.window.fp8 is not None
 
 
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_unmasked_prompt_is_attended_in_fp8(path):
+    """An unmasked prompt's cross-attention K/V become e4m3 segments (a masked one keeps its bf16 K/V and bias);
+    the refiner then runs both attentions in fp8, close to the plain one."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=3, seed=5)
+    prompt = data["inputs.prompt_embeds"]
+    ones = torch.ones(prompt.shape[:2], dtype=torch.int64)
+    masked = ones.clone()
+    masked[:, -1] = 0
+    r = fp8_refiner(model, ar_cfg)
+    r.set_prompt(prompt, masked)
+    assert all(torch.is_tensor(k) for k in r.text.k) and r.text.bias.ne(0).any()
+    r.set_prompt(prompt, ones)
+    assert all(isinstance(k, tuple) and isinstance(k[0], QuantizedKV) for k in r.text.k)
+    assert all(v == (None,) for v in r.text.v)
+    plain = fp8_refiner(model, ar_cfg, fp8=False).refine_video(lat, prompt, ones, noises=noises)
+    got = fp8_refiner(model, ar_cfg).refine_video(lat, prompt, ones, noises=noises)
+    assert QUANTISED_FLOOR / 10 < rel(got, plain) < EXACT_REL_TOL
+
+
 # ------------------------------------------------------------------------------------------ quality report
 
 
@@ -444,11 +466,13 @@ def test_cuda_kernel_configs_agree(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prompt_mask", ["fixture", "unmasked"])
 @pytest.mark.parametrize("path", FIXTURES)
 @torch.no_grad()
-def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path):
-    """The fp8 window under the refiner's CUDA graphs and compiled block halves against the same refiner run
-    eagerly on the GPU (the kernel in both): the same values up to the compiled halves' rounding."""
+def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path, prompt_mask):
+    """The fp8 window (and, unmasked, the fp8 prompt K/V) under the refiner's CUDA graphs and compiled block halves
+    against the same refiner run eagerly on the GPU (the kernel in both): the same values up to the compiled
+    halves' rounding."""
     from engine.fast.refiner_compile import compiled_parts
     from engine.fast.refiner_graph import GraphedRefinerModel
 
@@ -459,12 +483,15 @@ def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path):
     lat, noises = long_video(data, ar_cfg, blocks=ar_cfg.history_frames // ar_cfg.block_size + 4, seed=4)
     lat, noises = lat.cuda().bfloat16(), [n.cuda().bfloat16() for n in noises]
     prompt, mask = data["inputs.prompt_embeds"].cuda(), data["inputs.prompt_attention_mask"].cuda()
+    if prompt_mask == "unmasked":
+        mask = torch.ones_like(mask)
     eager = fp8_refiner(model, ar_cfg).refine_video(lat, prompt, mask, noises=noises)
     r = fp8_refiner(model, ar_cfg)
     r.model = GraphedRefinerModel(model)
     r.model.parts = compiled_parts()
     fast = r.refine_video(lat, prompt, mask, noises=noises)
     assert r.model.replays > 0
+    assert isinstance(r.text.k[0], tuple) == (prompt_mask == "unmasked" or not bool(mask.eq(0).any()))
     assert rel(fast, eager) < 2e-2  # bf16 compiled halves vs eager ones, through the fp8 attention's roundings
 
 

@@ -242,7 +242,7 @@ def test_quality_delta_leaves_the_model_unchanged():
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(mod, Fp8Linear | PreActivation) for mod in model.modules())  # the GELU is back too
-    assert all(type(blk.ff.net[0]) is GELUProj for blk in model.transformer_blocks)
+    assert all(type(blk.ff.net[0]) is GELUProj and blk.attn1.to_qkv is None for blk in model.transformer_blocks)
     use_fp8_linears(model)
     with pytest.raises(InputError, match="before use_fp8_linears"):
         fp8_quality_delta(model, latents, 0.9, embeds, mask, fps=16.0)
@@ -291,6 +291,25 @@ def test_triton_quantiser_equals_reference(dtype, m, k):
     q, s = quantize_rows(xs)
     qr, sr = quantize_rows_reference(xs)
     assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+
+
+def test_fused_qkv_is_the_three_projections():
+    """Self-attention's q/k/v as one fp8 projection: the three keep their names as views of its buffers (no second
+    copy) and compute what the fused one does; a quality measurement's swap undoes the fusion."""
+    model = tiny_refiner()
+    use_fp8_linears(model)
+    attn = model.transformer_blocks[0].attn1
+    assert isinstance(attn.to_qkv, Fp8Linear) and attn.to_qkv.out_features == 3 * attn.to_q.out_features
+    assert attn.to_q.weight.data_ptr() == attn.to_qkv.weight.data_ptr()
+    assert attn.to_v.weight.untyped_storage().data_ptr() == attn.to_qkv.weight.untyped_storage().data_ptr()
+    assert model.transformer_blocks[0].attn2.to_qkv is None  # cross-attention: K/V from the prompt, apart
+    x = torch.randn(2, 5, attn.to_q.in_features)
+    fused = attn.qkv(x)
+    attn.to_qkv, kept = None, attn.to_qkv
+    apart = attn.qkv(x)
+    attn.to_qkv = kept
+    for a, b in zip(fused, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_quantiser_gelu_is_gelu_then_quantise():

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import InputError
+from engine.refiner.ar import quantize_text_layer
 from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer, SelfAttentionKV
 from kernels.fp8_attention import quantize_kv
 
@@ -55,6 +56,7 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 AMAX_FLOOR = 1e-12  # an all-zero row quantises to zeros with a finite scale
 SCALE_UNIT = 1.0 / E4M3_MAX  # scale = amax · fp32(1/448)
 ALIGN = 16  # _scaled_mm needs K and N multiples of 16
+ONE_PASS_MAX_K = 16384  # rows up to this many columns are quantised from registers, loaded once (16 warps: 32 each)
 # _scaled_mm's use_fast_accum: Hopper's fp8 tensor-core sums are never promoted to fp32. Default on: it adds ~3e-3
 # relative error at K = 16384 against ~3.7e-2 from the e4m3 rounding itself, and makes the GEMMs ~15% faster
 # (H100, release shapes; see tests/test_refiner_fp8.py).
@@ -111,12 +113,22 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr,
-                              FLOOR: tl.constexpr, UNIT: tl.constexpr, GELU: tl.constexpr):
-        # One program per row: pass 1 takes the row's amax, pass 2 (the row is in L1/L2 by then) scales and casts;
-        # GELU: both passes apply it to the loaded values (gelu(0) = 0 for the masked tail)
+                              FLOOR: tl.constexpr, UNIT: tl.constexpr, GELU: tl.constexpr, ONE_PASS: tl.constexpr):
+        # One program per row. ONE_PASS (the row fits one block): loaded once, held in registers. Otherwise pass 1
+        # takes the row's amax, pass 2 (the row is in L1/L2 by then) scales and casts. GELU applies to the loaded
+        # values (gelu(0) = 0 for the masked tail).
         row = tl.program_id(0).to(tl.int64)
         xr = x_ptr + row * stride_xm
         qr = q_ptr + row * K
+        if ONE_PASS:
+            cols = tl.arange(0, BLOCK_K)
+            x = _load_row(xr, cols, K, GELU)
+            amax = tl.maximum(tl.reduce(tl.abs(x), 0, _max_keep_nan), FLOOR, propagate_nan=tl.PropagateNan.ALL)
+            inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), amax) * FP8_MAX  # IEEE reciprocal, as torch's
+            q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(qr + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+            tl.store(s_ptr + row, amax * UNIT)
+            return
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -146,9 +158,11 @@ def quantize_rows_triton(x: Tensor, act: str | None = None) -> tuple[Tensor, Ten
     q = torch.empty((m, k), dtype=E4M3, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), 4096)
+        whole = triton.next_power_of_2(k)
+        block = whole if whole <= ONE_PASS_MAX_K else 4096
+        warps = 16 if block >= 16384 else 8 if block >= 2048 else 4
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, FP8_MAX=E4M3_MAX, FLOOR=AMAX_FLOOR,
-                                    UNIT=SCALE_UNIT, GELU=act == "gelu_tanh", num_warps=8 if block >= 2048 else 4)
+                                    UNIT=SCALE_UNIT, GELU=act == "gelu_tanh", ONE_PASS=block >= k, num_warps=warps)
     return q, scale
 
 
@@ -310,12 +324,39 @@ def _swap_block(block: nn.Module, include: tuple[str, ...], fast_accum: bool) ->
         net = block.ff.net
         swapped.append((net, "0", net[0]))
         net[0] = PreActivation(net[0].proj)
+    attn1 = block.attn1
+    if attn1.to_qkv is None and all(isinstance(m, Fp8Linear) for m in (attn1.to_q, attn1.to_k, attn1.to_v)):
+        swapped.append((attn1, "to_qkv", None))
+        fuse_qkv(attn1)
     return swapped
 
 
+def fuse_qkv(attn: nn.Module) -> None:
+    """Self-attention's three fp8 projections as one (`attn.to_qkv`: the input quantised once, one GEMM of three
+    times the width); to_q, to_k and to_v become views of its buffers (no second copy of the weights). Each output
+    channel keeps its own scale, so the fused GEMM computes what the three do, up to the GEMM's summation order."""
+    parts = (attn.to_q, attn.to_k, attn.to_v)
+    if len({(p.in_features, p.out_dtype, p.fast_accum, p.act, p.bias is None) for p in parts}) != 1:
+        return  # mismatched projections: they stay apart
+    bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+    fused = Fp8Linear(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts], dim=1), bias,
+                      parts[0].out_dtype, fast_accum=parts[0].fast_accum)
+    n, start = parts[0].out_features, 0
+    for name, p in zip(("to_q", "to_k", "to_v"), parts, strict=True):
+        b = None if bias is None else fused.bias[start : start + p.out_features]
+        setattr(attn, name, Fp8Linear(fused.weight[start : start + p.out_features],
+                                      fused.weight_scale[:, start : start + p.out_features], b, p.out_dtype,
+                                      fast_accum=p.fast_accum))
+        start += p.out_features
+    if start != 3 * n:
+        raise RuntimeError("fused q/k/v widths do not add up")
+    attn.to_qkv = fused
+
+
 def _linears(swapped: list[tuple[nn.Module, str, nn.Module]]) -> int:
-    """How many of `_swap_block`'s swaps made an Fp8Linear (the GELU's move is not one)."""
-    return sum(isinstance(getattr(parent, leaf), Fp8Linear) for parent, leaf, _ in swapped)
+    """How many of `_swap_block`'s swaps made a block linear Fp8Linear (the GELU's move and the q/k/v fusion,
+    which keeps the three, are not ones)."""
+    return sum(isinstance(getattr(parent, leaf), Fp8Linear) for parent, leaf, _ in swapped if leaf != "to_qkv")
 
 
 def use_fp8_linears(model: RefinerTransformer, *, include: Iterable[str] = BLOCK_LINEARS,
@@ -380,7 +421,8 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
                       attention: bool = False) -> tuple[Tensor, Tensor, list[float], int]:
     """`RefinerTransformer.forward` twice over the same inputs, block by block: as the model is (reference) and
     with each block's linears in fp8 (swapped in for that block only) and, with `attention`, its self-attention in
-    fp8 (`Fp8AttentionKV` over `kv`, an ExplicitKV or None). Returns (reference velocity, fp8 velocity, per-block
+    fp8 (`Fp8AttentionKV` over `kv`, an ExplicitKV or None) and its cross-attention in fp8 where the prompt has no
+    masked position (as `engine.refiner.ar.quantize_text` does). Returns (reference velocity, fp8 velocity, per-block
     relative error of the fp8 block on the reference block's input, linears swapped)."""
     m = model
     b, c, n, h, w = latents.shape
@@ -395,12 +437,15 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
     txt = m.caption_projection(prompt_embeds.to(dtype))  # what prepare_text feeds attn2.key_value
     x_ref = x_fp8 = m.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
     kv8 = Fp8AttentionKV(kv) if attention else kv
+    fp8_text_masked = bool(text.bias.ne(0).any())
     errs, swapped = [], 0
     for i, blk in enumerate(m.transformer_blocks):
         y_ref = blk(x_ref, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
         with _fp8_block(blk, include, fast_accum) as k:
             swapped += k
             tk, tv = blk.attn2.key_value(txt)
+            if attention and not fp8_text_masked:  # the prompt's cross-attention in fp8 too, as quantize_text does
+                tk, tv = quantize_text_layer(tk, tv)
             errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv8), y_ref))
             x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv8)
         x_ref = y_ref

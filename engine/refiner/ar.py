@@ -23,7 +23,23 @@ from engine.errors import InputError
 from engine.refiner.config import ARConfig
 from engine.refiner.model import RefinerText, RefinerTransformer
 from engine.refiner.rope import Rope, apply_rope
-from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv_into, segment_view
+from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv, quantize_kv_into, segment_view
+
+
+def quantize_text(text: RefinerText) -> RefinerText:
+    """The prompt's per-layer cross-attention K/V as e4m3 segments (`k[i] = (QuantizedKV,)`, `v[i] = (None,)`: the
+    segment carries both), attended by the fp8 attention (fast path `refiner-fp8-attn`), when no text position is
+    masked (the connectors' output never is: padding became registers). A masked prompt keeps its bf16 K/V and the
+    additive bias (the fp8 kernel takes no bias). One host sync (the mask test), once per prompt."""
+    if bool(text.bias.ne(0).any()):
+        return text
+    k, v = zip(*(quantize_text_layer(k, v) for k, v in zip(text.k, text.v, strict=True)), strict=True)
+    return RefinerText(k=list(k), v=list(v), bias=text.bias)
+
+
+def quantize_text_layer(k: Tensor, v: Tensor) -> tuple[tuple, tuple]:
+    """One layer's prompt K/V `[B, H, L, D]` -> the `((QuantizedKV,), (None,))` an unmasked prompt attends in fp8."""
+    return (quantize_kv(k, v),), (None,)
 
 
 class RefinerKVWindow:
@@ -295,7 +311,8 @@ class ARRefiner:
         # windows without the active block's slots (fast path `lean-memory`; see RefinerKVWindow), from the next start
         self.split_window = False
         # an e4m3 copy of the window's sink + history, self-attention in fp8 (fast path `refiner-fp8-attn`; see
-        # RefinerKVWindow), from the next start
+        # RefinerKVWindow), from the next start; the prompt's cross-attention too (`quantize_text`), from the next
+        # prompt
         self.fp8_attention = False
         self.latent_hw: tuple[int, int] | None = None
 
@@ -314,6 +331,8 @@ class ARRefiner:
         prompt_embeds, mask = self.prompt
         with torch.no_grad():
             self.text = self.model.prepare_text(prompt_embeds, mask)
+            if self.fp8_attention:
+                self.text = quantize_text(self.text)
 
     def _ensure_window(self, batch: int, height: int, width: int) -> RefinerKVWindow:
         p = self.model.proj_in.weight

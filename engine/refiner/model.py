@@ -105,9 +105,20 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(inner, eps=eps)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
         self.to_gate_logits = nn.Linear(query_dim, heads, bias=True) if gated else None
+        # to_q, to_k and to_v as one linear over one input (a fast path sets it: `refiner-fp8` for self-attention,
+        # engine/fast/refiner_fp8.py), used by `qkv`; the three keep their own names
+        self.to_qkv: nn.Module | None = None
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, N, H·D] -> [B, H, N, D]
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`query(x)` and `key_value(x)` of one input (self-attention): normed query, normed key and value
+        `[B, H, N, D]` each (not rotated); one projection when `to_qkv` is set."""
+        if self.to_qkv is None:
+            return self.query(x), *self.key_value(x)
+        q, k, v = self.to_qkv(x).split(self.heads * self.head_dim, dim=-1)
+        return self._heads(self.norm_q(q)), self._heads(self.norm_k(k)), self._heads(v)
 
     def query(self, x: Tensor) -> Tensor:
         """`x [B, N, C]` -> normed query `[B, H, N, D]` (not rotated)."""
@@ -120,8 +131,9 @@ class Attention(nn.Module):
     def output(self, q: Tensor, k, v, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """SDPA of `q [B,H,N,D]` over `k, v [B,H,M,D]` (additive `bias` broadcast to [B,H,N,M]; or two segments of
         keys and values as tuples, no bias), gate from the attention input `x [B, N, C]`, output projection ->
-        `[B, N, C]`. Segments of which one is an e4m3 `QuantizedKV` (a K/V window with an fp8 copy, fast path
-        `refiner-fp8-attn`) run the fp8 attention over all of them (kernels/fp8_attention.py)."""
+        `[B, N, C]`. Segments of which one is an e4m3 `QuantizedKV` (a K/V window with an fp8 copy, or a prompt's
+        quantised K/V, fast path `refiner-fp8-attn`) run the fp8 attention over all of them
+        (kernels/fp8_attention.py); a bias must then be all zeros (`engine.refiner.ar.quantize_text` sees to it)."""
         if isinstance(k, tuple) and any(isinstance(seg, QuantizedKV) for seg in k):
             out = fp8_segment_attention(q, k, v).transpose(1, 2)
         elif isinstance(k, tuple):
@@ -226,8 +238,8 @@ class AdaLNSingle(nn.Module):
 class RefinerText:
     """A prompt prepared for the refiner: every layer's cross-attention K/V (they depend on the prompt only)."""
 
-    k: list[Tensor]  # per layer [B, H, L, D] (normed by attn2.norm_k)
-    v: list[Tensor]  # per layer [B, H, L, D]
+    k: list  # per layer [B, H, L, D] (normed by attn2.norm_k), or (QuantizedKV,) (engine.refiner.ar.quantize_text)
+    v: list  # per layer [B, H, L, D], or (None,) beside a QuantizedKV
     bias: Tensor  # [B, 1, 1, L] additive: −10000 on padded text tokens, 0 elsewhere
 
 
@@ -274,9 +286,8 @@ def attention_inputs(blk: RefinerBlock, x: Tensor, temb: Tensor, rope: Rope):
     mod = blk.scale_shift_table + temb.unflatten(-1, (6, -1))  # [B, 1|N, 6, C]
     shift_msa, scale_msa = mod[:, :, 0], mod[:, :, 1]
     h = blk.norm1(x) * (1 + scale_msa) + shift_msa
-    q = apply_rope(blk.attn1.query(h), rope)
-    k_pre, v = blk.attn1.key_value(h)
-    return h, q, k_pre, apply_rope(k_pre, rope), v, mod
+    q, k_pre, v = blk.attn1.qkv(h)
+    return h, apply_rope(q, rope), k_pre, apply_rope(k_pre, rope), v, mod
 
 
 def attention_outputs(blk: RefinerBlock, x: Tensor, h: Tensor, q: Tensor, k: Tensor, v: Tensor, mod: Tensor,
