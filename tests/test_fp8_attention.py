@@ -541,3 +541,36 @@ def test_interpreter_tma_kernel_is_the_reference():
     assert rel(out.transpose(1, 2), want) < BF16_OUT_TOL
     unaligned = quantize_kv_reference(k1[:, :, :37], v1[:, :, :37])  # v_t rows of 37 bytes: no descriptor
     assert fa._tma_descriptors(unaligned, 32) is None
+
+
+def test_graphs_keep_static_copies_of_an_fp8_prompt():
+    """GraphedRefinerModel's prompt sync (CPU-callable logic): e4m3 segments beside None are cloned once, a prompt
+    of the same structure is copied into them, one of another structure makes new copies (and drops the graphs)."""
+    from types import SimpleNamespace
+
+    from engine.fast.refiner_graph import GraphedRefinerModel
+    from engine.refiner.ar import quantize_text
+    from engine.refiner.model import RefinerText
+
+    def prompt(seed):
+        g = torch.Generator().manual_seed(seed)
+        k = [torch.randn(1, 2, 8, 32, generator=g) for _ in range(2)]
+        v = [torch.randn(1, 2, 8, 32, generator=g) for _ in range(2)]
+        return RefinerText(k=k, v=v, bias=torch.zeros(1, 1, 1, 8))
+
+    drops = []
+    me = SimpleNamespace(text=None, _text_src=None, drop_graphs=lambda: drops.append(1))
+    sync = GraphedRefinerModel._sync_text
+    first = quantize_text(prompt(0))
+    want = [seg.k.clone() for (seg,) in first.k]
+    sync(me, first)
+    assert drops == [1] and me.text.v == [(None,), (None,)]
+    static = me.text.k[0][0].k
+    assert all(torch.equal(seg.k.view(torch.uint8), w.view(torch.uint8))
+               for (seg,), w in zip(me.text.k, want, strict=True))
+    second = quantize_text(prompt(1))
+    sync(me, second)
+    assert drops == [1] and me.text.k[0][0].k is static  # copied in place: the graphs still read it
+    assert torch.equal(static.view(torch.uint8), quantize_text(prompt(1)).k[0][0].k.view(torch.uint8))
+    sync(me, prompt(2))  # bf16 K/V: another structure
+    assert drops == [1, 1] and torch.is_tensor(me.text.k[0])

@@ -60,18 +60,21 @@ class GraphedRefinerModel:
     def _sync_text(self, text: RefinerText) -> None:
         if text is self._text_src:
             return
-        # the prompt's tensors, whatever their nesting (bf16 K/V, or e4m3 segments under refiner-fp8-attn)
+        # the prompt's tensors, whatever their nesting (bf16 K/V, or e4m3 segments beside None under
+        # refiner-fp8-attn: torch's pytree keeps None as a leaf)
         leaves, spec = tree_flatten((text.k, text.v, text.bias))
         mine = tree_flatten((self.text.k, self.text.v, self.text.bias)) if self.text is not None else None
         same = mine is not None and mine[1] == spec and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(mine[0], leaves, strict=True))
+            (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
+                                          and a.dtype == b.dtype) for a, b in zip(mine[0], leaves, strict=True))
         if not same:
-            k, v, bias = tree_unflatten([t.clone() for t in leaves], spec)
+            k, v, bias = tree_unflatten([None if t is None else t.clone() for t in leaves], spec)
             self.text = RefinerText(k=k, v=v, bias=bias)
             self.drop_graphs()
         else:
             for dst, src in zip(mine[0], leaves, strict=True):
-                dst.copy_(src)
+                if dst is not None:
+                    dst.copy_(src)
         # the caller's prompt now reads the static copies (equal values), so the prompt's K/V (0.8 GB at the
         # release size) are held once, not twice. A later prompt of the same shapes is copied into them, so the
         # previous prompt object would read the new values: it is emptied, and a use of it fails loudly.
