@@ -18,7 +18,6 @@ import weakref
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from engine.fast.stage1_graph import no_recompile
 from engine.refiner.ar import RefinerKVWindow
@@ -60,21 +59,16 @@ class GraphedRefinerModel:
     def _sync_text(self, text: RefinerText) -> None:
         if text is self._text_src:
             return
-        # the prompt's tensors, whatever their nesting (bf16 K/V, or e4m3 segments beside None under
-        # refiner-fp8-attn: torch's pytree keeps None as a leaf)
-        leaves, spec = tree_flatten((text.k, text.v, text.bias))
-        mine = tree_flatten((self.text.k, self.text.v, self.text.bias)) if self.text is not None else None
-        same = mine is not None and mine[1] == spec and all(
-            (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
-                                          and a.dtype == b.dtype) for a, b in zip(mine[0], leaves, strict=True))
+        same = self.text is not None and self.text.bias.shape == text.bias.shape and all(
+            a.shape == b.shape for a, b in zip(self.text.k, text.k, strict=True))
         if not same:
-            k, v, bias = tree_unflatten([None if t is None else t.clone() for t in leaves], spec)
-            self.text = RefinerText(k=k, v=v, bias=bias)
+            self.text = RefinerText(k=[k.clone() for k in text.k], v=[v.clone() for v in text.v],
+                                    bias=text.bias.clone())
             self.drop_graphs()
         else:
-            for dst, src in zip(mine[0], leaves, strict=True):
-                if dst is not None:
-                    dst.copy_(src)
+            for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
+                                strict=True):
+                dst.copy_(src)
         # the caller's prompt now reads the static copies (equal values), so the prompt's K/V (0.8 GB at the
         # release size) are held once, not twice. A later prompt of the same shapes is copied into them, so the
         # previous prompt object would read the new values: it is emptied, and a use of it fails loudly.
@@ -128,7 +122,7 @@ class GraphedRefinerModel:
             # graphs point at the old one's buffers, which may be gone (and its id reused): capture again
             self.drop_graphs()
             self._window = weakref.ref(kv)
-        key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention)
+        key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention, kv.writes_active)
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
             return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
         self._sync_text(text)  # first: a new prompt buffer clears `seen`, which must not forget this first sight
