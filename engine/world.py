@@ -451,6 +451,8 @@ class WorldPipeline:
                 pass_marks[0].record(side)
                 self.stream.write_cache(clean, cc, cp)
                 pass_marks[1].record(side)
+                if refined is not None:  # the next block's sink and fp8 copy (refiner-fp8-attn) beside the decode
+                    self.refiner.prepare_next_block()
             frames = pixels_to_frames(pixels)  # the frames on the host (waits for this stream only)
             latents = clean.float().cpu()
             refined_host = None if refined is None else refined.float().cpu()

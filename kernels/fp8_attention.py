@@ -574,7 +574,8 @@ def fp8_attention(q: Tensor, segments) -> Tensor:
 
 
 def fp8_segment_attention(q: Tensor, ks: tuple, vs: tuple) -> Tensor:
-    """Attention over segments given as `ks`/`vs` tuples where a segment is a `QuantizedKV` (the same object in
-    both tuples) or a bf16 pair `k, v [B, H, M, D]`, quantised here (`quantize_kv`)."""
+    """Attention over segments given as `ks`/`vs` tuples where a segment is a `QuantizedKV` in `ks` (its `vs`
+    entry, the same object or None, is not read) or a bf16 pair `k, v [B, H, M, D]`, quantised here
+    (`quantize_kv`)."""
     segs = [k if isinstance(k, QuantizedKV) else quantize_kv(k, v) for k, v in zip(ks, vs, strict=True)]
     return fp8_attention(q, segs)

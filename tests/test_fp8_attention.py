@@ -275,6 +275,43 @@ def test_fp8_resume_equals_uninterrupted(path):
 
 
 @pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_next_block_prepared_ahead_equals_opened(path):
+    """`prepare_next_block` (the pipeline runs it beside the decode) places the sink and rebuilds the fp8 copy ahead:
+    the block then refines bit for bit as one whose `_open` does it, and `_open` does not do it again; a window
+    changed in between (a restore) is prepared again."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=ar_cfg.history_frames // ar_cfg.block_size + 3, seed=6)
+    prompt, mask = data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"]
+    plain, ahead = fp8_refiner(model, ar_cfg), fp8_refiner(model, ar_cfg)
+    for r in (plain, ahead):
+        r.start(lat[:, :, : ar_cfg.sink_size], prompt, mask)
+    refreshes = []
+    w = ahead.window
+    real_refresh = w.refresh_fp8
+
+    def counting_refresh():
+        refreshes.append(1)
+        real_refresh()
+
+    w.refresh_fp8 = counting_refresh
+    ranges = plain.blocks(lat.shape[2])
+    for i, (a, b) in enumerate(ranges):
+        want = plain.refine_block(lat[:, :, a:b], noises[i])
+        before = len(refreshes)
+        got = ahead.refine_block(lat[:, :, a:b], noises[i])
+        assert len(refreshes) == before + (1 if i == 0 else 0)  # block 0 opens itself; the others were prepared
+        assert torch.equal(got, want)
+        ahead.prepare_next_block()
+        assert not w.fp8_stale
+    snap = ahead.snapshot()
+    ahead.restore(snap)  # the window changed: the prepared copy no longer counts
+    before = len(refreshes)
+    ahead._open(ar_cfg.block_size)
+    assert len(refreshes) == before + 1
+
+
+@pytest.mark.parametrize("path", FIXTURES)
 def test_windows_with_and_without_copy_are_not_reused_for_each_other(path):
     data, model, ar_cfg, _ = load_fixture(path)
     z = data["inputs.stage1_latents"]
@@ -284,6 +321,28 @@ def test_windows_with_and_without_copy_are_not_reused_for_each_other(path):
     r.fp8_attention = True
     r.start(z[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
     assert r.window is not plain and r.window.fp8 is not None
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_unmasked_prompt_is_attended_in_fp8(path):
+    """An unmasked prompt's cross-attention K/V become e4m3 segments (a masked one keeps its bf16 K/V and bias);
+    the refiner then runs both attentions in fp8, close to the plain one."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=3, seed=5)
+    prompt = data["inputs.prompt_embeds"]
+    ones = torch.ones(prompt.shape[:2], dtype=torch.int64)
+    masked = ones.clone()
+    masked[:, -1] = 0
+    r = fp8_refiner(model, ar_cfg)
+    r.set_prompt(prompt, masked)
+    assert all(torch.is_tensor(k) for k in r.text.k) and r.text.bias.ne(0).any()
+    r.set_prompt(prompt, ones)
+    assert all(isinstance(k, tuple) and isinstance(k[0], QuantizedKV) for k in r.text.k)
+    assert all(v == (None,) for v in r.text.v)
+    plain = fp8_refiner(model, ar_cfg, fp8=False).refine_video(lat, prompt, ones, noises=noises)
+    got = fp8_refiner(model, ar_cfg).refine_video(lat, prompt, ones, noises=noises)
+    assert QUANTISED_FLOOR / 10 < rel(got, plain) < EXACT_REL_TOL
 
 
 # ------------------------------------------------------------------------------------------ quality report
@@ -444,11 +503,14 @@ def test_cuda_kernel_configs_agree(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["active-slots", "split-window"])
+@pytest.mark.parametrize("prompt_mask", ["fixture", "unmasked"])
 @pytest.mark.parametrize("path", FIXTURES)
 @torch.no_grad()
-def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path):
-    """The fp8 window under the refiner's CUDA graphs and compiled block halves against the same refiner run
-    eagerly on the GPU (the kernel in both): the same values up to the compiled halves' rounding."""
+def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path, prompt_mask, split):
+    """The fp8 window (and, unmasked, the fp8 prompt K/V) under the refiner's CUDA graphs and compiled block halves
+    against the same refiner run eagerly on the GPU (the kernel in both): the same values up to the compiled
+    halves' rounding."""
     from engine.fast.refiner_compile import compiled_parts
     from engine.fast.refiner_graph import GraphedRefinerModel
 
@@ -459,12 +521,15 @@ def test_cuda_fp8_refiner_graphs_and_compile_equal_eager(path):
     lat, noises = long_video(data, ar_cfg, blocks=ar_cfg.history_frames // ar_cfg.block_size + 4, seed=4)
     lat, noises = lat.cuda().bfloat16(), [n.cuda().bfloat16() for n in noises]
     prompt, mask = data["inputs.prompt_embeds"].cuda(), data["inputs.prompt_attention_mask"].cuda()
-    eager = fp8_refiner(model, ar_cfg).refine_video(lat, prompt, mask, noises=noises)
-    r = fp8_refiner(model, ar_cfg)
+    if prompt_mask == "unmasked":
+        mask = torch.ones_like(mask)
+    eager = fp8_refiner(model, ar_cfg, split=split).refine_video(lat, prompt, mask, noises=noises)
+    r = fp8_refiner(model, ar_cfg, split=split)
     r.model = GraphedRefinerModel(model)
     r.model.parts = compiled_parts()
     fast = r.refine_video(lat, prompt, mask, noises=noises)
     assert r.model.replays > 0
+    assert isinstance(r.text.k[0], tuple) == (prompt_mask == "unmasked" or not bool(mask.eq(0).any()))
     assert rel(fast, eager) < 2e-2  # bf16 compiled halves vs eager ones, through the fp8 attention's roundings
 
 
@@ -515,3 +580,51 @@ def test_interpreter_tma_kernel_is_the_reference():
     unaligned = quantize_kv_reference(k1[:, :, :37], v1[:, :, :37])  # v_t rows of 37 bytes: no descriptor
     assert fa._tma_descriptors(unaligned, 32) is None
 
+
+def test_graphs_keep_static_copies_of_an_fp8_prompt():
+    """GraphedRefinerModel's prompt sync (CPU-callable logic): e4m3 segments beside None are cloned once, a prompt
+    of the same structure is copied into them, one of another structure makes new copies (and drops the graphs)."""
+    from types import SimpleNamespace
+
+    from engine.fast.refiner_graph import GraphedRefinerModel
+    from engine.refiner.ar import quantize_text
+    from engine.refiner.model import RefinerText
+
+    def prompt(seed):
+        g = torch.Generator().manual_seed(seed)
+        k = [torch.randn(1, 2, 8, 32, generator=g) for _ in range(2)]
+        v = [torch.randn(1, 2, 8, 32, generator=g) for _ in range(2)]
+        return RefinerText(k=k, v=v, bias=torch.zeros(1, 1, 1, 8))
+
+    drops = []
+    me = SimpleNamespace(text=None, _text_src=None, drop_graphs=lambda: drops.append(1))
+    sync = GraphedRefinerModel._sync_text
+    first = quantize_text(prompt(0))
+    want = [seg.k.clone() for (seg,) in first.k]
+    sync(me, first)
+    assert drops == [1] and me.text.v == [(None,), (None,)]
+    static = me.text.k[0][0].k
+    assert all(torch.equal(seg.k.view(torch.uint8), w.view(torch.uint8))
+               for (seg,), w in zip(me.text.k, want, strict=True))
+    second = quantize_text(prompt(1))
+    sync(me, second)
+    assert drops == [1] and me.text.k[0][0].k is static  # copied in place: the graphs still read it
+    assert torch.equal(static.view(torch.uint8), quantize_text(prompt(1)).k[0][0].k.view(torch.uint8))
+    sync(me, prompt(2))  # bf16 K/V: another structure
+    assert drops == [1, 1] and torch.is_tensor(me.text.k[0])
+
+
+@pytest.mark.gpu
+def test_cuda_live_loop_chunk_async_prepares_blocks_beside_the_decode():
+    """chunk-async runs the next block's sink placement and fp8 copy on the side stream beside the decode: the same
+    kernels on the same data as the plain loop, so the refined latents and frames are bit-equal."""
+    from engine.bench import build_bench_world
+    from tests.test_fast_paths_gpu import rollout
+
+    world = build_bench_world("tiny", device="cuda", dtype=torch.bfloat16, seed=1)
+    _, _, plain, _ = rollout(world, ("refiner-fp8-attn",), "full", chunks=5)
+    pipe, applied, fast, _ = rollout(world, ("refiner-fp8-attn", "chunk-async"), "full", chunks=5)
+    assert "chunk-async" in applied and pipe.refiner.window.fp8 is not None
+    for a, b in zip(fast, plain, strict=True):
+        assert torch.equal(a.refined, b.refined)
+        assert (a.frames == b.frames).all()

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import InputError
+from engine.refiner.ar import quantize_text_layer
 from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer, SelfAttentionKV
 from kernels.fp8_attention import quantize_kv
 
@@ -420,7 +421,8 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
                       attention: bool = False) -> tuple[Tensor, Tensor, list[float], int]:
     """`RefinerTransformer.forward` twice over the same inputs, block by block: as the model is (reference) and
     with each block's linears in fp8 (swapped in for that block only) and, with `attention`, its self-attention in
-    fp8 (`Fp8AttentionKV` over `kv`, an ExplicitKV or None). Returns (reference velocity, fp8 velocity, per-block
+    fp8 (`Fp8AttentionKV` over `kv`, an ExplicitKV or None) and its cross-attention in fp8 where the prompt has no
+    masked position (as `engine.refiner.ar.quantize_text` does). Returns (reference velocity, fp8 velocity, per-block
     relative error of the fp8 block on the reference block's input, linears swapped)."""
     m = model
     b, c, n, h, w = latents.shape
@@ -435,12 +437,15 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
     txt = m.caption_projection(prompt_embeds.to(dtype))  # what prepare_text feeds attn2.key_value
     x_ref = x_fp8 = m.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
     kv8 = Fp8AttentionKV(kv) if attention else kv
+    fp8_text_masked = bool(text.bias.ne(0).any())
     errs, swapped = [], 0
     for i, blk in enumerate(m.transformer_blocks):
         y_ref = blk(x_ref, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
         with _fp8_block(blk, include, fast_accum) as k:
             swapped += k
             tk, tv = blk.attn2.key_value(txt)
+            if attention and not fp8_text_masked:  # the prompt's cross-attention in fp8 too, as quantize_text does
+                tk, tv = quantize_text_layer(tk, tv)
             errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv8), y_ref))
             x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv8)
         x_ref = y_ref

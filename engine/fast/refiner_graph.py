@@ -18,6 +18,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from engine.fast.stage1_graph import no_recompile
 from engine.refiner.ar import RefinerKVWindow
@@ -59,16 +60,21 @@ class GraphedRefinerModel:
     def _sync_text(self, text: RefinerText) -> None:
         if text is self._text_src:
             return
-        same = self.text is not None and self.text.bias.shape == text.bias.shape and all(
-            a.shape == b.shape for a, b in zip(self.text.k, text.k, strict=True))
+        # the prompt's tensors, whatever their nesting (bf16 K/V, or e4m3 segments beside None under
+        # refiner-fp8-attn: torch's pytree keeps None as a leaf)
+        leaves, spec = tree_flatten((text.k, text.v, text.bias))
+        mine = tree_flatten((self.text.k, self.text.v, self.text.bias)) if self.text is not None else None
+        same = mine is not None and mine[1] == spec and all(
+            (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
+                                          and a.dtype == b.dtype) for a, b in zip(mine[0], leaves, strict=True))
         if not same:
-            self.text = RefinerText(k=[k.clone() for k in text.k], v=[v.clone() for v in text.v],
-                                    bias=text.bias.clone())
+            k, v, bias = tree_unflatten([None if t is None else t.clone() for t in leaves], spec)
+            self.text = RefinerText(k=k, v=v, bias=bias)
             self.drop_graphs()
         else:
-            for dst, src in zip(self.text.k + self.text.v + [self.text.bias], text.k + text.v + [text.bias],
-                                strict=True):
-                dst.copy_(src)
+            for dst, src in zip(mine[0], leaves, strict=True):
+                if dst is not None:
+                    dst.copy_(src)
         # the caller's prompt now reads the static copies (equal values), so the prompt's K/V (0.8 GB at the
         # release size) are held once, not twice. A later prompt of the same shapes is copied into them, so the
         # previous prompt object would read the new values: it is emptied, and a use of it fails loudly.
@@ -145,10 +151,12 @@ class GraphedRefinerModel:
         st["sigma"].fill_(float(sigma))
         if first_sight:  # compiled block halves: run (and so compile) them once outside any capture
             return self._body(st, self.model.cfg.rope_type, kv).clone()
+        # a replay reads the fp8 copy without asking the window (attend checks eager forwards); checked before a
+        # capture, whose Python side marks the layers a capture pass will write (after_attention) as stale
+        if kv.fp8_stale:
+            raise RuntimeError("the K/V window changed since its fp8 copy was made; call refresh_fp8() first")
         if key not in self.graphs:
             self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv)
-        if kv.fp8_stale:  # a replay reads the fp8 copy without asking the window (attend checks eager forwards)
-            raise RuntimeError("the K/V window changed since its fp8 copy was made; call refresh_fp8() first")
         graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1

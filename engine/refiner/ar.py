@@ -23,7 +23,23 @@ from engine.errors import InputError
 from engine.refiner.config import ARConfig
 from engine.refiner.model import RefinerText, RefinerTransformer
 from engine.refiner.rope import Rope, apply_rope
-from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv_into, segment_view
+from kernels.fp8_attention import QuantizedKV, empty_quantized, quantize_kv, quantize_kv_into, segment_view
+
+
+def quantize_text(text: RefinerText) -> RefinerText:
+    """The prompt's per-layer cross-attention K/V as e4m3 segments (`k[i] = (QuantizedKV,)`, `v[i] = (None,)`: the
+    segment carries both), attended by the fp8 attention (fast path `refiner-fp8-attn`), when no text position is
+    masked (the connectors' output never is: padding became registers). A masked prompt keeps its bf16 K/V and the
+    additive bias (the fp8 kernel takes no bias). One host sync (the mask test), once per prompt."""
+    if bool(text.bias.ne(0).any()):
+        return text
+    k, v = zip(*(quantize_text_layer(k, v) for k, v in zip(text.k, text.v, strict=True)), strict=True)
+    return RefinerText(k=list(k), v=list(v), bias=text.bias)
+
+
+def quantize_text_layer(k: Tensor, v: Tensor) -> tuple[tuple, tuple]:
+    """One layer's prompt K/V `[B, H, L, D]` -> the `((QuantizedKV,), (None,))` an unmasked prompt attends in fp8."""
+    return (quantize_kv(k, v),), (None,)
 
 
 class RefinerKVWindow:
@@ -302,9 +318,10 @@ class ARRefiner:
         # windows without the active block's slots (fast path `lean-memory`; see RefinerKVWindow), from the next start
         self.split_window = False
         # an e4m3 copy of the window's sink + history, self-attention in fp8 (fast path `refiner-fp8-attn`; see
-        # RefinerKVWindow), from the next start. The cross-attention stays bf16: over the prompt's 1024 positions
-        # the fp8 kernel took 165 us a call against cuDNN's 147 (H100, session 10)
+        # RefinerKVWindow), from the next start; the prompt's cross-attention too (`quantize_text`: H100, session
+        # 10, 105 us a call against cuDNN's 145 over the prompt's 1024 positions), from the next prompt
         self.fp8_attention = False
+        self._prepared: tuple[int, int] | None = None  # (sink offset, history) the sink and fp8 copy were placed for
         self.latent_hw: tuple[int, int] | None = None
 
     # -- session state --------------------------------------------------------------------------------------------
@@ -322,6 +339,8 @@ class ARRefiner:
         prompt_embeds, mask = self.prompt
         with torch.no_grad():
             self.text = self.model.prepare_text(prompt_embeds, mask)
+            if self.fp8_attention:
+                self.text = quantize_text(self.text)
 
     def _ensure_window(self, batch: int, height: int, width: int) -> RefinerKVWindow:
         p = self.model.proj_in.weight
@@ -382,15 +401,31 @@ class ARRefiner:
             raise InputError(f"block of {n} latent frames; accepted 1..{self.cfg.block_size}")
         return n
 
+    def _sink_offset(self) -> int:
+        return self.next_frame - self.window.history_len - self.cfg.sink_size
+
+    def _place_sink(self) -> None:
+        """Rotate the sink to the frame before the history, then rebuild the fp8 copy of sink + history (if any)."""
+        window, (h, w), off = self.window, self.latent_hw, self._sink_offset()
+        rope = self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, window.k.device)
+        window.place_sink(rope)
+        window.refresh_fp8()
+        self._prepared = (off, window.history_len)
+
+    def prepare_next_block(self) -> None:
+        """With an fp8 copy: place the sink for the block that comes next and rebuild the copy now, on the current
+        stream (`WorldPipeline` runs it on its side stream beside the decode, which it orders before the next
+        chunk); `_open` then finds them done, unless the window changed since (`fp8_stale`). No-op otherwise."""
+        if self.window is not None and self.window.fp8 is not None and self.latent_hw is not None:
+            self._place_sink()
+
     def _open(self, n: int) -> Tensor:
-        """Place the sink before the history and open the block; returns the block's frame positions `[n]`."""
+        """Place the sink before the history (and rebuild the fp8 copy), unless `prepare_next_block` did for this
+        window, and open the block; returns the block's frame positions `[n]`."""
         window = self.window
-        dev = window.k.device
-        h, w = self.latent_hw
-        off = self.next_frame - window.history_len - self.cfg.sink_size
-        window.place_sink(self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, dev))
+        if window.fp8 is None or window.fp8_stale or self._prepared != (self._sink_offset(), window.history_len):
+            self._place_sink()
         window.open_block(n)
-        window.refresh_fp8()  # the fp8 copy of sink + history, if any: once a block, before its forwards
         return torch.arange(self.next_frame, self.next_frame + n)  # positions stay on the CPU (rope.py)
 
     def _capture(self, refined: Tensor, positions: Tensor) -> None:

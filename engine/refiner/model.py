@@ -131,8 +131,9 @@ class Attention(nn.Module):
     def output(self, q: Tensor, k, v, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """SDPA of `q [B,H,N,D]` over `k, v [B,H,M,D]` (additive `bias` broadcast to [B,H,N,M]; or two segments of
         keys and values as tuples, no bias), gate from the attention input `x [B, N, C]`, output projection ->
-        `[B, N, C]`. Segments of which one is an e4m3 `QuantizedKV` (a K/V window with an fp8 copy, fast path
-        `refiner-fp8-attn`) run the fp8 attention over all of them (kernels/fp8_attention.py)."""
+        `[B, N, C]`. Segments of which one is an e4m3 `QuantizedKV` (a K/V window with an fp8 copy, or a prompt's
+        quantised K/V, fast path `refiner-fp8-attn`) run the fp8 attention over all of them
+        (kernels/fp8_attention.py); a bias must then be all zeros (`engine.refiner.ar.quantize_text` sees to it)."""
         if isinstance(k, tuple) and any(isinstance(seg, QuantizedKV) for seg in k):
             out = fp8_segment_attention(q, k, v).transpose(1, 2)
         elif isinstance(k, tuple):
@@ -237,8 +238,8 @@ class AdaLNSingle(nn.Module):
 class RefinerText:
     """A prompt prepared for the refiner: every layer's cross-attention K/V (they depend on the prompt only)."""
 
-    k: list[Tensor]  # per layer [B, H, L, D] (normed by attn2.norm_k)
-    v: list[Tensor]  # per layer [B, H, L, D]
+    k: list  # per layer [B, H, L, D] (normed by attn2.norm_k), or (QuantizedKV,) (engine.refiner.ar.quantize_text)
+    v: list  # per layer [B, H, L, D], or (None,) beside a QuantizedKV
     bias: Tensor  # [B, 1, 1, L] additive: −10000 on padded text tokens, 0 elsewhere
 
 
