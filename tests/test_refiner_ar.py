@@ -327,3 +327,20 @@ def test_two_segment_attention_equals_one_attention_on_cuda(dtype):
     e_one, e_got = rel(one.double(), ref), rel(got.double(), ref)
     print(f"{dtype}: one SDPA {e_one:.2e}, two segments {e_got:.2e}")
     assert got.dtype == dtype and e_got <= max(2 * e_one, 1e-6)
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_kv_only_pass_records_the_same_kv(path):
+    """A capture pass's forward with `kv_only` (no velocity: the last block stops at its K/V) hands every layer the
+    same K/V, bit for bit, as the whole forward."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    z = data["inputs.stage1_latents"][:, :, :3]
+    text = model.prepare_text(data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    full, lean = ExplicitKV(record=True), ExplicitKV(record=True)
+    assert model(z, 0.0, text, fps=ar_cfg.fps, kv=full) is not None
+    assert model(z, 0.0, text, fps=ar_cfg.fps, kv=lean, kv_only=True) is None
+    for store in ("k_pre", "k", "v"):
+        a, b = getattr(full, store), getattr(lean, store)
+        assert a.keys() == b.keys() == set(range(model.num_layers))
+        assert all(torch.equal(a[i], b[i]) for i in a), store

@@ -95,7 +95,7 @@ class GraphedRefinerModel:
         return self.statics[key]
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def _body(self, st: dict[str, Tensor], layout: str, kv: RefinerKVWindow) -> Tensor:
+    def _body(self, st: dict[str, Tensor], layout: str, kv: RefinerKVWindow, kv_only: bool) -> Tensor | None:
         """`RefinerTransformer.forward` on the static buffers (sigma per batch element)."""
         m = self.model
         b, c, n, h, w = st["latents"].shape
@@ -104,39 +104,45 @@ class GraphedRefinerModel:
         timestep = (st["sigma"] * m.cfg.timestep_scale_multiplier).to(torch.float32).reshape(b, -1)
         emb, temb = m.time_embed(timestep, dtype)
         x = m.proj_in(st["latents"].permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
+        last = m.num_layers - 1
         for i, blk in enumerate(m.transformer_blocks):
-            x = blk(x, temb, rope, self.text.k[i], self.text.v[i], self.text.bias, i, kv, parts=self.parts)
+            x = blk(x, temb, rope, self.text.k[i], self.text.v[i], self.text.bias, i, kv, parts=self.parts,
+                    kv_only=kv_only and i == last)
+        if kv_only:
+            return None
         shift = m.scale_shift_table[0] + emb
         scale = m.scale_shift_table[1] + emb
         out = m.proj_out(m.norm_out(x) * (1 + scale) + shift)
         return out.reshape(b, n, h, w, -1).permute(0, 4, 1, 2, 3)
 
-    def _capture(self, st, layout, kv) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, st, layout, kv, kv_only) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
         s = self.capture_stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         g = torch.cuda.CUDAGraph()
         with no_recompile(), torch.cuda.graph(g, pool=self.pool, stream=s):
-            out = self._body(st, layout, kv)
+            out = self._body(st, layout, kv, kv_only)
         return g, out
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, sigma, text: RefinerText, *, fps: float, frame_positions: Tensor | None = None,
-                 kv=None) -> Tensor:
+                 kv=None, kv_only: bool = False) -> Tensor | None:
+        plain = dict(fps=fps, frame_positions=frame_positions, kv=kv, kv_only=kv_only)
         if not isinstance(kv, RefinerKVWindow) or frame_positions is None or torch.is_tensor(sigma):
-            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+            return self.model(latents, sigma, text, **plain)
         if self._window is None or self._window() is not kv:  # another window (a new session's, a new layout): the
             # graphs point at the old one's buffers, which may be gone (and its id reused): capture again
             self.drop_graphs()
             self._window = weakref.ref(kv)
-        key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention, kv.writes_active)
+        key = (tuple(latents.shape), kv.history_len, kv.active_len, kv.writes_after_attention, kv.writes_active,
+               kv_only)
         if kv.history_len < kv.max_history:  # the window still fills: a shape this session sees once
-            return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+            return self.model(latents, sigma, text, **plain)
         self._sync_text(text)  # first: a new prompt buffer clears `seen`, which must not forget this first sight
         first_sight = key not in self.seen
         if first_sight:
             self.seen.add(key)
             if self.parts is None:
-                return self.model(latents, sigma, text, fps=fps, frame_positions=frame_positions, kv=kv)
+                return self.model(latents, sigma, text, **plain)
         b, c, n, h, w = latents.shape
         rope_key = (tuple(frame_positions.tolist()), b, h, w, fps)
         if rope_key != self._rope_key or tuple(latents.shape) not in self.statics:  # once per block
@@ -150,14 +156,15 @@ class GraphedRefinerModel:
         st["latents"].copy_(latents)
         st["sigma"].fill_(float(sigma))
         if first_sight:  # compiled block halves: run (and so compile) them once outside any capture
-            return self._body(st, self.model.cfg.rope_type, kv).clone()
+            out = self._body(st, self.model.cfg.rope_type, kv, kv_only)
+            return None if out is None else out.clone()
         # a replay reads the fp8 copy without asking the window (attend checks eager forwards); checked before a
         # capture, whose Python side marks the layers a capture pass will write (after_attention) as stale
         if kv.fp8_stale:
             raise RuntimeError("the K/V window changed since its fp8 copy was made; call refresh_fp8() first")
         if key not in self.graphs:
-            self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv)
+            self.graphs[key] = self._capture(st, self.model.cfg.rope_type, kv, kv_only)
         graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1
-        return out.clone()
+        return None if out is None else out.clone()

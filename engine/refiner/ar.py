@@ -385,6 +385,7 @@ class ARRefiner:
             fps=self.cfg.fps,
             frame_positions=torch.arange(n),
             kv=window.sink_capture(),
+            kv_only=True,
         )
         self.next_frame = n
 
@@ -432,7 +433,8 @@ class ARRefiner:
         """The sigma = 0 pass over a refined block; its K/V join the history."""
         self.window.capturing = True
         try:
-            self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window)
+            self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window,
+                       kv_only=True)
         finally:
             self.window.capturing = False
         self.window.append_active()

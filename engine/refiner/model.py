@@ -268,13 +268,15 @@ class RefinerBlock(nn.Module):
         layer: int,
         kv: SelfAttentionKV | None,
         parts: tuple | None = None,
-    ) -> Tensor:
+        kv_only: bool = False,
+    ) -> Tensor | None:
         """`x [B, N, C]`, `temb [B, 1 or N, 6·C]` -> `[B, N, C]`. The block is two functions around the K/V window:
-        `parts = (attention_inputs, attention_outputs)` by default (fast paths pass compiled versions)."""
+        `parts = (attention_inputs, attention_outputs)` by default (fast paths pass compiled versions). `kv_only`:
+        only this layer's K/V reach `kv` (the attention and what follows are not computed); returns None."""
         inputs, outputs = parts or (attention_inputs, attention_outputs)
         h, q, k_pre, k, v, mod = inputs(self, x, temb, rope)
         kw, vw = (k, v) if kv is None else kv.attend(layer, k_pre, k, v)
-        out = outputs(self, x, h, q, kw, vw, mod, text_k, text_v, text_bias)
+        out = None if kv_only else outputs(self, x, h, q, kw, vw, mod, text_k, text_v, text_bias)
         if getattr(kv, "writes_after_attention", False):
             kv.after_attention(layer, k, v)
         return out
@@ -374,10 +376,13 @@ class RefinerTransformer(nn.Module):
         fps: float,
         frame_positions: Tensor | None = None,
         kv: SelfAttentionKV | None = None,
-    ) -> Tensor:
+        kv_only: bool = False,
+    ) -> Tensor | None:
         """Velocity `[B, C_out, n, h, w]` of `latents [B, C_in, n, h, w]` at noise level `sigma` (a float, `[B]`,
         or per token `[B, n·h·w]`); the frames sit at absolute latent indices `frame_positions [n]` (default
-        0..n−1; keep them on the CPU to avoid a device sync). x0 = latents − sigma·velocity."""
+        0..n−1; keep them on the CPU to avoid a device sync). x0 = latents − sigma·velocity. `kv_only` (a capture
+        pass, whose velocity nobody reads): every layer's K/V reach `kv`, the last block stops there and no velocity
+        is computed; returns None."""
         b, c, n, h, w = latents.shape
         if c != self.cfg.in_channels:
             raise InputError(f"refiner latents have {c} channels; the model takes {self.cfg.in_channels}")
@@ -396,8 +401,11 @@ class RefinerTransformer(nn.Module):
         emb, temb = self.time_embed(timestep, dtype)  # [B, 1|N, C], [B, 1|N, 6·C]
 
         x = self.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
+        last = self.num_layers - 1
         for i, blk in enumerate(self.transformer_blocks):
-            x = blk(x, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
+            x = blk(x, temb, rope, text.k[i], text.v[i], text.bias, i, kv, kv_only=kv_only and i == last)
+        if kv_only:
+            return None
 
         shift = self.scale_shift_table[0] + emb
         scale = self.scale_shift_table[1] + emb

@@ -26,6 +26,16 @@ class Rope:
     layout: str  # "interleaved" | "split"
 
 
+def _to_device(t: Tensor, device) -> Tensor:
+    """A host tensor onto `device` without making the host wait: onto a GPU through page-locked memory,
+    asynchronously (a pageable copy would wait for the stream's queued work: this table is made while the GPU runs
+    earlier work, or on a side stream beside it). The same values."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def rope_from_fractions(
     fractions: Tensor,
     *,
@@ -43,8 +53,8 @@ def rope_from_fractions(
     num_freqs = dim // (2 * axes)
     # Frequencies on the CPU (see video_fractions); angles, cos and sin on the device (IEEE-exact ops + cos/sin).
     exponents = torch.linspace(0.0, 1.0, num_freqs, dtype=torch.float64 if double_precision else torch.float32)
-    freqs = (theta**exponents * math.pi / 2.0).to(torch.float32).to(device)  # [F]
-    angles = (fractions.to(device, torch.float32)[..., None] * 2 - 1) * freqs  # [N, A, F]
+    freqs = _to_device((theta**exponents * math.pi / 2.0).to(torch.float32), device)  # [F]
+    angles = (_to_device(fractions.to(torch.float32), device)[..., None] * 2 - 1) * freqs  # [N, A, F]
     angles = angles.transpose(-1, -2).reshape(n, num_freqs * axes)  # index j·A + axis
     pad = dim // 2 - num_freqs * axes
     if pad:
