@@ -405,10 +405,12 @@ class ARRefiner:
     def _sink_offset(self) -> int:
         return self.next_frame - self.window.history_len - self.cfg.sink_size
 
-    def _place_sink(self) -> None:
-        """Rotate the sink to the frame before the history, then rebuild the fp8 copy of sink + history (if any)."""
+    def _place_sink(self, async_copy: bool = False) -> None:
+        """Rotate the sink to the frame before the history, then rebuild the fp8 copy of sink + history (if any).
+        `async_copy`: the rotation table's host inputs reach the GPU without a host wait (on a side stream)."""
         window, (h, w), off = self.window, self.latent_hw, self._sink_offset()
-        rope = self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, window.k.device)
+        rope = self.model.video_rope(torch.arange(off, off + self.cfg.sink_size), h, w, self.cfg.fps, window.k.device,
+                                     async_copy=async_copy)
         window.place_sink(rope)
         window.refresh_fp8()
         self._prepared = (off, window.history_len)
@@ -418,7 +420,9 @@ class ARRefiner:
         stream (`WorldPipeline` runs it on its side stream beside the decode, which it orders before the next
         chunk); `_open` then finds them done, unless the window changed since (`fp8_stale`). No-op otherwise."""
         if self.window is not None and self.window.fp8 is not None and self.latent_hw is not None:
-            self._place_sink()
+            # without a host wait: a pageable copy on the side stream would hold the host until the cache-write pass
+            # queued before it had run (H100, session 10: the decode's span grew from 49 to 96 ms)
+            self._place_sink(async_copy=True)
 
     def _open(self, n: int) -> Tensor:
         """Place the sink before the history (and rebuild the fp8 copy), unless `prepare_next_block` did for this

@@ -325,10 +325,12 @@ class RefinerTransformer(nn.Module):
         return len(self.transformer_blocks)
 
     def video_rope(
-        self, frame_positions: Tensor, height: int, width: int, fps: float, device: torch.device | None = None
+        self, frame_positions: Tensor, height: int, width: int, fps: float, device: torch.device | None = None,
+        async_copy: bool = False,
     ) -> Rope:
         """RoPE table `[H, n·h·w, D/2]` on `device` (default: the weights') for latent frames at absolute indices
-        `frame_positions [n]` (best kept on the CPU, where positions are computed)."""
+        `frame_positions [n]` (best kept on the CPU, where positions are computed); `async_copy`: see
+        `rope_from_fractions`."""
         c = self.cfg
         fr = video_fractions(
             frame_positions,
@@ -347,6 +349,7 @@ class RefinerTransformer(nn.Module):
             layout=c.rope_type,
             double_precision=c.rope_double_precision,
             device=self.proj_in.weight.device if device is None else device,
+            async_copy=async_copy,
         )
 
     def prepare_text(self, prompt_embeds: Tensor, mask: Tensor | None = None) -> RefinerText:

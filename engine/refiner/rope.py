@@ -26,12 +26,11 @@ class Rope:
     layout: str  # "interleaved" | "split"
 
 
-def _to_device(t: Tensor, device) -> Tensor:
-    """A host tensor onto `device` without making the host wait: onto a GPU through page-locked memory,
-    asynchronously (a pageable copy would wait for the stream's queued work: this table is made while the GPU runs
-    earlier work, or on a side stream beside it). The same values."""
+def _to_device(t: Tensor, device, async_copy: bool) -> Tensor:
+    """A host tensor onto `device`; `async_copy`: onto a GPU through page-locked memory without making the host
+    wait (a pageable copy waits for the stream's queued work). The same values either way."""
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
+    if async_copy and device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -45,16 +44,18 @@ def rope_from_fractions(
     layout: str,
     double_precision: bool = True,
     device: torch.device | str | None = None,
+    async_copy: bool = False,
 ) -> Rope:
     """`fractions [N, A]` (position / base per axis) -> the rotation table for `num_heads` heads of `dim/num_heads`,
-    on `device` (default: the fractions' device)."""
+    on `device` (default: the fractions' device). `async_copy`: the host-made inputs reach a GPU without a host wait
+    (for a table made on a side stream beside queued work)."""
     n, axes = fractions.shape
     device = fractions.device if device is None else device
     num_freqs = dim // (2 * axes)
     # Frequencies on the CPU (see video_fractions); angles, cos and sin on the device (IEEE-exact ops + cos/sin).
     exponents = torch.linspace(0.0, 1.0, num_freqs, dtype=torch.float64 if double_precision else torch.float32)
-    freqs = _to_device((theta**exponents * math.pi / 2.0).to(torch.float32), device)  # [F]
-    angles = (_to_device(fractions.to(torch.float32), device)[..., None] * 2 - 1) * freqs  # [N, A, F]
+    freqs = _to_device((theta**exponents * math.pi / 2.0).to(torch.float32), device, async_copy)  # [F]
+    angles = (_to_device(fractions.to(torch.float32), device, async_copy)[..., None] * 2 - 1) * freqs  # [N, A, F]
     angles = angles.transpose(-1, -2).reshape(n, num_freqs * axes)  # index j·A + axis
     pad = dim // 2 - num_freqs * axes
     if pad:
