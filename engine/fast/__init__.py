@@ -54,12 +54,17 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
   (error vs fp64 1.7e-3, the plain path's 2.6e-3); a refiner block 645 -> 632 ms (same card);
 - `refiner-fp8`: e4m3 weights and per-token e4m3 activations in the refiner blocks' GEMMs (engine/fast/refiner_fp8.py;
-  changes the numerics: opt-in by name, never part of `all`);
-- `refiner-fp8-attn`: the refiner's self-attention with e4m3 Q, K, P and V on fp8 tensor cores, fp32 softmax
-  (kernels/fp8_attention.py, a Triton kernel; the torch reference off CUDA): the K/V window keeps an e4m3 copy of
-  its sink + history, rebuilt once a block, and the block's own K/V are quantised per forward (`RefinerKVWindow`
-  `use_fp8_attention`; 3.8 GB more at the release size). Changes the numerics (~5% relative error per attention
-  output on random data): opt-in by name, never part of `all`; the bench reports its cost (`fp8_quality`);
+  self-attention's q/k/v as one GEMM over one quantised input, the FFN's GELU inside the down projection's
+  quantiser; changes the numerics: opt-in by name, never part of `all`);
+- `refiner-fp8-attn`: the refiner's self- and cross-attention with e4m3 Q, K, P and V on fp8 tensor cores, fp32
+  softmax (kernels/fp8_attention.py, a Triton kernel with TMA loads; the torch reference off CUDA): the K/V window
+  keeps an e4m3 copy of its sink + history, rebuilt once a block (beside the decode under `chunk-async`), the block's
+  own K/V are quantised per forward and an unmasked prompt's K/V once per prompt (`RefinerKVWindow`
+  `use_fp8_attention`, `engine.refiner.ar.quantize_text`; 3.8 GB more at the release size). H100: a release
+  self-attention 0.99 -> 0.75 ms, a cross-attention 0.145 -> 0.105; with `refiner-fp8` a refiner block 533 -> 452-456
+  ms, full 1.91x -> 2.08-2.10x (tests/benchmarks/results/h100_2026-11-27_s10_*). Changes the numerics (5.4e-2
+  relative per attention output on Gaussian data; a block's output 2.9e-2 with random weights): opt-in by name,
+  never part of `all`; the bench reports its cost (`fp8_quality`, `fp8_attention_quality`);
 - `vae-fast`: the VAE decoder channels-last, with fused RMS norm + SiLU (+ bias, residual, padding) and folded
   padding, cudnn autotuning (engine/fast/vae_fast.py, kernels/vae_norm.py);
 - `vae-pad`: one-pass reflect padding in the VAE decoder's convs (engine/fast/vae_pad.py, kernels/frames.py);

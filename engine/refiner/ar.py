@@ -54,11 +54,12 @@ class RefinerKVWindow:
     layer has attended (`after_attention`; the history shifts by the frames it drops, as `append_active` does).
 
     `use_fp8_attention()` (fast path `refiner-fp8-attn`) adds an e4m3 copy of the sink + history K/V (`fp8`, one
-    scale per token; about half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
-    rebuilds from the bf16 window, once a block (`ARRefiner._open`); `attend` then returns two segments, that copy
-    and the block's own K/V, which the self-attention runs in fp8 (kernels/fp8_attention.py). The bf16 window stays
-    the state (snapshots, capture passes); the copy is derived. A layer whose window changed since the last refresh
-    refuses to attend (`fp8_stale`).
+    scale per 128 tokens; half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
+    rebuilds from the bf16 window, once a block (`ARRefiner._place_sink`, from `_open` or ahead of it,
+    `prepare_next_block`); `attend` then returns two segments, that copy and the block's own K/V, which the
+    self-attention runs in fp8 (kernels/fp8_attention.py), and writes the block's K/V into the active slots in
+    capture passes only (`writes_active`). The bf16 window stays the state (snapshots, capture passes); the copy is
+    derived. A layer whose window changed since the last refresh refuses to attend (`fp8_stale`).
     """
 
     def __init__(
