@@ -1,7 +1,8 @@
 """Softmax attention with e4m3 operands: both products (Q·Kᵀ and P·V) on fp8 tensor cores (Hopper), fp32 softmax.
 
-Used by the refiner's self-attention under fast path `refiner-fp8-attn` (engine/fast/refiner_fp8_attn.py); the
-plain path is cuDNN's bf16 attention (`F.scaled_dot_product_attention`, `engine.refiner.model.two_segment_attention`).
+Used by the refiner's self- and cross-attention under fast path `refiner-fp8-attn` (the K/V window's fp8 copy and
+`quantize_text` in engine/refiner/ar.py, the dispatch in `engine.refiner.model.Attention.output`); the plain path is
+cuDNN's bf16 attention (`F.scaled_dot_product_attention`, `engine.refiner.model.two_segment_attention`).
 
 Keys and values come as one or two *segments* (`QuantizedKV`), quantised with one scale per block of SCALE_BLOCK
 (128) tokens, for K and for V (one pass: a block is read once; e4m3 is a floating-point format, so one scale per

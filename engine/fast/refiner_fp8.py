@@ -18,7 +18,9 @@ range (|q| >= 2^-6) and an absolute one of at most 2^-10 · scale below it.
 The FFN's GELU moves into the down projection's quantiser (`Fp8Linear(act="gelu_tanh")`, the up projection's
 module becomes `PreActivation`): the quantiser reads the up projection's bf16 output once, applies the GELU in fp32
 and quantises, where the plain order would write the GELU's output and read it again (on the H100, ~60 us a
-block).
+block). Self-attention's q, k and v become one `Fp8Linear` over their concatenated weights (`attn1.to_qkv`, used by
+`Attention.qkv`; the three keep their names as views of its buffers): the input is quantised once, not three times.
+`fp8_quality_delta` swaps and fuses the same way, so it measures what runs.
 
 What stays in the model's dtype, and why: `proj_in` (K = 128 latent channels) and `proj_out` (writes the velocity
 itself, N = 128), the timestep embedder and adaLN (one token per sample: no GEMM to speed up, and their outputs
