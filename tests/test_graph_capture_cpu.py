@@ -102,8 +102,9 @@ def test_each_steady_pass_runs_eagerly_once_then_replays(monkeypatch):
     # stage-1 steady from chunk 2: its first read pass eager, 3 reads replayed, the write eager (first sight);
     # chunks 3..: all 5 passes replayed
     assert pipe.stream.runner.replays == 3 + 5 * (chunks - 3) and len(pipe.stream.runner.graphs) == 2
-    # refiner history full from chunk 4: first step eager, 2 steps + the capture pass replayed; then all 4
-    assert pipe.refiner.model.replays == 3 + 4 * (chunks - 5) and len(pipe.refiner.model.graphs) == 1
+    # refiner history full from chunk 4: first step eager, 2 steps replayed, the capture pass (K/V only: a graph of
+    # its own) eager at its first sight; from chunk 5 all 4 replayed (the capture pass captured there)
+    assert pipe.refiner.model.replays == 2 + 4 * (chunks - 5) and len(pipe.refiner.model.graphs) == 2
 
 
 def test_frame_context_is_rebuilt_for_a_new_or_modified_camera_tensor(monkeypatch):
