@@ -65,19 +65,20 @@ case "${1:-}" in
     t 300 gdn_parallel tests/test_gdn_triton.py -k "parallel or agree or long_recurrence"
     ;;
   bench)
-    # full quality captures the refiner's graphs in chunks 3-4 (history full from chunk 3): warm up past them
+    # full quality captures the refiner's graphs in chunks 4-5 (history full from chunk 4; since session 10 the
+    # K/V-only capture pass has a graph of its own, captured in chunk 5): warm up past them
     # the release configuration (session 9: every bf16 target met with it); the profile run is `all` alone
     timeout 300 python3 -m engine.bench --preset release --fast all,lean-memory --quality preview,full --chunks 12 \
-      --warmup 5 --replay-chunks 2 --out "$OUT/bench_all_lean_memory.json" > "$OUT/bench_all_lean_memory.log" 2>&1
+      --warmup 6 --replay-chunks 2 --out "$OUT/bench_all_lean_memory.json" > "$OUT/bench_all_lean_memory.log" 2>&1
     summary+=("bench all,lean-memory rc=$?")
     grep -E "MISSED|met" "$OUT/bench_all_lean_memory.log"
     ;;
   bench-profile)
-    timeout 360 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 10 --warmup 5 \
+    timeout 360 python3 -m engine.bench --preset release --fast all --quality preview,full --chunks 12 --warmup 6 \
       --replay-chunks 2 --profile --out "$OUT/bench_all.json" > "$OUT/bench_all.log" 2>&1
     summary+=("bench all rc=$?")
-    timeout 220 python3 -m engine.bench --preset release --fast all,refiner-fp8 --quality full --chunks 10 \
-      --warmup 5 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8.json" > "$OUT/bench_fp8.log" 2>&1
+    timeout 220 python3 -m engine.bench --preset release --fast all,refiner-fp8 --quality full --chunks 12 \
+      --warmup 6 --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_fp8.json" > "$OUT/bench_fp8.log" 2>&1
     summary+=("bench fp8 rc=$?")
     tail -22 "$OUT/bench_all.log"; tail -10 "$OUT/bench_fp8.log"
     ;;
@@ -121,7 +122,7 @@ case "${1:-}" in
       > "$OUT/fp8_attention_probe.log" 2>&1
     summary+=("fp8 attention probe rc=$?"); tail -26 "$OUT/fp8_attention_probe.log"
     timeout 280 python3 -m engine.bench --preset release --fast all,refiner-fp8,refiner-fp8-attn --quality full \
-      --chunks 10 --warmup 5 --no-snapshot --replay-chunks 0 --gemm 0 --profile --out "$OUT/bench_fp8_attn.json" \
+      --chunks 12 --warmup 6 --no-snapshot --replay-chunks 0 --gemm 0 --profile --out "$OUT/bench_fp8_attn.json" \
       > "$OUT/bench_fp8_attn.log" 2>&1
     summary+=("bench fp8 + fp8 attention rc=$?"); grep -A 9 "^refiner_forward" "$OUT/bench_fp8_attn.log"
     tail -9 "$OUT/bench_fp8_attn.log"
