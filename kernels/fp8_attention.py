@@ -377,15 +377,35 @@ if triton is not None:
         return acc, m_i, l_i, r
 
     @triton.jit
-    def _query_rows(q_ptr, b64, h, offs_m, offs_d, N, sq_b, sq_h, sq_n, qk_scale, FP8_MAX: tl.constexpr,
-                    FLOOR: tl.constexpr):
-        """The query tile quantised per row: (q8 [BLOCK_M, D] e4m3, q_scale · softmax scale · log2(e) per row)."""
+    def _start(q_ptr, H, N, sq_b, sq_h, sq_n, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, FLOOR: tl.constexpr):
+        """A program's (query tile, batch·head), from grid (query tiles, B·H): its indices, the query tile quantised
+        per row (q8 [BLOCK_M, D] e4m3, q_scale · softmax scale · log2(e) per row) and the empty online-softmax state
+        (row max, row sum, value-scale max r, accumulator)."""
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        b64 = b.to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
         q = tl.load(q_ptr + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
                     mask=offs_m[:, None] < N, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(q), 1), FLOOR)
         inv = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax) * FP8_MAX
         q8 = tl.clamp(q * inv[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
-        return q8, amax * (1.0 / FP8_MAX) * qk_scale
+        row_scale = amax * (1.0 / FP8_MAX) * qk_scale
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        r = tl.zeros([], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        return b, h, b64, offs_m, offs_n, offs_d, q8, row_scale, m_i, l_i, r, acc
+
+    @triton.jit
+    def _finish(o_ptr, acc, l_i, r, b64, h, offs_m, offs_d, N, so_b, so_n, so_h):
+        """out = acc · r / l into `[B, N, H, D]` memory."""
+        out = acc * (r / l_i)[:, None]
+        tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < N)
 
     @triton.jit
     def _fp8_attention_kernel(
@@ -398,18 +418,8 @@ if triton is not None:
         SBLOCK: tl.constexpr,
     ):
         # grid: (query tiles, B·H); scales [B, H, blocks] with block stride 1
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        b64 = b.to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        q8, row_scale = _query_rows(q_ptr, b64, h, offs_m, offs_d, N, sq_b, sq_h, sq_n, qk_scale, FP8_MAX, FLOOR)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        r = tl.zeros([], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        b, h, b64, offs_m, offs_n, offs_d, q8, row_scale, m_i, l_i, r, acc = _start(
+            q_ptr, H, N, sq_b, sq_h, sq_n, qk_scale, D, BLOCK_M, BLOCK_N, FP8_MAX, FLOOR)
         acc, m_i, l_i, r = _attend_segment(acc, m_i, l_i, r, q8, row_scale, k1_ptr + b64 * sk1_b + h * sk1_h,
                                            v1_ptr + b64 * sv1_b + h * sv1_h, ks1_ptr + b64 * ss1_b + h * ss1_h,
                                            vs1_ptr + b64 * ss1_b + h * ss1_h, M1, sk1_m, sv1_d, offs_n, offs_d,
@@ -419,9 +429,7 @@ if triton is not None:
                                                v2_ptr + b64 * sv2_b + h * sv2_h, ks2_ptr + b64 * ss2_b + h * ss2_h,
                                                vs2_ptr + b64 * ss2_b + h * ss2_h, M2, sk2_m, sv2_d, offs_n, offs_d,
                                                BLOCK_N, LOG2_PSCALE, EXP16, SBLOCK)
-        out = acc * (r / l_i)[:, None]
-        tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < N)
+        _finish(o_ptr, acc, l_i, r, b64, h, offs_m, offs_d, N, so_b, so_n, so_h)
 
     @triton.jit
     def _fp8_attention_tma_kernel(
@@ -433,18 +441,8 @@ if triton is not None:
     ):
         # `_fp8_attention_kernel` with the key and value tiles brought by the tensor memory accelerator (4-D
         # descriptors [B, H, M, D] and [B, H, D, M]): no address registers, asynchronous bulk copies
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b, h = bh // H, bh % H
-        b64 = b.to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        q8, row_scale = _query_rows(q_ptr, b64, h, offs_m, offs_d, N, sq_b, sq_h, sq_n, qk_scale, FP8_MAX, FLOOR)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        r = tl.zeros([], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        b, h, b64, offs_m, offs_n, offs_d, q8, row_scale, m_i, l_i, r, acc = _start(
+            q_ptr, H, N, sq_b, sq_h, sq_n, qk_scale, D, BLOCK_M, BLOCK_N, FP8_MAX, FLOOR)
         acc, m_i, l_i, r = _attend_segment_tma(acc, m_i, l_i, r, q8, row_scale, k1_desc, v1_desc,
                                                ks1_ptr + b64 * ss1_b + h * ss1_h, vs1_ptr + b64 * ss1_b + h * ss1_h,
                                                b, h, M1, offs_n, BLOCK_N, D, LOG2_PSCALE, EXP16, SBLOCK)
@@ -453,9 +451,7 @@ if triton is not None:
                                                    ks2_ptr + b64 * ss2_b + h * ss2_h,
                                                    vs2_ptr + b64 * ss2_b + h * ss2_h, b, h, M2, offs_n, BLOCK_N, D,
                                                    LOG2_PSCALE, EXP16, SBLOCK)
-        out = acc * (r / l_i)[:, None]
-        tl.store(o_ptr + b64 * so_b + offs_m[:, None] * so_n + h * so_h + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < N)
+        _finish(o_ptr, acc, l_i, r, b64, h, offs_m, offs_d, N, so_b, so_n, so_h)
 
 
 def _tma_descriptors(seg: QuantizedKV, block_n: int):
