@@ -46,8 +46,8 @@ except ImportError:  # CPU-only installs: the torch reference serves
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-AMAX_FLOOR = 1e-12  # an all-zero segment quantises to zeros with a finite scale
-SCALE_UNIT = 1.0 / E4M3_MAX
+AMAX_FLOOR = 1e-12  # an all-zero row or block quantises to zeros with a finite scale
+SCALE_UNIT = 1.0 / E4M3_MAX  # scale = amax · fp32(1/448)
 P_SCALE = 256.0  # probabilities are quantised as p · 256 (module docstring)
 LOG2_P_SCALE = 8.0
 LOG2E = 1.4426950408889634
@@ -237,11 +237,13 @@ def segment_view(seg: QuantizedKV, tokens: int) -> QuantizedKV:
 # ------------------------------------------------------------------------------------------ attention: reference
 
 
-def quantize_query_rows(q: Tensor) -> tuple[Tensor, Tensor]:
-    """`q [..., N, D]` -> (`q8` e4m3, `q_scale [..., N, 1]` fp32), per row, as the kernel quantises its query tile."""
-    amax = torch.linalg.vector_norm(q, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
-    q8 = (q.float() * _inverse_unit(amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q8, amax * SCALE_UNIT
+def quantize_rows_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`x [..., K]` (any float dtype) -> (`q` e4m3, `scale [..., 1]` fp32), x ≈ q·scale, one scale per row (its amax
+    / 448), in plain torch: how the kernel quantises its query tile, and the fp8 linears' activations
+    (engine/fast/refiner_fp8.py). A NaN in a row makes that row's q NaN (it is not hidden)."""
+    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
+    q = (x.float() * _inverse_unit(amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, amax * SCALE_UNIT
 
 
 def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[QuantizedKV, ...],
@@ -259,7 +261,7 @@ def fp8_attention_reference(q: Tensor, segments: list[QuantizedKV] | tuple[Quant
     if SCALE_BLOCK % block_n:
         raise ValueError(f"key tiles of {block_n}; they must divide the scale blocks of {SCALE_BLOCK}")
     exp16 = DEFAULT_CONFIG["EXP16"] if exp16 is None else exp16
-    q8, qs = quantize_query_rows(q)
+    q8, qs = quantize_rows_e4m3(q)
     q8 = q8.float()
     unit = qs[..., 0] * (scale * LOG2E)  # [B, H, N]
     m = torch.full(q.shape[:-1], -math.inf, device=q.device)

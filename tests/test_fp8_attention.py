@@ -36,7 +36,7 @@ from kernels.fp8_attention import (
     quantize_kv,
     quantize_kv_into,
     quantize_kv_reference,
-    quantize_query_rows,
+    quantize_rows_e4m3,
     segment_view,
 )
 
@@ -119,7 +119,7 @@ def test_quantize_kv_into_writes_views_and_checks_shapes():
 def independent_fp64(q, segs, scale):
     """The module docstring's formula in fp64, with p quantised relative to the final row max and the final value
     scale max (the reference with one key tile computes exactly this up to fp32 rounding)."""
-    q8, qs = quantize_query_rows(q)
+    q8, qs = quantize_rows_e4m3(q)
 
     def per_token(sc, m):
         return sc.double().repeat_interleave(SCALE_BLOCK, dim=-1)[..., :m]

@@ -36,7 +36,6 @@ a release-size refiner needs memory for one extra block only. Knows nothing of s
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 from engine.errors import InputError
 from engine.refiner.ar import quantize_text_layer
 from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer, SelfAttentionKV
-from kernels.fp8_attention import quantize_kv
+from kernels.fp8_attention import AMAX_FLOOR, E4M3, E4M3_MAX, SCALE_UNIT, quantize_kv, quantize_rows_e4m3
 
 try:
     import triton
@@ -53,10 +52,6 @@ try:
 except ImportError:  # CPU-only installs: the torch quantiser serves
     triton = None
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-AMAX_FLOOR = 1e-12  # an all-zero row quantises to zeros with a finite scale
-SCALE_UNIT = 1.0 / E4M3_MAX  # scale = amax · fp32(1/448)
 ALIGN = 16  # _scaled_mm needs K and N multiples of 16
 ONE_PASS_MAX_K = 16384  # rows up to this many columns are quantised from registers, loaded once (16 warps: 32 each)
 # _scaled_mm's use_fast_accum: Hopper's fp8 tensor-core sums are never promoted to fp32. Default on: it adds ~3e-3
@@ -89,11 +84,8 @@ def quantize_rows_reference(x: Tensor, act: str | None = None) -> tuple[Tensor, 
     """`x [M, K]` (any float dtype) -> (`q [M, K]` e4m3, `scale [M, 1]` fp32), x ≈ q·scale, in plain torch (fp32).
     `act="gelu_tanh"`: quantise gelu_tanh(x) computed in fp32 (no rounding to x's dtype between). A NaN in a row
     makes that row's q NaN (it is not hidden)."""
-    x = _activate(x, act)
-    amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(AMAX_FLOOR)
     # reciprocal then products, each rounded once in fp32: the Triton kernel does exactly these ops (bit-equal)
-    q = (x.float() * (amax.reciprocal() * E4M3_MAX)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, amax * SCALE_UNIT
+    return quantize_rows_e4m3(_activate(x, act))
 
 
 if triton is not None:
