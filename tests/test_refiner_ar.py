@@ -10,7 +10,7 @@ from conftest import fixture_params
 from safetensors.torch import load_file, save_file
 
 from engine.errors import InputError
-from engine.refiner.ar import ARRefiner
+from engine.refiner.ar import ARRefiner, history_in_time_order
 from engine.refiner.config import ARConfig, RefinerConfig
 from engine.refiner.model import ExplicitKV, RefinerTransformer, is_audio_key, load_refiner_weights
 from engine.refiner.rope import apply_rope
@@ -132,8 +132,10 @@ def test_cached_recipe_equals_explicit_recomputation(path, split):
     assert tokens == ar_cfg.sink_size + ar_cfg.history_frames + (0 if split else ar_cfg.block_size)
     assert rel(got, expected) <= 1e-5
     snap = refiner.window.snapshot()
-    assert rel(snap["history_k"], torch.stack(hist_k)) <= 1e-5
-    assert rel(snap["history_v"], torch.stack(hist_v)) <= 1e-5
+    assert int(snap["history_start"]) != 0  # the ring has turned: its slot order is not the time order
+    k, v = history_in_time_order(snap, refiner.window.tokens_per_frame)
+    assert rel(k, torch.stack(hist_k)) <= 1e-5
+    assert rel(v, torch.stack(hist_v)) <= 1e-5
 
 
 def run_blocks(refiner, lat, noises, which):
@@ -181,7 +183,10 @@ def test_split_window_snapshots_interchange(path):
         run_blocks(live[split], z, noises, range(3))
     snaps = {split: live[split].snapshot() for split in live}
     for k in snaps[False]:
-        assert rel(snaps[True][k].float(), snaps[False][k].float()) <= 1e-5, k
+        if snaps[False][k].is_floating_point():
+            assert rel(snaps[True][k].float(), snaps[False][k].float()) <= 1e-5, k
+        else:  # counters and positions (the ring's start among them): the same
+            assert torch.equal(snaps[True][k], snaps[False][k]), k
     for split in (False, True):
         other = ARRefiner(model, ar_cfg)
         other.split_window = not split
@@ -235,6 +240,72 @@ def test_replay_capture_rebuilds_the_window(path):
         partial.replay_capture(blk)
     assert partial.window.history_len == live.window.history_len
     assert (partial.snapshot()["history_k"] - live.snapshot()["history_k"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("split,fp8", [(False, False), (True, False), (False, True)],
+                         ids=["active-slots", "split-window", "fp8-copy"])
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_a_block_writes_only_its_own_history_slots(path, split, fp8):
+    """The history is a ring: appending a block writes the slots of its frames (the oldest frames' once the history
+    is full) and leaves every other history frame where it was, bit for bit (nothing shifts). With the fp8 copy the
+    capture pass writes the ring itself, as without active slots."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=2 * (ar_cfg.history_frames // ar_cfg.block_size + 2), seed=2)
+    refiner = ARRefiner(model, ar_cfg)
+    refiner.split_window, refiner.fp8_attention = split, fp8
+    refiner.start(lat[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    w = refiner.window
+    tpf, base, starts = w.tokens_per_frame, ar_cfg.sink_size * w.tokens_per_frame, set()
+    for i, (a, b) in enumerate(refiner.blocks(lat.shape[2])):
+        before = (w.k.clone(), w.v.clone(), w.history_len)
+        written = set(w._ring_slots(b - a))
+        refiner.refine_block(lat[:, :, a:b], noises[i])
+        starts.add(w.history_start)
+        for slot in range(before[2]):  # the frames held before the block
+            if slot not in written:
+                sl = slice(base + slot * tpf, base + (slot + 1) * tpf)
+                assert torch.equal(w.k[:, :, :, sl], before[0][:, :, :, sl]), (i, slot)
+                assert torch.equal(w.v[:, :, :, sl], before[1][:, :, :, sl]), (i, slot)
+    assert len(starts) > 1  # the ring turned
+    if fp8:  # the active slots are never written (still the NaN of a fresh window)
+        active = slice(base + ar_cfg.history_frames * tpf, None)
+        assert torch.isnan(w.k[:, :, :, active]).all() and torch.isnan(w.v[:, :, :, active]).all()
+
+
+@pytest.mark.parametrize("path", FIXTURES)
+@torch.no_grad()
+def test_a_time_ordered_snapshot_restores(path):
+    """A snapshot without `history_start` (the history in time order, as windows kept it before the ring) restores
+    at slot 0 and goes on as the live window does, up to the rounding of the keys' other order; a `history_start`
+    that cannot be is refused with its value and what is accepted."""
+    data, model, ar_cfg, _ = load_fixture(path)
+    lat, noises = long_video(data, ar_cfg, blocks=ar_cfg.history_frames // ar_cfg.block_size + 4, seed=3)
+    blocks = ARRefiner(model, ar_cfg).blocks(lat.shape[2])
+    live = ARRefiner(model, ar_cfg)
+    live.start(lat[:, :, : ar_cfg.sink_size], data["inputs.prompt_embeds"], data["inputs.prompt_attention_mask"])
+    cut = len(blocks) - 2
+    for i, (a, b) in enumerate(blocks[:cut]):
+        live.refine_block(lat[:, :, a:b], noises[i])
+    snap = live.snapshot()
+    assert int(snap["history_start"]) != 0
+    old = dict(snap)
+    old["history_k"], old["history_v"] = history_in_time_order(snap, live.window.tokens_per_frame)
+    del old["history_start"]
+    resumed = ARRefiner(model, ar_cfg)
+    resumed.restore(old)
+    assert resumed.window.history_start == 0
+    for i in range(cut, len(blocks)):
+        a, b = blocks[i]
+        got, want = resumed.refine_block(lat[:, :, a:b], noises[i]), live.refine_block(lat[:, :, a:b], noises[i])
+        assert rel(got, want) <= 1e-5
+    for bad, hist in ((ar_cfg.history_frames, None), (1, 1)):
+        state = dict(snap, history_start=torch.tensor(bad))
+        if hist is not None:  # a history still filling starts at slot 0
+            state["history_k"] = snap["history_k"][:, :, :, : hist * live.window.tokens_per_frame]
+            state["history_v"] = snap["history_v"][:, :, :, : hist * live.window.tokens_per_frame]
+        with pytest.raises(InputError, match=f"history_start={bad} .*accepted"):
+            ARRefiner(model, ar_cfg).restore(state)
 
 
 @pytest.mark.parametrize("path", FIXTURES)

@@ -45,21 +45,27 @@ def quantize_text_layer(k: Tensor, v: Tensor) -> tuple[tuple, tuple]:
 class RefinerKVWindow:
     """Per-layer self-attention K/V of the AR refiner, laid out `[sink | history | active]` along tokens.
 
-    Fresh buffers are filled with NaN so a read of a slot never written fails loudly. History frames are kept in
-    time order (oldest first), so the keys are exactly those of the reference's concatenation.
+    Fresh buffers are filled with NaN so a read of a slot never written fails loudly. The history is a ring of
+    `history_frames` frame slots: it fills in time order from slot 0; once full, a block's frames overwrite the
+    oldest ones in place and `history_start` (the slot of the oldest frame) moves on, so no frame is ever moved
+    (shifting the history cost ~5 ms a block at the release size). The attention sees the same keys as the
+    reference's time-ordered concatenation, in another order: equal up to the rounding of the softmax sums
+    (keys carry their positions in their RoPE, not in their place). Snapshots hold the history in slot order with
+    `history_start` (`history_in_time_order` turns one into time order).
 
     `active_slots=False` (fast path `lean-memory`: 2.1 GB less at the release size) leaves out the active block's
     slots: a layer attends to `[sink | history]` and to the block's own K/V as two segments (`two_segment_attention`,
     equal up to rounding), and the capture pass writes the block's K/V into the history layer by layer, after the
-    layer has attended (`after_attention`; the history shifts by the frames it drops, as `append_active` does).
+    layer has attended (`after_attention`: into the ring slots `append_active` would copy them to, through a device
+    index staged before the pass by `begin_capture`, so one captured graph serves every ring position).
 
     `use_fp8_attention()` (fast path `refiner-fp8-attn`) adds an e4m3 copy of the sink + history K/V (`fp8`, one
     scale per 128 tokens; half the bytes of the bf16 ones: 3.8 GB at the release size) that `refresh_fp8()`
     rebuilds from the bf16 window, once a block (`ARRefiner._place_sink`, from `_open` or ahead of it,
     `prepare_next_block`); `attend` then returns two segments, that copy and the block's own K/V, which the
-    self-attention runs in fp8 (kernels/fp8_attention.py), and writes the block's K/V into the active slots in
-    capture passes only (`writes_active`). The bf16 window stays the state (snapshots, capture passes); the copy is
-    derived. A layer whose window changed since the last refresh refuses to attend (`fp8_stale`).
+    self-attention runs in fp8 (kernels/fp8_attention.py); the active slots are never written (a capture pass writes
+    the history after attention, as without them). The bf16 window stays the state (snapshots, capture passes); the
+    copy is derived. A layer whose window changed since the last refresh refuses to attend (`fp8_stale`).
     """
 
     def __init__(
@@ -91,6 +97,10 @@ class RefinerKVWindow:
         # [L, B, H, (sink + history + block) tokens, D]: values, same layout
         self.v = torch.full((num_layers, batch, heads, cap, head_dim), nan, device=device, dtype=dtype)
         self.history_len = 0  # frames of history held (<= max_history)
+        self.history_start = 0  # ring slot of the oldest history frame (0 until the history is full)
+        # the history frame slots a capture pass without active slots writes (`after_attention`), staged on the
+        # device by `begin_capture` (a graph replays with whatever it holds)
+        self._capture_slots = torch.zeros(min(block_frames, history_frames), dtype=torch.long, device=device)
         self.active_len = 0  # frames of the block now being refined (0 = none open)
         self.fp8: QuantizedKV | None = None  # e4m3 copy of sink + history: k [L, B, H, T, D], v_t [L, B, H, D, T]
         self._fp8_stale: set[int] = set()  # layers whose bf16 K/V changed since the copy was made
@@ -154,7 +164,7 @@ class RefinerKVWindow:
         """Forget the sink and the history (buffers are kept)."""
         for t in self.buffers()[:3]:
             t.fill_(float("nan"))
-        self.history_len = self.active_len = 0
+        self.history_len = self.active_len = self.history_start = 0
         self._touch()
 
     def sink_capture(self) -> _SinkCapture:
@@ -182,9 +192,6 @@ class RefinerKVWindow:
             raise RuntimeError(f"{k.shape[2]} active tokens for an open block of {self.active_len} frames")
         if self.fp8 is not None:  # the attention reads the fp8 copy and k, v themselves
             seg = self._fp8_segment(layer, start)
-            if self.writes_active:
-                self.k[layer, :, :, start:end] = k
-                self.v[layer, :, :, start:end] = v
             return (seg, k), (seg, v)
         if not self.active_slots:
             return (self.k[layer, :, :, :start], k), (self.v[layer, :, :, :start], v)
@@ -192,61 +199,78 @@ class RefinerKVWindow:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def _shift_left(self, layers, keep: int, drop: int) -> None:
-        """Drop the first `drop` history tokens of `layers` (a layer index or a slice): tokens [drop, drop + keep)
-        of the history move to [0, keep), in chunks of `drop` tokens front to back, so no chunk overlaps the
-        source it reads."""
-        base = self._tok(self.sink_frames)
-        self._touch(layers if isinstance(layers, int) else None)
-        for dst in range(0, keep, drop):
-            n = min(drop, keep - dst)
-            src = base + dst + drop
-            self.k[layers, :, :, base + dst : base + dst + n] = self.k[layers, :, :, src : src + n]
-            self.v[layers, :, :, base + dst : base + dst + n] = self.v[layers, :, :, src : src + n]
+    def _ring_slots(self, frames: int) -> list[int]:
+        """History slots of the last min(frames, max_history) frames of a block of `frames` appended now."""
+        m, h = self.max_history, self.history_len
+        return [(self.history_start + h + i) % m for i in range(max(0, frames - m), frames)]
+
+    def _advance(self, frames: int) -> None:
+        """`frames` appended frames join the history: the oldest beyond `max_history` drop out of the ring."""
+        total = self.history_len + frames
+        drop = max(0, total - self.max_history)
+        self.history_start = (self.history_start + drop) % self.max_history
+        self.history_len, self.active_len = total - drop, 0
+
+    @property
+    def _history_after_attention(self) -> bool:
+        """A capture pass writes the history layer by layer after attention (no active slots, or the fp8 copy, whose
+        attention takes the block's K/V as a segment of its own), not the active slots."""
+        return not self.active_slots or self.fp8 is not None
 
     @property
     def writes_active(self) -> bool:
-        """`attend` writes the block's K/V into the active slots: always with slots, except under the fp8 copy, where
-        only a capture pass's K/V are kept (`append_active` moves them into the history; the denoising passes'
-        would be overwritten unread)."""
-        return self.active_slots and (self.fp8 is None or self.capturing)
+        """`attend` writes the block's K/V into the active slots (and attends to them there)."""
+        return not self._history_after_attention
 
     @property
     def writes_after_attention(self) -> bool:
-        return self.capturing and not self.active_slots
+        return self.capturing and self._history_after_attention
+
+    def begin_capture(self) -> None:
+        """A capture pass over the open block starts (`ARRefiner._capture`): when it writes the history after
+        attention, stage on the device the slots `after_attention` writes (a pinned copy: no host wait)."""
+        self.capturing = True
+        if self._history_after_attention:
+            slots = torch.tensor([self.sink_frames + i for i in self._ring_slots(self.active_len)], dtype=torch.long)
+            idx = self._capture_slots[: len(slots)]
+            if idx.device.type == "cuda":
+                idx.copy_(slots.pin_memory(), non_blocking=True)  # the host allocator holds the block until done
+            else:
+                idx.copy_(slots)
 
     def after_attention(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Without active slots, in a capture pass: the block's K/V `[B, H, N, D]` join this layer's history once
-        the layer has attended to it; the history keeps its newest `max_history` frames, oldest first."""
-        n = self._tok(self.active_len)
-        base, hist = self._tok(self.sink_frames), self._tok(self.history_len)
-        drop = max(0, hist + n - self._tok(self.max_history))
-        if drop:
-            hist -= drop
-            self._shift_left(layer, hist, drop)
-        self.k[layer, :, :, base + hist : base + hist + n] = k
-        self.v[layer, :, :, base + hist : base + hist + n] = v
+        """Without active slots (or with the fp8 copy), in a capture pass: the block's K/V `[B, H, N, D]` join this
+        layer's history once the layer has attended to it, into the ring slots `begin_capture` staged (the newest
+        `max_history` frames of the block, when it is longer than the history)."""
+        n, tpf = self.active_len, self.tokens_per_frame
+        w = min(n, self.max_history)
+        idx = self._capture_slots[:w]
+        for buf, src in ((self.k, k), (self.v, v)):
+            dst = buf[layer].unflatten(2, (-1, tpf))  # [B, H, frames, tpf, D]
+            dst.index_copy_(2, idx, src.unflatten(2, (n, tpf))[:, :, n - w :])
         self._touch(layer)
 
     def append_active(self) -> None:
-        """The open block (its K/V last written by a capture pass) joins the history; the history keeps its newest
-        `max_history` frames. (Without active slots the capture pass wrote it there already, layer by layer.)"""
-        total = self.history_len + self.active_len
+        """The open block (its K/V last written by a capture pass) joins the history: each of its newest
+        `max_history` frames is copied from its active slot to its ring slot, unless it is there already (a
+        history still filling). Without active slots (or with the fp8 copy) the capture pass wrote them there
+        already, layer by layer."""
+        n, base = self.active_len, self._tok(self.sink_frames)
         self._touch()
-        if not self.active_slots:
-            self.history_len, self.active_len = min(total, self.max_history), 0
-            return
-        drop = max(0, total - self.max_history)
-        if drop:
-            base, keep = self._tok(self.sink_frames), self._tok(total - drop)
-            self._shift_left(slice(None), keep, self._tok(drop))
-            self.k[:, :, :, base + keep :] = float("nan")
-            self.v[:, :, :, base + keep :] = float("nan")
-        self.history_len, self.active_len = total - drop, 0
+        if self.writes_active:
+            for i, slot in zip(range(max(0, n - self.max_history), n), self._ring_slots(n), strict=True):
+                src = self.history_len + i  # the frame's active slot, counted from the history's first slot
+                if src != slot:
+                    a, b = base + self._tok(src), base + self._tok(slot)
+                    f = self.tokens_per_frame
+                    self.k[:, :, :, b : b + f] = self.k[:, :, :, a : a + f]
+                    self.v[:, :, :, b : b + f] = self.v[:, :, :, a : a + f]
+        self._advance(n)
 
     def snapshot(self, copy: bool = True) -> dict[str, Tensor]:
         """The window's state as a dict of tensors (copies; `copy=False`: views of the live window, for a caller
-        that copies them out before it changes): sink K (pre-RoPE) / V and the history K/V."""
+        that copies them out before it changes): sink K (pre-RoPE) / V, the history K/V in slot order and the slot of
+        the oldest history frame (`history_in_time_order` reorders them)."""
         s, h = self._tok(self.sink_frames), self._tok(self.history_len)
         if copy:
             copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # contiguous: safetensors-ready
@@ -257,6 +281,7 @@ class RefinerKVWindow:
             "sink_v": copy(self.v[:, :, :, :s]),  # [L, B, H, sink tokens, D]
             "history_k": copy(self.k[:, :, :, s : s + h]),  # [L, B, H, history tokens, D] post-RoPE
             "history_v": copy(self.v[:, :, :, s : s + h]),  # [L, B, H, history tokens, D]
+            "history_start": torch.tensor(self.history_start),  # ring slot (frames) of the oldest history frame
         }
 
     def restore(self, state: dict[str, Tensor]) -> None:
@@ -272,12 +297,26 @@ class RefinerKVWindow:
                 f"snapshot sink K shape {tuple(state['sink_k_pre'].shape)}; "
                 f"this window holds {tuple(self.sink_k_pre.shape)}"
             )
+        frames = hist // self.tokens_per_frame
+        start = int(state["history_start"]) if "history_start" in state else 0  # snapshots before the ring: 0
+        if not (0 <= start < max(frames, 1)) or (start and frames != self.max_history):
+            raise InputError(
+                f"snapshot history_start={start} for a history of {frames} of {self.max_history} frames; accepted: 0, "
+                f"or 0..{self.max_history - 1} once the history is full"
+            )
         self.clear()  # also marks the fp8 copy stale
         self.sink_k_pre.copy_(state["sink_k_pre"])
         self.v[:, :, :, :s].copy_(state["sink_v"])
         self.k[:, :, :, s : s + hist].copy_(state["history_k"])
         self.v[:, :, :, s : s + hist].copy_(state["history_v"])
-        self.history_len = hist // self.tokens_per_frame
+        self.history_len, self.history_start = frames, start
+
+
+def history_in_time_order(state: dict[str, Tensor], tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+    """A window snapshot's history K and V `[L, B, H, tokens, D]` oldest frame first (snapshots keep the ring's slot
+    order, `history_start` naming the oldest frame's slot)."""
+    shift = -int(state.get("history_start", 0)) * tokens_per_frame
+    return tuple(torch.roll(state[n], shift, dims=3) if shift else state[n] for n in ("history_k", "history_v"))
 
 
 class _SinkCapture:
@@ -436,7 +475,7 @@ class ARRefiner:
 
     def _capture(self, refined: Tensor, positions: Tensor) -> None:
         """The sigma = 0 pass over a refined block; its K/V join the history."""
-        self.window.capturing = True
+        self.window.begin_capture()
         try:
             self.model(refined, 0.0, self.text, fps=self.cfg.fps, frame_positions=positions, kv=self.window,
                        kv_only=True)
