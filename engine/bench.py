@@ -5,7 +5,9 @@ random fill: a release-size world never exists on the CPU), gives the pipeline a
 random prompt embeddings of the real shapes: text encoding happens once per prompt, not per chunk), then drives
 the real live loop (`Rollout` + `WorldPipeline` + `ScriptedControls`) for N chunks in each quality and reports:
 
-- per-stage milliseconds (median, p90) over the steady chunks (all but the first `warmup` chunks);
+- per-stage milliseconds (median, p90) over the steady chunks (all but the first `warmup` chunks), with two host
+  values per chunk: `stage1_enqueue` (`chunk-async`: the host's time to queue the denoising, a GPU gap when it nears
+  `stage1`) and `host_gc` (the garbage collector's pauses since the chunk before);
 - realtime factor (video seconds per chunk / chunk wall time), time to first frame;
 - peak GPU memory, allocated-memory growth between an early chunk and the last one;
 - snapshot size, snapshot (device -> host) and write times, cache-replay time per chunk (the resume cost);
@@ -64,6 +66,33 @@ class BenchConfig:
     snapshot_dir: str | None = None  # where the snapshot file is written (default: a temp dir)
     in_line_chunks: int = 3  # with cache-overlap: chunks run after the steady ones with the cache pass in line
     extra: dict = field(default_factory=dict)
+
+
+class GcPauses:
+    """The host's garbage-collector pauses while installed (`gc.callbacks`): total seconds and passes per generation.
+    A pass that lands while the host enqueues a chunk leaves the GPU idle inside that chunk's stage spans."""
+
+    def __init__(self) -> None:
+        self.seconds, self.passes, self._t0 = 0.0, [0, 0, 0], None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self.passes[info["generation"]] += 1
+            self._t0 = None
+
+    def __enter__(self) -> GcPauses:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._callback)
 
 
 # ------------------------------------------------------------------------------------------ random world
@@ -228,14 +257,18 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
                  quality=quality)
     per_chunk, stored, mem_after = [], [], []
     ttff = None
-    for chunk, t_done, wall in timed_chunks(ro, cfg.chunks, dev):
-        if ttff is None:
-            ttff = t_done - t_start
-        video_s = chunk.frames.shape[0] / p.fps
-        per_chunk.append({"index": chunk.index, "chunk_wall": wall, "video_s": video_s, **chunk.timings})
-        mem_after.append(_mem(dev))
-        if chunk.index < cfg.replay_chunks:
-            stored.append((chunk.latents, chunk.refined))
+    with GcPauses() as gc_pauses:
+        gc_before = 0.0
+        for chunk, t_done, wall in timed_chunks(ro, cfg.chunks, dev):
+            if ttff is None:
+                ttff = t_done - t_start
+            video_s = chunk.frames.shape[0] / p.fps
+            per_chunk.append({"index": chunk.index, "chunk_wall": wall, "video_s": video_s, **chunk.timings,
+                              "host_gc": gc_pauses.seconds - gc_before})  # collector pauses since the last chunk
+            gc_before = gc_pauses.seconds
+            mem_after.append(_mem(dev))
+            if chunk.index < cfg.replay_chunks:
+                stored.append((chunk.latents, chunk.refined))
     for r in per_chunk:  # the chunk's 5 stage-1 forwards: its denoising and (deferred, after the previous chunk's
         # frames were out) a cache pass; in the steady state every pass costs the same
         if "stage1_prev_cache" in r and "stage1" in r:
@@ -248,6 +281,7 @@ def run_quality(pipe: WorldPipeline, world: World, cfg: BenchConfig, quality: st
         "time_to_first_frame_s": None if ttff is None else round(ttff, 4),
         "stages": stage_stats(steady, skip=("index", "video_s")),
         "per_chunk": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in per_chunk],
+        "gc_passes": {f"gen{g}": n for g, n in enumerate(gc_pauses.passes)},
     }
     walls = [r["chunk_wall"] for r in steady]
     med = statistics.median(walls) if walls else float("nan")
@@ -490,6 +524,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     world = build_bench_world(cfg.preset, device=dev, dtype=dtype, seed=cfg.seed,
                               with_refiner="full" in cfg.qualities)
     report["build_s"] = round(_sync(dev) - t0, 3)
+    report["env"]["host_threads"] = torch.get_num_threads()  # a CUDA world caps them (engine.world.limit_host_threads)
     report["params"] = {name: sum(t.numel() for t in m.parameters())
                         for name, m in (("stage1", world.stage1), ("refiner", world.refiner), ("vae", world.vae))
                         if m is not None}

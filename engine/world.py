@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -79,7 +80,8 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> None:
 
 @dataclass
 class World:
-    """Every model a session needs, built once per engine process."""
+    """Every model a session needs, built once per engine process. A CUDA world caps torch's CPU thread pool
+    (`limit_host_threads`)."""
 
     preset: Preset
     stage1: Stage1Transformer
@@ -92,6 +94,10 @@ class World:
     fast: tuple[str, ...] = ()  # fast paths (engine.fast) every pipeline of this world switches on
     staging: SnapshotStaging | None = None  # page-locked snapshot buffers shared by its pipelines (CUDA; made lazily)
 
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda":
+            limit_host_threads()
+
     def snapshot_staging(self) -> SnapshotStaging | None:
         """The world's one set of page-locked snapshot buffers (None on a CPU world). One per world, not per
         session: page-locked memory is never handed back to the OS, and the engine thread takes one snapshot at
@@ -101,6 +107,20 @@ class World:
         if self.staging is None:
             self.staging = SnapshotStaging(pin=True)
         return self.staging
+
+
+HOST_THREADS = 4  # torch's intra-op CPU threads in a process that drives a GPU world
+
+
+def limit_host_threads() -> int:
+    """Cap torch's intra-op CPU thread pool at `HOST_THREADS` (unless OMP_NUM_THREADS is set: then it is left as
+    set); returns the pool's size. A GPU world's host work is small tensor ops, and with a pool as wide as the machine
+    (16 threads on the lent H100) their fork/join stalls the thread that queues the GPU work: in session 11's
+    100-chunk bench, 12 of 94 chunks had their denoising queued 24-64 ms late (the GPU idle meanwhile, the stage-1
+    span that much longer); with 4 threads none of 34 (the host's median queueing time 5.0 -> 4.8 ms)."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > HOST_THREADS:
+        torch.set_num_threads(HOST_THREADS)
+    return torch.get_num_threads()
 
 
 def build_world(
@@ -437,8 +457,10 @@ class WorldPipeline:
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         cc, cp, noise = self._to_model(inputs.camera_conditions, inputs.chunk_plucker, inputs.noise)
         marks[0].record(main)
+        t_enqueue = time.perf_counter()
         clean = self.stream.denoise_chunk(noise, cc, cp, anchor=self.anchor if first else None)
         marks[1].record(main)
+        t_enqueue = time.perf_counter() - t_enqueue
         self._pending_cache = (clean, cc, cp)  # until it is enqueued below (a failed refine / decode leaves it pending)
         refined = self.refine(inputs.plan.index, clean, inputs.refiner_noise) if quality == "full" else None
         marks[2].record(main)
@@ -462,7 +484,8 @@ class WorldPipeline:
         self._cache_pass_timing = pass_marks
         marks[3].synchronize()
         timings = {"stage1": marks[0].elapsed_time(marks[1]) / 1e3,
-                   "decode": marks[2].elapsed_time(marks[3]) / 1e3}
+                   "decode": marks[2].elapsed_time(marks[3]) / 1e3,
+                   "stage1_enqueue": t_enqueue}  # host seconds to queue the denoising (a GPU gap if near `stage1`)
         if refined is not None:
             timings["refiner"] = marks[1].elapsed_time(marks[2]) / 1e3
         if prev_pass is not None:  # the previous chunk's pass, long done (this stream waited for it)

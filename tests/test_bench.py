@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.bench import BenchConfig, build_bench_world, random_init_, run_bench, stand_in_text, stats_ms
+from engine.bench import BenchConfig, GcPauses, build_bench_world, random_init_, run_bench, stand_in_text, stats_ms
 from engine.cli import main
 from engine.presets import get_preset
 from engine.stage1.model import Stage1Transformer
@@ -108,3 +108,14 @@ def test_cache_overlap_reports_the_in_line_chunks_too(tmp_path):
     assert r["chunks"] == 3 and "stage1_cache" in r["stages"]
     assert r["in_line"]["chunks"] == 2
     assert "stage1_cache" not in r["in_line"]["stages"] and r["in_line"]["stages"]["stage1"]["median_ms"] > 0
+
+
+def test_gc_pauses_are_counted_while_installed():
+    import gc
+
+    with GcPauses() as pauses:
+        gc.collect()
+    assert pauses.passes[2] >= 1 and pauses.seconds > 0
+    passes = list(pauses.passes)
+    gc.collect()  # uninstalled: not counted
+    assert pauses.passes == passes
