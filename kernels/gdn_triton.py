@@ -683,16 +683,22 @@ def _outputs(qa, v, norm: bool):
     return out_a, st_a, out_b, st_b
 
 
+def _settings(caller: str, of: str, accepted, key: tuple, defaults, config: dict | None) -> dict:
+    """The launch settings of `key`: the smaller ones that fitted after OutOfResources, else `defaults()`, with
+    `config`'s over them; a setting not in `accepted` raises, naming the caller, what they set and what is accepted."""
+    unknown = sorted(set(config or {}) - set(accepted))
+    if unknown:
+        raise TritonScanError(f"{caller}: {unknown} are not settings of {of}; accepted: {tuple(accepted)}")
+    return dict(_SMALLER.get(key) or defaults(), **(config or {}))
+
+
 def _config(strategy: str, accepted: tuple, defaults, qa, ka, v, qb, kb, precision: str, config: dict | None):
     """(cache key, launch config) of a strategy: `defaults(itemsize)` for these shapes (or the smaller config
     that fitted after OutOfResources) with `config`'s settings over it; a setting not in `accepted` raises."""
-    unknown = sorted(set(config or {}) - set(accepted))
-    if unknown:
-        raise TritonScanError(f"launch_with_config: {unknown} are not settings of the {strategy} strategy; "
-                              f"accepted: {accepted}")
     itemsize = max(t.element_size() for t in (qa, ka, v) + (() if qb is None else (qb, kb)))
     key = (strategy, qa.shape[-1], v.shape[-1], precision, itemsize, qb is not None)
-    return key, dict(_SMALLER.get(key) or defaults(itemsize), **(config or {}))
+    return key, _settings("launch_with_config", f"the {strategy} strategy", accepted, key, lambda: defaults(itemsize),
+                          config)
 
 
 def _stand_ins(qa, ka, state_a, qb, kb, state_b, out_a, st_a, out_b, st_b):
@@ -747,10 +753,8 @@ def _launch_block(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, betac, sig
     Dv = v.shape[-1]
     itemsize = max(t.element_size() for t in (qr, kr, q, k, v, qc, kc, vc))
     key = ("block", Dk, Dv, precision, itemsize)
-    unknown = sorted(set(config or {}) - set(STREAM_CONFIG))
-    if unknown:
-        raise TritonScanError(f"gdn_block: {unknown} are not settings of the block launch; accepted: {STREAM_CONFIG}")
-    cfg = dict(_SMALLER.get(key) or _blocks(Dk, Dv, precision, itemsize), **(config or {}))
+    cfg = _settings("gdn_block", "the block launch", STREAM_CONFIG, key, lambda: _blocks(Dk, Dv, precision, itemsize),
+                    config)
     num_f, sig_out, den_f, z_out = _outputs(qr, v, True)
     num_b, den_b = torch.empty_like(num_f), torch.empty_like(den_f)
     cam_f, sigc_out = _outputs(qc, vc, False)[:2]
@@ -917,11 +921,8 @@ def _launch_block_phases(qr, kr, q, k, v, beta, gamma, sigma, z, qc, kc, vc, bet
     # bf16 x (hi + lo) in two bf16 dots, ~2^-16 relative): more accurate than one TF32 dot and faster on sm_90
     bf16_split = precision == "tf32" and all(t.dtype == torch.bfloat16 for t in (qr, kr, q, k, v, qc, kc, vc))
     key = ("phases", Dk, Dv, precision, itemsize, bf16_split)
-    unknown = sorted(set(config or {}) - set(PARALLEL_CONFIG))
-    if unknown:
-        raise TritonScanError(f"gdn_block_phases: {unknown} are not settings of the phased block; accepted: "
-                              f"{PARALLEL_CONFIG}")
-    cfg = dict(_SMALLER.get(key) or _phases_blocks(Dk, Dv, precision, bf16_split), **(config or {}))
+    cfg = _settings("gdn_block_phases", "the phased block", PARALLEL_CONFIG, key,
+                    lambda: _phases_blocks(Dk, Dv, precision, bf16_split), config)
     dev = qr.device
     f32 = dict(device=dev, dtype=torch.float32)
     main = torch.empty(B, T, S, H, Dv, device=dev, dtype=out_dtype)
