@@ -115,9 +115,9 @@ HOST_THREADS = 4  # torch's intra-op CPU threads in a process that drives a GPU 
 def limit_host_threads() -> int:
     """Cap torch's intra-op CPU thread pool at `HOST_THREADS` (unless OMP_NUM_THREADS is set: then it is left as
     set); returns the pool's size. A GPU world's host work is small tensor ops, and with a pool as wide as the machine
-    (16 threads on the lent H100) their fork/join stalls the thread that queues the GPU work: in session 11's
-    100-chunk bench, 12 of 94 chunks had their denoising queued 24-64 ms late (the GPU idle meanwhile, the stage-1
-    span that much longer); with 4 threads none of 34 (the host's median queueing time 5.0 -> 4.8 ms)."""
+    (16 threads on the lent H100) their fork/join stalls the thread that queues the GPU work. Session 11 (H100): in a
+    100-chunk full-quality bench, 12 of 94 chunks had their denoising queued 24-64 ms late (the GPU idle meanwhile,
+    the stage-1 span that much longer); in 40-chunk preview runs, 3 of 34 with 16 threads and none with 4."""
     if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > HOST_THREADS:
         torch.set_num_threads(HOST_THREADS)
     return torch.get_num_threads()
