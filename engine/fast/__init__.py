@@ -49,6 +49,12 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   from GEMMs over fewer rows). CPU tests: tests/test_stage1_lean_pass.py; GPU: the compiled live loop 6.0e-5 from
   the eager one in fp32 (`test_graphs_equal_eager`). H100, same card: a preview chunk's stage-1 203.9 -> 201.7 ms,
   its cache pass 43.2 -> 42.4 (tests/benchmarks/results/h100_2026-11-27_s9_call2_*);
+- `stage1-prompt-trim`: the prompt's cross-attention K/V and bias without the padding after its last token, kept to
+  a multiple of 64 positions (`engine.stage1.model.trim_text`; padding weighs exactly 0, so the same output), their
+  count dynamic for torch.compile; a prompt of another length captures the graphs again. Expected from
+  `tests/benchmarks/sdpa_probe.py` (H100, session 9: a release cross-attention 45 us over 300 positions, 24 over 64):
+  ~2 ms a chunk at the bench's 40-token prompt. Opt-in: CPU-tested only (tests/test_stage1_prompt_trim.py), not yet
+  run on a GPU;
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -99,8 +105,8 @@ from engine.errors import InputError
 
 FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-triton-scans", "stage1-block-phases",
               "stage1-ffn", "stage1-rope", "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass",
-              "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8", "refiner-fp8-attn",
-              "vae-pad", "vae-fast", "frames", "chunk-async", "cache-overlap", "lean-memory")
+              "stage1-prompt-trim", "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "refiner-fp8",
+              "refiner-fp8-attn", "vae-pad", "vae-fast", "frames", "chunk-async", "cache-overlap", "lean-memory")
 # `all`: the paths that keep the bf16 model's numerics (within bf16 rounding) and passed their GPU tests (fp8 is
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
@@ -110,6 +116,9 @@ ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-ph
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "chunk-async", "cache-overlap")
+
+
+PROMPT_TRIM = 64  # `stage1-prompt-trim`: prompt positions kept in multiples of this (H100, session 9: bit-equal at 64)
 
 
 def expand(names) -> list[str]:
@@ -191,6 +200,10 @@ def apply_fast_paths(pipe, names) -> dict[str, str]:
             pipe.stream.lean_pass = True
             done[name] = ("Stage1Stream.lean_pass -> the cache-write pass's last block computes only what its caches "
                           "keep; no final layer")
+        elif name == "stage1-prompt-trim":
+            pipe.stream.prompt_trim = PROMPT_TRIM
+            done[name] = (f"Stage1Stream.prompt_trim -> the prompt's K/V cut to a multiple of {PROMPT_TRIM} positions "
+                          "past its last token (from the next prompt)")
         elif name == "refiner-graph":
             from engine.fast.refiner_graph import GraphedRefinerModel
 

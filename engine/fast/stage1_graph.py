@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.stage1.cache import SoftmaxBlockCache, Stage1Cache
-from engine.stage1.model import Stage1Transformer, TextContext
+from engine.stage1.model import Stage1Transformer, TextContext, mark_text_dynamic
 from engine.stage1.stream import Stage1Stream
 from engine.stage1.temporal import AttentionMode, FrameContext
 
@@ -114,8 +114,11 @@ class Stage1GraphRunner:
             return
         if self.text is None or any(a.shape != b.shape for (a, _), (b, _) in zip(self.text.kv, text.kv, strict=True)) \
                 or self.text.bias.shape != text.bias.shape:
-            self.text = TextContext(kv=[(k.clone(), v.clone()) for k, v in text.kv], bias=text.bias.clone())
-            self.drop_graphs()  # captured against other buffers
+            self.text = TextContext(kv=[(k.clone(), v.clone()) for k, v in text.kv], bias=text.bias.clone(),
+                                    dynamic_length=text.dynamic_length)
+            if text.dynamic_length:  # prompts of other lengths to come: no recompile for them
+                mark_text_dynamic(self.text)
+            self.drop_graphs()  # captured against other buffers (a trimmed prompt of another length: captured again)
         else:
             for (sk, sv), (k, v) in zip(self.text.kv, text.kv, strict=True):
                 sk.copy_(k)

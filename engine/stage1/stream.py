@@ -14,7 +14,7 @@ import torch
 
 from engine.errors import InputError
 from engine.stage1.cache import Stage1Cache
-from engine.stage1.model import Stage1Transformer, TextContext
+from engine.stage1.model import Stage1Transformer, TextContext, trim_text
 from engine.stage1.sampler import DISTILLED_SIGMAS, distilled_chunk_sample
 from engine.stage1.temporal import streaming_mode
 
@@ -57,6 +57,9 @@ class Stage1Stream:
         # the cache-write pass computes only what the caches keep (its last block's tail, no final layer; fast path
         # `stage1-lean-pass`); False: the whole forward, output discarded
         self.lean_pass = False
+        # the prompt's K/V cut to a multiple of this many positions past its last token (fast path
+        # `stage1-prompt-trim`, engine.stage1.model.trim_text); None: all positions
+        self.prompt_trim: int | None = None
 
     # session state -------------------------------------------------------------------------------
     def reset(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> None:
@@ -67,7 +70,8 @@ class Stage1Stream:
     def set_prompt(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> None:
         """Change the prompt for the following chunks (the caches are kept)."""
         with torch.no_grad():
-            self.text = self.model.encode_text(prompt_embeds, prompt_mask)
+            text = self.model.encode_text(prompt_embeds, prompt_mask)
+            self.text = text if self.prompt_trim is None else trim_text(text, self.prompt_trim)
 
     @property
     def next_frame(self) -> int:
