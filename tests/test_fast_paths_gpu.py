@@ -263,6 +263,30 @@ def test_graphs_follow_a_prompt_change_holding_the_text_once():
     assert old_stage1.kv is None and old_refiner.k is None
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_prompt_trim_inside_the_compiled_graphs_equals_the_whole_prompt(dtype, tol):
+    """`stage1-prompt-trim` with every path of `all` (the graphs and compiled blocks among them), a prompt of 3 tokens
+    then one of 9 (of 16 positions, cut to multiples of 4): the same chunks as the plain eager path over the whole
+    prompt. The new length is captured again without a recompile (one inside a capture raises)."""
+    from tests.test_stage1_prompt_trim import Encoder
+
+    world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
+    world.text.stage1 = Encoder(world.preset.text.stage1_max_length, world.preset.stage1.caption_channels)
+    _, _, plain, snap_plain = rollout(world, (), "full", prompt_after=4)
+    names = tuple(ALL) + ("stage1-prompt-trim",)
+    try:
+        pipe, applied, fast, snap_fast = rollout(world, names, "full", prompt_after=4,
+                                                 before_start=lambda p: setattr(p.stream, "prompt_trim", 4))
+    finally:
+        undo_fast_paths(world)
+    assert "stage1-prompt-trim" in applied
+    assert pipe.stream.text.bias.shape[-1] == 12 and pipe.stream.runner.text.dynamic_length
+    err = compare(fast, plain, snap_fast, snap_plain, "full")
+    print(f"stage1-prompt-trim in the compiled graphs {dtype}: max rel err {err:.2e} (tol {tol})")
+    assert err <= tol
+
+
+@pytest.mark.gpu
 def test_triton_scans_close_to_fp32_and_block_launch_equals_four():
     """`stage1-triton-scans` (TF32 dots) near the plain fp32 scans over a live loop, its GDN blocks' scans going
     out as one launch each; the same loop with four launches per block is bit-equal to it."""

@@ -19,6 +19,8 @@
 #   bash tests/benchmarks/gpu_check.sh memory    # memory_probe.py, full quality: all, then all,lean-memory
 #   bash tests/benchmarks/gpu_check.sh fp8       # fp8_attention_probe.py, the bench with
 #                                                # all,refiner-fp8,refiner-fp8-attn (full), tests/test_fp8_attention.py
+#   bash tests/benchmarks/gpu_check.sh trim      # stage1-prompt-trim: its GPU test, then the release bench
+#                                                # all,lean-memory against all,lean-memory,stage1-prompt-trim
 #
 # The device image lacks pyzmq and PyAV: carry wheels in .whl/ (see the library's device README) for `latency`
 # (pyzmq) and for the session tests in `tests` (av); they are installed into /tmp/site when present.
@@ -43,7 +45,7 @@ t() {  # t <seconds> <name> <pytest args...>
 case "${1:-}" in
   tests)
     # session 4: 13 of its cases took 180 s, the 6 compiled ones 183 s; session 6 added 3 (~120 s, on an H200)
-    t 560 fast_paths tests/test_fast_paths_gpu.py -k "not ($NEW78)"
+    t 560 fast_paths tests/test_fast_paths_gpu.py -k "not ($NEW78 or prompt_trim)"  # prompt_trim: part `trim`
     ;;
   tests78)
     # session 8 (H100): real_rope 2 cases 168 s; chunk_async 4 + extra12 73 s
@@ -128,8 +130,16 @@ case "${1:-}" in
     tail -9 "$OUT/bench_fp8_attn.log"
     t 150 fp8_attention tests/test_fp8_attention.py tests/test_refiner_fp8.py tests/test_refiner_gelu.py
     ;;
+  trim)
+    t 150 prompt_trim tests/test_fast_paths_gpu.py -k prompt_trim
+    for f in all,lean-memory all,lean-memory,stage1-prompt-trim; do  # same card, one after the other
+      timeout 200 python3 -m engine.bench --preset release --fast $f --quality preview,full --chunks 12 --warmup 6 \
+        --no-snapshot --replay-chunks 0 --gemm 0 --out "$OUT/bench_${f//,/_}.json" > "$OUT/bench_${f//,/_}.log" 2>&1
+      summary+=("bench $f rc=$?"); grep -E "stage-1 chunk|realtime" "$OUT/bench_${f//,/_}.log"
+    done
+    ;;
   *)
-    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|bench-profile|latency|probes|ffn|memory|fp8" >&2
+    echo "usage: bash tests/benchmarks/gpu_check.sh tests|tests78|tests2|kernels|scans|bench|bench-profile|latency|probes|ffn|memory|fp8|trim" >&2
     exit 2 ;;
 esac
 printf '%s\n' "${summary[@]}"
