@@ -519,9 +519,9 @@ def test_pipeline_snapshot_makes_no_component_copies(monkeypatch):
     ro = Rollout(pipe, scripted_controls(3), intrinsics_px=w.preset.default_intrinsics, quality="full")
     list(ro.chunks(3))
     shares = lambda a, b: a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    assert shares(pipe.refiner.snapshot(copy=False)["history_k"], pipe.refiner.window.k)
+    assert shares(pipe.refiner.snapshot(copy=False)["history_k_slots"], pipe.refiner.window.k)
     assert shares(pipe.stream.snapshot(copy=False)["blocks.0.ffn_tail"], pipe.stream.cache.blocks[0].ffn_tail)
-    assert not shares(pipe.refiner.snapshot()["history_k"], pipe.refiner.window.k)
+    assert not shares(pipe.refiner.snapshot()["history_k_slots"], pipe.refiner.window.k)
     want = pipe.snapshot()  # CPU world: fresh contiguous copies
     pipe.staging = SnapshotStaging(pin=False)
     staged = pipe.snapshot()

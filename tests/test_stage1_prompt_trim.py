@@ -43,11 +43,16 @@ class Encoder:
 
 
 def test_trim_keeps_every_token_to_a_multiple():
+    """The kept positions, and a cross-attention over them against one over the whole prompt (equal: padding beside a
+    token weighs 0; a row with no token at all keeps every position, over which its attention spreads evenly)."""
     model = small_model()
     L = 16
-    y = torch.randn(2, L, model.config.caption_channels, generator=torch.Generator().manual_seed(1))
-    for tokens, multiple, keep in [((3, 1), 4, 4), ((3, 6), 4, 8), ((16, 2), 4, 16), ((5, 5), 64, 16), ((0, 0), 4, 4),
-                                   ((9, 2), 1, 9)]:
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, L, model.config.caption_channels, generator=g)
+    x = torch.randn(2, 5, model.config.hidden_size, generator=g)
+    attn = model.blocks[0].cross_attn
+    for tokens, multiple, keep in [((3, 1), 4, 4), ((3, 6), 4, 8), ((16, 2), 4, 16), ((5, 5), 64, 16), ((0, 0), 4, 16),
+                                   ((0, 3), 4, 16), ((9, 2), 1, 9)]:
         mask = torch.zeros(2, L)
         for b, n in enumerate(tokens):
             mask[b, :n] = 1
@@ -58,6 +63,8 @@ def test_trim_keeps_every_token_to_a_multiple():
         for (k, v), (k0, v0) in zip(got.kv, text.kv, strict=True):
             assert k.shape[2] == v.shape[2] == keep and k.is_contiguous()
             assert torch.equal(k, k0[:, :, :keep]) and torch.equal(v, v0[:, :, :keep])
+        whole, trimmed = attn(x, text.kv[0], text.bias), attn(x, got.kv[0], got.bias)
+        assert rel(trimmed, whole) <= 1e-6, (tokens, multiple)
     with pytest.raises(InputError, match="multiple 0; accepted: >= 1"):
         trim_text(text, 0)
 

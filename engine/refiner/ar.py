@@ -279,14 +279,24 @@ class RefinerKVWindow:
         return {
             "sink_k_pre": copy(self.sink_k_pre),  # [L, B, H, sink tokens, D]
             "sink_v": copy(self.v[:, :, :, :s]),  # [L, B, H, sink tokens, D]
-            "history_k": copy(self.k[:, :, :, s : s + h]),  # [L, B, H, history tokens, D] post-RoPE
-            "history_v": copy(self.v[:, :, :, s : s + h]),  # [L, B, H, history tokens, D]
+            # [L, B, H, history tokens, D] post-RoPE keys and values in slot order (named apart from the time-ordered
+            # `history_k` / `history_v` of snapshots before the ring, which an engine without the ring would misread)
+            "history_k_slots": copy(self.k[:, :, :, s : s + h]),
+            "history_v_slots": copy(self.v[:, :, :, s : s + h]),
             "history_start": torch.tensor(self.history_start),  # ring slot (frames) of the oldest history frame
         }
 
     def restore(self, state: dict[str, Tensor]) -> None:
+        """From `snapshot()`'s dict, or a snapshot from before the ring (`history_k` / `history_v` in time order,
+        loaded as a ring at slot 0)."""
         s = self._tok(self.sink_frames)
-        hist = state["history_k"].shape[3]
+        ring = "history_k_slots" in state
+        names = ("history_k_slots", "history_v_slots", "history_start") if ring else ("history_k", "history_v")
+        missing = [n for n in names + ("sink_k_pre", "sink_v") if n not in state]
+        if missing:
+            raise InputError(f"refiner window snapshot lacks {missing}; it has {sorted(state)}")
+        hk, hv = state[names[0]], state[names[1]]
+        hist = hk.shape[3]
         if hist % self.tokens_per_frame or hist > self._tok(self.max_history):
             raise InputError(
                 f"snapshot history of {hist} tokens does not fit {self.max_history} frames of "
@@ -298,7 +308,7 @@ class RefinerKVWindow:
                 f"this window holds {tuple(self.sink_k_pre.shape)}"
             )
         frames = hist // self.tokens_per_frame
-        start = int(state["history_start"]) if "history_start" in state else 0  # snapshots before the ring: 0
+        start = int(state["history_start"]) if ring else 0
         if not (0 <= start < max(frames, 1)) or (start and frames != self.max_history):
             raise InputError(
                 f"snapshot history_start={start} for a history of {frames} of {self.max_history} frames; accepted: 0, "
@@ -307,16 +317,18 @@ class RefinerKVWindow:
         self.clear()  # also marks the fp8 copy stale
         self.sink_k_pre.copy_(state["sink_k_pre"])
         self.v[:, :, :, :s].copy_(state["sink_v"])
-        self.k[:, :, :, s : s + hist].copy_(state["history_k"])
-        self.v[:, :, :, s : s + hist].copy_(state["history_v"])
+        self.k[:, :, :, s : s + hist].copy_(hk)
+        self.v[:, :, :, s : s + hist].copy_(hv)
         self.history_len, self.history_start = frames, start
 
 
 def history_in_time_order(state: dict[str, Tensor], tokens_per_frame: int) -> tuple[Tensor, Tensor]:
     """A window snapshot's history K and V `[L, B, H, tokens, D]` oldest frame first (snapshots keep the ring's slot
-    order, `history_start` naming the oldest frame's slot)."""
-    shift = -int(state.get("history_start", 0)) * tokens_per_frame
-    return tuple(torch.roll(state[n], shift, dims=3) if shift else state[n] for n in ("history_k", "history_v"))
+    order, `history_start` naming the oldest frame's slot; those from before the ring are in time order already)."""
+    if "history_k_slots" not in state:
+        return state["history_k"], state["history_v"]
+    shift = -int(state["history_start"]) * tokens_per_frame
+    return tuple(torch.roll(state[n], shift, dims=3) for n in ("history_k_slots", "history_v_slots"))
 
 
 class _SinkCapture:

@@ -229,17 +229,21 @@ class TextContext:
 
 def trim_text(text: TextContext, multiple: int = 64) -> TextContext:
     """`text` without the padding after its last token: positions kept to the next multiple of `multiple` (at least
-    `multiple`, at most all), each block's K/V and the bias contiguous copies (fast path `stage1-prompt-trim`). A
-    padding position's weight in the cross-attention, e^(-10000 + logit - max), is 0 in fp32, so the output is that of
-    the whole prompt; its cost follows the positions (H100, session 9: 45 us a release cross-attention over 300
-    positions, 24 us over 64). Their count is marked dynamic for torch.compile, so a prompt of another length needs no
-    recompile. Reads the bias on the host (once a prompt)."""
+    `multiple`, at most all), each block's K/V and the bias contiguous copies (fast path `stage1-prompt-trim`). Beside
+    a token, a padding position's weight in the cross-attention, e^(-10000 + logit - max), is 0 in fp32, so the output
+    is that of the whole prompt; its cost follows the positions (H100, session 9: 45 us a release cross-attention over
+    300 positions, 24 us over 64). A row without any token attends to all its padding evenly: then every position is
+    kept. The count is marked dynamic for torch.compile, so a prompt of another length needs no recompile. Reads the
+    bias on the host (once a prompt)."""
     if multiple < 1:
         raise InputError(f"prompt trim multiple {multiple}; accepted: >= 1")
     L = text.bias.shape[-1]
-    valid = (text.bias.reshape(-1, L) > -5000.0).any(0)
-    last = int(valid.nonzero().max()) + 1 if bool(valid.any()) else 0
-    keep = min(L, max(multiple, -(-last // multiple) * multiple))
+    valid = text.bias.reshape(-1, L) > -5000.0  # [rows, L]
+    if bool(valid.any(1).all()):
+        last = int(valid.any(0).nonzero().max()) + 1
+        keep = min(L, max(multiple, -(-last // multiple) * multiple))
+    else:
+        keep = L
     kv = [(k[:, :, :keep].contiguous(), v[:, :, :keep].contiguous()) for k, v in text.kv]
     trimmed = TextContext(kv=kv, bias=text.bias[..., :keep].contiguous(), dynamic_length=True)
     mark_text_dynamic(trimmed)
