@@ -1,6 +1,7 @@
 """The chunk-causal AR refinement recipe: fixture parity, caches vs explicit recomputation, snapshot/restore,
 replay of capture passes, constant memory."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -278,9 +279,10 @@ def test_a_block_writes_only_its_own_history_slots(path, split, fp8):
 @pytest.mark.parametrize("path", FIXTURES)
 @torch.no_grad()
 def test_a_time_ordered_snapshot_restores(path):
-    """A snapshot without `history_start` (the history in time order, as windows kept it before the ring) restores
-    at slot 0 and goes on as the live window does, up to the rounding of the keys' other order; a `history_start`
-    that cannot be is refused with its value and what is accepted."""
+    """A snapshot from before the ring (the history in time order, `history_k` / `history_v`) restores at slot 0 and
+    goes on as the live window does, up to the rounding of the keys' other order; a `history_start` that cannot be is
+    refused with its value and what is accepted; a full ring restores into a window of a longer history in time
+    order."""
     data, model, ar_cfg, _ = load_fixture(path)
     lat, noises = long_video(data, ar_cfg, blocks=ar_cfg.history_frames // ar_cfg.block_size + 4, seed=3)
     blocks = ARRefiner(model, ar_cfg).blocks(lat.shape[2])
@@ -289,7 +291,7 @@ def test_a_time_ordered_snapshot_restores(path):
     cut = len(blocks) - 2
     for i, (a, b) in enumerate(blocks[:cut]):
         live.refine_block(lat[:, :, a:b], noises[i])
-    snap = live.snapshot()
+    snap, tpf = live.snapshot(), live.window.tokens_per_frame
     assert int(snap["history_start"]) != 0
     old = dict(snap)
     old["history_k"], old["history_v"] = history_in_time_order(snap, live.window.tokens_per_frame)
@@ -302,13 +304,15 @@ def test_a_time_ordered_snapshot_restores(path):
         a, b = blocks[i]
         got, want = resumed.refine_block(lat[:, :, a:b], noises[i]), live.refine_block(lat[:, :, a:b], noises[i])
         assert rel(got, want) <= 1e-5
-    for bad, hist in ((ar_cfg.history_frames, None), (1, 1)):
-        state = dict(snap, history_start=torch.tensor(bad))
-        if hist is not None:  # a history still filling starts at slot 0
-            state["history_k_slots"] = snap["history_k_slots"][:, :, :, : hist * live.window.tokens_per_frame]
-            state["history_v_slots"] = snap["history_v_slots"][:, :, :, : hist * live.window.tokens_per_frame]
+    for bad in (ar_cfg.history_frames, -1):
         with pytest.raises(InputError, match=f"history_start={bad} .*accepted"):
-            ARRefiner(model, ar_cfg).restore(state)
+            ARRefiner(model, ar_cfg).restore(dict(snap, history_start=torch.tensor(bad)))
+    # into a window of a longer history (another config): loaded in time order from slot 0
+    longer = ARRefiner(model, dataclasses.replace(ar_cfg, kv_max_frames=ar_cfg.kv_max_frames + 2))
+    longer.restore(snap)
+    assert longer.window.history_start == 0 and longer.window.history_len == ar_cfg.history_frames
+    got, want = history_in_time_order(longer.snapshot(), tpf), history_in_time_order(snap, tpf)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("path", FIXTURES)

@@ -309,11 +309,13 @@ class RefinerKVWindow:
             )
         frames = hist // self.tokens_per_frame
         start = int(state["history_start"]) if ring else 0
-        if not (0 <= start < max(frames, 1)) or (start and frames != self.max_history):
+        if not 0 <= start < max(frames, 1):
             raise InputError(
-                f"snapshot history_start={start} for a history of {frames} of {self.max_history} frames; accepted: 0, "
-                f"or 0..{self.max_history - 1} once the history is full"
+                f"snapshot history_start={start} for a history of {frames} frames; accepted: 0..{max(frames - 1, 0)}"
             )
+        if start and frames != self.max_history:  # a full ring of another size (a window of another config)
+            hk, hv = history_in_time_order(state, self.tokens_per_frame)
+            start = 0
         self.clear()  # also marks the fp8 copy stale
         self.sink_k_pre.copy_(state["sink_k_pre"])
         self.v[:, :, :, :s].copy_(state["sink_v"])
