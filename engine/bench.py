@@ -21,6 +21,7 @@ the same code path on a CPU (the test does). Fast paths (engine.fast) are switch
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -84,14 +85,10 @@ class GcPauses:
             self._t0 = None
 
     def __enter__(self) -> GcPauses:
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc) -> None:
-        import gc
-
         gc.callbacks.remove(self._callback)
 
 
@@ -561,8 +558,6 @@ def run_bench(cfg: BenchConfig) -> dict:
         t0 = _sync(dev)  # as `sana-wm engine` does before serving: torch.compile paths compile ahead of a session
         if warmed := warm_compiled(world, cfg.qualities, names=cfg.fast):
             report["compile_warm"] = {"qualities": warmed, "s": round(_sync(dev) - t0, 1)}
-            import gc
-
             gc.collect()  # the warm-up pipelines' caches and graphs, before the measured sessions
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
