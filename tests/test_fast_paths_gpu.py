@@ -263,27 +263,35 @@ def test_graphs_follow_a_prompt_change_holding_the_text_once():
     assert old_stage1.kv is None and old_refiner.k is None
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_prompt_trim_inside_the_compiled_graphs_equals_the_whole_prompt(dtype, tol):
-    """`stage1-prompt-trim` with every path of `all` (the graphs and compiled blocks among them), a prompt of 3 tokens
-    then one of 9 (of 16 positions, cut to multiples of 4): the same chunks as the plain eager path over the whole
-    prompt. The new length is captured again without a recompile (one inside a capture raises)."""
+@pytest.mark.parametrize("dtype,tol,tol_plain", [(torch.float32, 1e-4, 1e-2), (torch.bfloat16, 3e-2, 3e-2)])
+def test_prompt_trim_inside_the_compiled_graphs_equals_the_whole_prompt(dtype, tol, tol_plain):
+    """`stage1-prompt-trim` with every other path of `all` (the graphs and compiled blocks among them), a prompt of 3
+    tokens then one of 9 (of 16 positions, cut to multiples of 4): the same chunks as those paths over the whole
+    prompt, and near the plain eager path (`all`'s Triton scans use TF32 dots: fp32 within 1e-2, as
+    `stage1-tf32-scans`). The new length is captured again without a recompile (one inside a capture raises)."""
     from tests.test_stage1_prompt_trim import Encoder
 
     world = build_bench_world(tiny_split_rope(), device="cuda", dtype=dtype, seed=1)
     world.text.stage1 = Encoder(world.preset.text.stage1_max_length, world.preset.stage1.caption_channels)
     _, _, plain, snap_plain = rollout(world, (), "full", prompt_after=4)
-    names = tuple(ALL) + ("stage1-prompt-trim",)
+    others = tuple(n for n in ALL if n != "stage1-prompt-trim")
     try:
-        pipe, applied, fast, snap_fast = rollout(world, names, "full", prompt_after=4,
+        whole_pipe, _, whole, snap_whole = rollout(world, others, "full", prompt_after=4)
+    finally:
+        undo_fast_paths(world)
+    assert whole_pipe.stream.text.bias.shape[-1] == world.preset.text.stage1_max_length
+    try:
+        pipe, applied, fast, snap_fast = rollout(world, others + ("stage1-prompt-trim",), "full", prompt_after=4,
                                                  before_start=lambda p: setattr(p.stream, "prompt_trim", 4))
     finally:
         undo_fast_paths(world)
     assert "stage1-prompt-trim" in applied
     assert pipe.stream.text.bias.shape[-1] == 12 and pipe.stream.runner.text.dynamic_length
-    err = compare(fast, plain, snap_fast, snap_plain, "full")
-    print(f"stage1-prompt-trim in the compiled graphs {dtype}: max rel err {err:.2e} (tol {tol})")
-    assert err <= tol
+    err = compare(fast, whole, snap_fast, snap_whole, "full")
+    err_plain = compare(fast, plain, snap_fast, snap_plain, "full")
+    print(f"stage1-prompt-trim in the compiled graphs {dtype}: max rel err {err:.2e} against the whole prompt "
+          f"(tol {tol}), {err_plain:.2e} against the plain eager path (tol {tol_plain})")
+    assert err <= tol and err_plain <= tol_plain
 
 
 @pytest.mark.gpu
