@@ -53,9 +53,10 @@ tests/test_fast_paths_gpu.py compares each with the plain path.
   a multiple of 64 positions (`engine.stage1.model.trim_text`; padding weighs exactly 0, so the same output), their
   count dynamic for torch.compile; a prompt of another length captures the graphs again. CPU tests:
   tests/test_stage1_prompt_trim.py; GPU: inside `all`'s compiled graphs across a prompt change, no difference from
-  the whole prompt in fp32 or bf16 on the H100 (`test_prompt_trim_inside_the_compiled_graphs_equals_the_whole_prompt`). H100, same
-  card, `all,lean-memory` with and without it (session 12): a full chunk's stage-1 203.9 -> 201.5 ms, a preview
-  chunk's 200.0 -> 198.8 (tests/benchmarks/results/h100_2026-11-27_s12_*);
+  the whole prompt in fp32 or bf16 on the H100
+  (`test_prompt_trim_inside_the_compiled_graphs_equals_the_whole_prompt`). H100, same card, `all,lean-memory` with
+  and without it (session 12): a full chunk's stage-1 203.9 -> 201.5 ms, a preview chunk's 200.0 -> 198.8
+  (tests/benchmarks/results/h100_2026-11-27_s12_*);
 - `refiner-gelu`: the refiner FFN up-projection with bias and GELU (tanh) in cuBLASLt's GEMM epilogue instead of a
   separate pass (engine/fast/refiner_gelu.py; one bf16 rounding fewer, so not bit-equal; world-wide module swap,
   like `refiner-fp8`, which takes precedence where both apply). H100: the release up-projection 0.511 -> 0.478 ms
@@ -112,8 +113,8 @@ FAST_PATHS = ("stage1-graph", "stage1-compile", "stage1-tf32-scans", "stage1-tri
 # opt-in by name; the Triton scans supersede the TF32 ones, and the phased block the one-launch block; vae-fast
 # supersedes vae-pad)
 ALL = ("stage1-graph", "stage1-compile", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn",
-       "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass", "stage1-prompt-trim", "refiner-graph",
-       "refiner-compile", "refiner-rope", "refiner-gelu", "vae-fast", "frames", "chunk-async")
+       "stage1-real-rope", "stage1-fused-proj", "stage1-tconv", "stage1-lean-pass", "stage1-prompt-trim",
+       "refiner-graph", "refiner-compile", "refiner-rope", "refiner-gelu", "vae-fast", "frames", "chunk-async")
 CUDA_ONLY = ("stage1-graph", "stage1-triton-scans", "stage1-block-phases", "stage1-ffn", "stage1-rope",
              "refiner-graph", "refiner-compile",
              "refiner-rope", "refiner-fp8", "frames", "chunk-async", "cache-overlap")
