@@ -312,6 +312,18 @@ def test_fused_qkv_is_the_three_projections():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_qkv_of_unequal_widths_stay_apart():
+    """`Attention.qkv` splits a fused output in three equal widths: projections of other widths are not fused."""
+    from engine.fast.refiner_fp8 import fuse_qkv
+
+    attn = nn.Module()
+    attn.to_q, attn.to_k, attn.to_v = (Fp8Linear.from_linear(nn.Linear(64, n)) for n in (64, 32, 32))
+    attn.to_qkv = None
+    parts = (attn.to_q, attn.to_k, attn.to_v)
+    fuse_qkv(attn)
+    assert attn.to_qkv is None and (attn.to_q, attn.to_k, attn.to_v) == parts
+
+
 def test_quantiser_gelu_is_gelu_then_quantise():
     """The FFN's GELU inside the quantiser: gelu_tanh in fp32 of the input, then the same rowwise quantisation."""
     x = torch.randn(6, 96, dtype=torch.bfloat16) * 3

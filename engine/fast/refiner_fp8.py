@@ -330,20 +330,18 @@ def fuse_qkv(attn: nn.Module) -> None:
     times the width); to_q, to_k and to_v become views of its buffers (no second copy of the weights). Each output
     channel keeps its own scale, so the fused GEMM computes what the three do, up to the GEMM's summation order."""
     parts = (attn.to_q, attn.to_k, attn.to_v)
-    if len({(p.in_features, p.out_dtype, p.fast_accum, p.act, p.bias is None) for p in parts}) != 1:
+    # `Attention.qkv` splits the fused output in three equal widths
+    if len({(p.in_features, p.out_features, p.out_dtype, p.fast_accum, p.act, p.bias is None) for p in parts}) != 1:
         return  # mismatched projections: they stay apart
     bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
     fused = Fp8Linear(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts], dim=1), bias,
                       parts[0].out_dtype, fast_accum=parts[0].fast_accum)
-    n, start = parts[0].out_features, 0
-    for name, p in zip(("to_q", "to_k", "to_v"), parts, strict=True):
-        b = None if bias is None else fused.bias[start : start + p.out_features]
-        setattr(attn, name, Fp8Linear(fused.weight[start : start + p.out_features],
-                                      fused.weight_scale[:, start : start + p.out_features], b, p.out_dtype,
+    n = parts[0].out_features
+    for i, (name, p) in enumerate(zip(("to_q", "to_k", "to_v"), parts, strict=True)):
+        cols = slice(i * n, (i + 1) * n)
+        setattr(attn, name, Fp8Linear(fused.weight[cols], fused.weight_scale[:, cols],
+                                      None if bias is None else fused.bias[cols], p.out_dtype,
                                       fast_accum=p.fast_accum))
-        start += p.out_features
-    if start != 3 * n:
-        raise RuntimeError("fused q/k/v widths do not add up")
     attn.to_qkv = fused
 
 
