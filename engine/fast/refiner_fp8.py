@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.errors import InputError
-from engine.refiner.ar import quantize_text_layer
+from engine.refiner.ar import quantize_text_layer, text_attends_in_fp8
 from engine.refiner.model import ExplicitKV, GELUProj, RefinerTransformer, SelfAttentionKV
 from kernels.fp8_attention import AMAX_FLOOR, E4M3, E4M3_MAX, SCALE_UNIT, quantize_kv, quantize_rows_e4m3
 
@@ -429,14 +429,14 @@ def _compare_forwards(model: RefinerTransformer, latents: Tensor, sigma: float, 
     txt = m.caption_projection(prompt_embeds.to(dtype))  # what prepare_text feeds attn2.key_value
     x_ref = x_fp8 = m.proj_in(latents.permute(0, 2, 3, 4, 1).reshape(b, n * h * w, c).to(dtype))
     kv8 = Fp8AttentionKV(kv) if attention else kv
-    fp8_text_masked = bool(text.bias.ne(0).any())
+    fp8_text = attention and text_attends_in_fp8(text)
     errs, swapped = [], 0
     for i, blk in enumerate(m.transformer_blocks):
         y_ref = blk(x_ref, temb, rope, text.k[i], text.v[i], text.bias, i, kv)
         with _fp8_block(blk, include, fast_accum) as k:
             swapped += k
             tk, tv = blk.attn2.key_value(txt)
-            if attention and not fp8_text_masked:  # the prompt's cross-attention in fp8 too, as quantize_text does
+            if fp8_text:  # the prompt's cross-attention in fp8 too, as quantize_text does
                 tk, tv = quantize_text_layer(tk, tv)
             errs.append(rel_err(blk(x_ref, temb, rope, tk, tv, text.bias, i, kv8), y_ref))
             x_fp8 = blk(x_fp8, temb, rope, tk, tv, text.bias, i, kv8)

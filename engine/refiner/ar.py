@@ -31,10 +31,16 @@ def quantize_text(text: RefinerText) -> RefinerText:
     segment carries both), attended by the fp8 attention (fast path `refiner-fp8-attn`), when no text position is
     masked (the connectors' output never is: padding became registers). A masked prompt keeps its bf16 K/V and the
     additive bias (the fp8 kernel takes no bias). One host sync (the mask test), once per prompt."""
-    if bool(text.bias.ne(0).any()):
+    if not text_attends_in_fp8(text):
         return text
     k, v = zip(*(quantize_text_layer(k, v) for k, v in zip(text.k, text.v, strict=True)), strict=True)
     return RefinerText(k=list(k), v=list(v), bias=text.bias)
+
+
+def text_attends_in_fp8(text: RefinerText) -> bool:
+    """Whether the prompt's cross-attention can run in fp8: no position masked (an all-zero additive bias; the fp8
+    kernel takes none). A host sync."""
+    return not bool(text.bias.ne(0).any())
 
 
 def quantize_text_layer(k: Tensor, v: Tensor) -> tuple[tuple, tuple]:
